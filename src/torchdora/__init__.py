@@ -1,0 +1,47 @@
+"""torchdora: DoRA, Weight-Decomposed Low-Rank Adaptation (Liu et al., ICML 2024), for PyTorch.
+
+    >>> import torchdora
+    >>> config = torchdora.DoraConfig(r=16, alpha=32, target_modules=["q_proj", "k_proj", "v_proj"])
+    >>> torchdora.inject(model, config)          # only adapter parameters stay trainable
+    >>> torchdora.save_adapter(model, "out/")    # or format="peft"
+    >>> torchdora.merge_and_unload(model)        # plain modules again, zero inference overhead
+"""
+
+from torchdora.config import DoraConfig
+from torchdora.inject import (
+    adapter_config,
+    adapter_layers,
+    disable_adapters,
+    find_targets,
+    inject,
+    merge,
+    merge_and_unload,
+    trainable_parameter_count,
+    unload,
+    unmerge,
+)
+from torchdora.io import load_adapter, read_adapter, save_adapter
+from torchdora.layers import AdapterLayer, ConvAdapter, EmbeddingAdapter, LinearAdapter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DoraConfig",
+    "AdapterLayer",
+    "LinearAdapter",
+    "ConvAdapter",
+    "EmbeddingAdapter",
+    "inject",
+    "find_targets",
+    "adapter_layers",
+    "adapter_config",
+    "merge",
+    "unmerge",
+    "merge_and_unload",
+    "unload",
+    "disable_adapters",
+    "trainable_parameter_count",
+    "save_adapter",
+    "load_adapter",
+    "read_adapter",
+]

@@ -1,0 +1,170 @@
+"""The adapter configuration: a small frozen dataclass, validated on construction, saved with every adapter."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping
+
+import torch
+
+__all__ = ["DoraConfig", "ALL_LINEAR", "module_matches", "pattern_value"]
+
+ALL_LINEAR = "all-linear"
+InitKind = Literal["kaiming", "gaussian"]
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def _as_tuple(value: Any, name: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a string or a list of strings, got {value!r}") from None
+    for item in items:
+        if not isinstance(item, str) or not item:
+            raise TypeError(f"{name} must hold non-empty strings, got {item!r} in {value!r}")
+    return items
+
+
+def module_matches(name: str, patterns: str | tuple[str, ...]) -> bool:
+    """Whether a module's dotted ``name`` is selected by ``patterns``.
+
+    A single string is a regular expression that must match the whole name (PEFT's convention); a tuple
+    holds exact names or suffixes at a dot boundary (``"q_proj"`` selects ``"model.layers.0.self_attn.q_proj"``).
+    """
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def pattern_value(name: str, patterns: Mapping[str, Any], default: Any) -> Any:
+    """The value of the first key of ``patterns`` (a regex) matching the end of ``name``, else ``default``.
+
+    Same rule as PEFT's ``rank_pattern``/``alpha_pattern``: the key matches a trailing run of dotted parts.
+    """
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+@dataclass(frozen=True)
+class DoraConfig:
+    """How adapters are placed and parametrised.
+
+    Args:
+        r: LoRA rank (paper default recipe: 32; half rank 16).
+        alpha: LoRA alpha; the scale is ``alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``).
+        dropout: dropout probability on the adapter input (REFERENCE §1 dropout form).
+        target_modules: which modules get an adapter: a regex string matched against the whole dotted name,
+            a list of exact names or name suffixes, or ``"all-linear"`` (every Linear/Conv1D except the output head).
+        exclude_modules: same forms as ``target_modules``; matching modules are skipped.
+        rank_pattern / alpha_pattern: ``{regex: value}`` per-module overrides of ``r`` / ``alpha``.
+        magnitude_only_modules: modules (same forms as a list target) that train only the magnitude ``m``
+            (paper §5.6); they must also be targeted.
+        use_dora: ``False`` gives plain LoRA with the same code, for like-for-like comparisons.
+        use_rslora: rank-stabilised scaling ``alpha / sqrt(r)``.
+        detach_norm: treat ``||W + s·B·A||`` as a constant in back-propagation (paper §4.3, the default);
+            ``False`` keeps it in the graph (exact gradient, the ablation).
+        init: ``"kaiming"`` (A Kaiming-uniform, B zero) or ``"gaussian"`` (A ~ N(0, 1/r), B zero).
+        modules_to_save: modules (exact names or suffixes) kept fully trainable and saved with the adapter,
+            e.g. a classifier head.
+        dtype: dtype of the adapter parameters (``"float32"`` default; ``None`` follows the base weight).
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: str | tuple[str, ...] = ("q_proj", "v_proj")
+    exclude_modules: str | tuple[str, ...] = ()
+    rank_pattern: Mapping[str, int] = field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = field(default_factory=dict)
+    magnitude_only_modules: tuple[str, ...] = ()
+    use_dora: bool = True
+    use_rslora: bool = False
+    detach_norm: bool = True
+    init: InitKind = "kaiming"
+    modules_to_save: tuple[str, ...] = ()
+    dtype: str | None = "float32"
+
+    def __post_init__(self) -> None:
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"r must be a positive integer, got r={self.r!r}")
+        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or self.alpha <= 0:
+            raise ValueError(f"alpha must be a positive number, got alpha={self.alpha!r}")
+        set_("alpha", float(self.alpha))
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got dropout={self.dropout!r}")
+        set_("dropout", float(self.dropout))
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                if value != ALL_LINEAR:
+                    try:
+                        re.compile(value)
+                    except re.error as err:
+                        raise ValueError(f"{name}={value!r} is not a valid regular expression: {err}") from None
+            else:
+                set_(name, _as_tuple(value, name))
+        if self.target_modules == ():
+            raise ValueError("target_modules is empty: name at least one module, e.g. target_modules=['q_proj', 'v_proj']")
+        set_("magnitude_only_modules", _as_tuple(self.magnitude_only_modules, "magnitude_only_modules"))
+        set_("modules_to_save", _as_tuple(self.modules_to_save, "modules_to_save"))
+        if self.magnitude_only_modules and not self.use_dora:
+            raise ValueError(
+                f"magnitude_only_modules={list(self.magnitude_only_modules)} needs use_dora=True: "
+                "plain LoRA has no magnitude to train"
+            )
+        for name, kind in (("rank_pattern", int), ("alpha_pattern", (int, float))):
+            mapping = dict(getattr(self, name))
+            for key, value in mapping.items():
+                if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+                    raise ValueError(f"{name}[{key!r}] must be a positive number, got {value!r}")
+                try:
+                    re.compile(key)
+                except re.error as err:
+                    raise ValueError(f"{name} key {key!r} is not a valid regular expression: {err}") from None
+            set_(name, mapping)
+        if self.init not in ("kaiming", "gaussian"):
+            raise ValueError(f"init must be 'kaiming' or 'gaussian', got init={self.init!r}")
+        if self.dtype is not None and self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or None, got dtype={self.dtype!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        return None if self.dtype is None else _DTYPES[self.dtype]
+
+    def rank_for(self, name: str) -> int:
+        return int(pattern_value(name, self.rank_pattern, self.r))
+
+    def alpha_for(self, name: str) -> float:
+        return float(pattern_value(name, self.alpha_pattern, self.alpha))
+
+    def is_magnitude_only(self, name: str) -> bool:
+        return bool(self.magnitude_only_modules) and module_matches(name, self.magnitude_only_modules)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict; :meth:`from_dict` inverts it."""
+        out = dataclasses.asdict(self)
+        for key, value in out.items():
+            if isinstance(value, tuple):
+                out[key] = list(value)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "DoraConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown DoraConfig fields {unknown}; known fields are {sorted(known)}")
+        kwargs = dict(data)
+        for key in ("target_modules", "exclude_modules"):
+            if isinstance(kwargs.get(key), list):
+                kwargs[key] = tuple(kwargs[key])
+        return cls(**kwargs)

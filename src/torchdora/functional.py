@@ -1,0 +1,163 @@
+"""The DoRA equations as pure functions: one place for the math.
+
+DoRA (Liu et al., ICML 2024, arXiv 2402.09353, eq. 5) re-parametrises an adapted weight as
+
+    W' = m * (W + s·B·A) / ||W + s·B·A||
+
+with one 2-norm per output feature (a row of the weight in PyTorch orientation). Every adapter layer,
+merging, the weight-decomposition analysis and the tests call the functions here with the weight seen as
+a 2-D ``(out, in)`` matrix of output-feature rows; the layers own only the reshaping.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "lora_scaling",
+    "delta_weight",
+    "dense_row_norm",
+    "factored_row_norm",
+    "base_row_sq_norm",
+    "dora_scale",
+    "merged_weight",
+    "unmerged_weight",
+    "dora_combine",
+]
+
+
+def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
+    """LoRA's scale ``s``: ``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA (Kalajdzievski, 2023)."""
+    if r <= 0:
+        raise ValueError(f"rank r must be a positive integer, got r={r}")
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def delta_weight(lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+    """``s·B·A`` as an ``(out, in)`` matrix. ``lora_A``: ``(r, in)``, ``lora_B``: ``(out, r)``."""
+    return scaling * (lora_B @ lora_A)  # (out, in)
+
+
+def dense_row_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+    """``||W + s·B·A||`` per row, by building the dense ``(out, in)`` matrix.
+
+    The obvious formula; the reference the factored norm is tested against. Accumulates in at least fp32.
+    Returns ``(out,)`` in fp32 (or fp64 for fp64 inputs).
+    """
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    adapted = weight.to(acc) + delta_weight(lora_A.to(acc), lora_B.to(acc), scaling)  # (out, in)
+    return torch.linalg.vector_norm(adapted, dim=1)
+
+
+def base_row_sq_norm(weight: Tensor) -> Tensor:
+    """``||W||²`` per row, accumulated in fp32 without an fp32 copy of ``W``. ``(out, in)`` → ``(out,)``."""
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    # A row-by-row dot product in the accumulation dtype; einsum on the low-precision tensor would
+    # accumulate in bf16/fp16, and weight.float() would allocate a full fp32 copy.
+    if weight.dtype == acc:
+        return torch.einsum("oi,oi->o", weight, weight)
+    return torch.linalg.vector_norm(weight, dim=1, dtype=acc).square()
+
+
+def factored_row_norm(
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    base_sq_norm: Tensor | None = None,
+) -> Tensor:
+    """``||W + s·B·A||`` per row without forming the ``(out, in)`` matrix (REFERENCE §4).
+
+        n² = ||W||² + 2s·rowsum(B ⊙ (W Aᵀ)) + s²·rowsum((B (A Aᵀ)) ⊙ B)
+
+    ``W Aᵀ`` is ``(out, r)`` and ``A Aᵀ`` is ``(r, r)``. ``base_sq_norm`` (``||W||²`` per row, a constant
+    of the frozen base) may be passed in from a cache. All sums are accumulated in at least fp32;
+    round-off can make ``n²`` slightly negative when ``W + s·B·A`` nearly vanishes, so it is clamped at 0.
+    """
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    if base_sq_norm is None:
+        base_sq_norm = base_row_sq_norm(weight)
+    a = lora_A.to(acc)
+    b = lora_B.to(acc)
+    # W Aᵀ: the one O(out·in·r) product. Run it in W's dtype (no fp32 copy of W) but with A in that
+    # dtype too; matmul accumulates in fp32 internally on every backend for bf16/fp16.
+    wa = (weight @ lora_A.to(weight.dtype).T).to(acc)  # (out, r)
+    cross = (b * wa).sum(dim=1)  # (out,)
+    gram = a @ a.T  # (r, r)
+    quad = ((b @ gram) * b).sum(dim=1)  # (out,)
+    sq = base_sq_norm.to(acc) + (2.0 * scaling) * cross + (scaling * scaling) * quad
+    return sq.clamp_min(0.0).sqrt()
+
+
+def dora_scale(magnitude: Tensor, norm: Tensor) -> Tensor:
+    """The per-row factor ``m / n``; ``0`` where ``n == 0``.
+
+    A row with ``n = 0`` has ``W + s·B·A = 0``, so its adapted weight is zero whatever the factor is;
+    choosing 0 keeps outputs and gradients finite (no ``m / 0 = inf`` times ``0 = NaN``).
+    """
+    safe = torch.where(norm > 0, norm, torch.ones_like(norm))
+    return torch.where(norm > 0, magnitude / safe, torch.zeros_like(magnitude))
+
+
+def merged_weight(
+    weight: Tensor, lora_A: Tensor | None, lora_B: Tensor | None, magnitude: Tensor | None, scaling: float
+) -> tuple[Tensor, Tensor | None]:
+    """The merged ``(out, in)`` weight and the per-row factor used (``None`` for plain LoRA).
+
+    DoRA: ``W' = (m / n)[:, None] * (W + s·B·A)``; LoRA (``magnitude is None``): ``W + s·B·A``;
+    magnitude-only DoRA (``lora_A is None``): ``(m / ||W||)[:, None] * W``. Computed in at least fp32 and
+    returned in ``weight.dtype``. Keep the factor to undo the merge exactly with :func:`unmerged_weight`.
+    """
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    adapted = weight.to(acc)
+    if lora_A is not None and lora_B is not None:
+        adapted = adapted + delta_weight(lora_A.to(acc), lora_B.to(acc), scaling)
+    if magnitude is None:
+        return adapted.to(weight.dtype), None
+    factor = dora_scale(magnitude.to(acc), torch.linalg.vector_norm(adapted, dim=1))  # (out,)
+    return (factor[:, None] * adapted).to(weight.dtype), factor
+
+
+def unmerged_weight(
+    merged: Tensor, lora_A: Tensor | None, lora_B: Tensor | None, factor: Tensor | None, scaling: float
+) -> Tensor:
+    """Invert :func:`merged_weight`: ``W = W' / factor[:, None] − s·B·A``.
+
+    A row whose factor is 0 (zero norm) had ``W = −s·B·A``, which is what this returns for it.
+    """
+    acc = torch.promote_types(merged.dtype, torch.float32)
+    weight = merged.to(acc)
+    if factor is not None:
+        factor = factor.to(acc)
+        safe = torch.where(factor != 0, factor, torch.ones_like(factor))
+        weight = torch.where(factor[:, None] != 0, weight / safe[:, None], torch.zeros_like(weight))
+    if lora_A is not None and lora_B is not None:
+        weight = weight - delta_weight(lora_A.to(acc), lora_B.to(acc), scaling)
+    return weight.to(merged.dtype)
+
+
+def dora_combine(
+    base_out: Tensor,
+    lora_out: Tensor | None,
+    factor: Tensor,
+    scaling: float,
+    dropped_base_out: Tensor | None = None,
+) -> Tensor:
+    """Combine the bias-free base product and the LoRA product into the DoRA output (bias excluded).
+
+    ``factor`` (``m / n``) must already be shaped to broadcast over the output-feature axis.
+    Without dropout (``dropped_base_out is None``): ``factor ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ)``.
+    With dropout, ``x~ = dropout(x)`` (the form of the official code and PEFT)::
+
+        x Wᵀ + (factor − 1) ⊙ (x~ Wᵀ) + factor ⊙ s·(x~ Aᵀ) Bᵀ
+    """
+    if dropped_base_out is None:
+        adapted = base_out if lora_out is None else base_out + scaling * lora_out
+        return factor * adapted
+    out = base_out + (factor - 1) * dropped_base_out
+    if lora_out is not None:
+        out = out + factor * (scaling * lora_out)
+    return out

@@ -1,0 +1,216 @@
+"""Put adapters into any ``nn.Module`` by name, take them out, merge them, switch them off."""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+from typing import Iterator
+
+from torch import nn
+
+from torchdora.config import ALL_LINEAR, DoraConfig, module_matches
+from torchdora.layers import AdapterLayer, adapter_class_for, is_conv1d
+
+__all__ = [
+    "inject",
+    "adapter_layers",
+    "adapter_config",
+    "merge",
+    "unmerge",
+    "merge_and_unload",
+    "unload",
+    "disable_adapters",
+    "trainable_parameter_count",
+    "find_targets",
+]
+
+_CONFIG_ATTR = "torchdora_config"
+
+
+def _output_head_names(model: nn.Module) -> set[str]:
+    """Names of the output head(s) that ``"all-linear"`` leaves alone (as PEFT does)."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    return {name for name, module in model.named_modules() if head is not None and module is head}
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def _closest_names(model: nn.Module, patterns: str | tuple[str, ...], limit: int = 8) -> list[str]:
+    names = [name for name, _ in model.named_modules() if name]
+    wanted = [patterns] if isinstance(patterns, str) else list(patterns)
+    suffixes = sorted({name.rsplit(".", 1)[-1] for name in names})
+    close: list[str] = []
+    for pattern in wanted:
+        for candidate in difflib.get_close_matches(pattern, suffixes + names, n=limit, cutoff=0.4):
+            if candidate not in close:
+                close.append(candidate)
+    return close[:limit] or suffixes[:limit]
+
+
+def find_targets(model: nn.Module, config: DoraConfig) -> list[str]:
+    """Dotted names of the modules ``config`` selects, in model order; errors if it selects nothing."""
+    heads = _output_head_names(model)
+    selected: list[str] = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        if config.target_modules == ALL_LINEAR:
+            hit = _is_linear(module) and name not in heads
+        else:
+            hit = module_matches(name, config.target_modules)
+        if hit and config.exclude_modules and module_matches(name, config.exclude_modules):
+            hit = False
+        if hit:
+            selected.append(name)
+    if not selected:
+        raise ValueError(
+            f"target_modules={config.target_modules!r} matches no module of {type(model).__name__}. "
+            f"Closest module names that exist: {_closest_names(model, config.target_modules)}"
+        )
+    return selected
+
+
+def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
+    """Every adapter layer of ``model`` by dotted name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
+
+
+def adapter_config(model: nn.Module) -> DoraConfig:
+    """The config ``model``'s adapters were injected with."""
+    config = getattr(model, _CONFIG_ATTR, None)
+    if not isinstance(config, DoraConfig):
+        raise ValueError(f"{type(model).__name__} has no torchdora adapters: call torchdora.inject(model, config) first")
+    return config
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def inject(model: nn.Module, config: DoraConfig) -> dict[str, nn.Module]:
+    """Wrap every module ``config`` targets in a DoRA (or LoRA) adapter layer, in place.
+
+    Afterwards only adapter parameters and the parameters of ``config.modules_to_save`` are trainable.
+    Returns the replaced base modules by name (they live on inside the adapters as ``.base``).
+
+    Raises:
+        ValueError: the model already has adapters, a target matches nothing (the message lists the
+            closest names that exist), or a ``modules_to_save`` / ``magnitude_only_modules`` entry matches
+            nothing.
+        TypeError: a targeted module's type has no adapter (supported: Linear, transformers Conv1D,
+            Conv1d/2d/3d, Embedding).
+    """
+    if adapter_layers(model) or hasattr(model, _CONFIG_ATTR):
+        raise ValueError(
+            f"{type(model).__name__} already has torchdora adapters; inject once, or call "
+            "merge_and_unload(model) first to start from plain modules"
+        )
+    targets = find_targets(model, config)
+    if config.magnitude_only_modules and not any(config.is_magnitude_only(n) for n in targets):
+        raise ValueError(
+            f"magnitude_only_modules={list(config.magnitude_only_modules)} matches none of the targeted modules "
+            f"{targets[:8]}; they must also be listed in target_modules"
+        )
+    unsupported = [(n, type(model.get_submodule(n)).__name__) for n in targets
+                   if adapter_class_for(model.get_submodule(n)) is None]
+    if unsupported:
+        raise TypeError(
+            f"no adapter for module type(s) {unsupported[:8]}; supported are nn.Linear, transformers Conv1D, "
+            "nn.Conv1d/2d/3d and nn.Embedding. Narrow target_modules to those layers"
+        )
+    save_names = [n for n, _ in model.named_modules() if n and config.modules_to_save
+                  and module_matches(n, config.modules_to_save)]
+    if config.modules_to_save and not save_names:
+        raise ValueError(
+            f"modules_to_save={list(config.modules_to_save)} matches no module. "
+            f"Closest module names that exist: {_closest_names(model, config.modules_to_save)}"
+        )
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    replaced: dict[str, nn.Module] = {}
+    for name in targets:
+        base = model.get_submodule(name)
+        layer_cls = adapter_class_for(base)
+        assert layer_cls is not None  # checked above
+        layer = layer_cls(
+            base,
+            r=config.rank_for(name),
+            alpha=config.alpha_for(name),
+            dropout=config.dropout,
+            use_dora=config.use_dora,
+            use_rslora=config.use_rslora,
+            detach_norm=config.detach_norm,
+            magnitude_only=config.is_magnitude_only(name),
+            init=config.init,
+            dtype=config.torch_dtype,
+        )
+        _set_submodule(model, name, layer)
+        replaced[name] = base
+    for name in save_names:
+        for p in model.get_submodule(name).parameters():
+            p.requires_grad_(True)
+    setattr(model, _CONFIG_ATTR, config)
+    return replaced
+
+
+def merge(model: nn.Module) -> None:
+    """Merge every adapter into its base weight (idempotence is an error: merging twice raises)."""
+    for layer in adapter_layers(model).values():
+        layer.merge()
+
+
+def unmerge(model: nn.Module) -> None:
+    """Undo :func:`merge` for every adapter."""
+    for layer in adapter_layers(model).values():
+        layer.unmerge()
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge the adapters and put the plain base modules back; returns ``model`` with no adapter left."""
+    for name, layer in adapter_layers(model).items():
+        if not layer.merged:
+            layer.merge()
+        _set_submodule(model, name, layer.base)
+    if hasattr(model, _CONFIG_ATTR):
+        delattr(model, _CONFIG_ATTR)
+    return model
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove the adapters without merging: the plain base modules go back; returns ``model``."""
+    for name, layer in adapter_layers(model).items():
+        if layer.merged:
+            layer.unmerge()
+        _set_submodule(model, name, layer.base)
+    if hasattr(model, _CONFIG_ATTR):
+        delattr(model, _CONFIG_ATTR)
+    return model
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model as if no adapter were there (``modules_to_save`` stay as trained)."""
+    layers = list(adapter_layers(model).values())
+    merged = [layer for layer in layers if layer.merged]
+    if merged:
+        raise RuntimeError("cannot disable merged adapters; call torchdora.unmerge(model) first")
+    previous = [layer.disabled for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer, state in zip(layers, previous):
+            layer.disabled = state
+
+
+def trainable_parameter_count(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())

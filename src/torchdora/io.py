@@ -1,0 +1,260 @@
+"""Adapter files: torchdora's own format and PEFT's, read and written with safetensors + JSON only.
+
+torchdora format (a folder):
+    ``torchdora_config.json``      ``{"format": "torchdora-adapter", "format_version": 1, "config": {...},
+                                    "modules": {name: {"kind", "r", "alpha", "scaling", ...}}}``
+    ``torchdora_adapter.safetensors``  keys ``<module>.lora_A`` ``(r, in, *k)``, ``<module>.lora_B`` ``(out, r, *1)``,
+                                    ``<module>.magnitude`` ``(out,)``, and ``modules_to_save.<module>.<param>``.
+
+PEFT format (REFERENCE §5): ``adapter_config.json`` + ``adapter_model.safetensors`` with keys
+``base_model.model.<module>.lora_A.weight`` etc. Every file is written to a temporary name and renamed,
+so an interrupted save never leaves a half-written adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from torchdora.config import DoraConfig, module_matches
+from torchdora.inject import adapter_config, adapter_layers, inject, unload
+from torchdora.layers import AdapterLayer, ConvAdapter, EmbeddingAdapter
+
+__all__ = [
+    "FORMAT_VERSION",
+    "save_adapter",
+    "load_adapter",
+    "read_adapter",
+    "adapter_state_dict",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_save_safetensors",
+]
+
+FORMAT_VERSION = 1
+TORCHDORA_CONFIG = "torchdora_config.json"
+TORCHDORA_WEIGHTS = "torchdora_adapter.safetensors"
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+SAVE_PREFIX = "modules_to_save."
+
+Format = Literal["torchdora", "peft"]
+
+
+# ---- atomic writes --------------------------------------------------------------------------------------
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def atomic_save_safetensors(tensors: Mapping[str, Tensor], path: str | os.PathLike,
+                            metadata: Mapping[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` through a temporary file and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=dict(metadata or {}))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); the adapter folder is corrupt, save it again") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"adapter weights {path} not found; the adapter folder is incomplete")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file ({err}); it is truncated or corrupt") from None
+
+
+# ---- torchdora format --------------------------------------------------------------------------------------
+def _kind(layer: AdapterLayer) -> str:
+    if isinstance(layer, ConvAdapter):
+        return "conv"
+    if isinstance(layer, EmbeddingAdapter):
+        return "embedding"
+    return "conv1d" if getattr(layer, "fan_in_fan_out", False) else "linear"
+
+
+def _modules_to_save(model: nn.Module, config: DoraConfig) -> dict[str, nn.Module]:
+    if not config.modules_to_save:
+        return {}
+    return {n: m for n, m in model.named_modules() if n and module_matches(n, config.modules_to_save)}
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The adapter tensors under torchdora's stable keys (independent of attribute names)."""
+    out: dict[str, Tensor] = {}
+    for name, layer in adapter_layers(model).items():
+        for key, tensor in layer.adapter_parameters().items():
+            out[f"{name}.{key}"] = tensor
+    for name, module in _modules_to_save(model, adapter_config(model)).items():
+        for pname, tensor in module.state_dict().items():
+            out[f"{SAVE_PREFIX}{name}.{pname}"] = tensor
+    return out
+
+
+def _module_info(model: nn.Module) -> dict[str, dict[str, Any]]:
+    return {
+        name: {
+            "kind": _kind(layer),
+            "r": layer.r,
+            "alpha": layer.lora_alpha,
+            "scaling": layer.scaling,
+            "use_dora": layer.use_dora,
+            "magnitude_only": layer.magnitude_only,
+            "weight_shape": list(layer.base.weight.shape),
+        }
+        for name, layer in adapter_layers(model).items()
+    }
+
+
+def _check_not_merged(model: nn.Module) -> None:
+    if any(layer.merged for layer in adapter_layers(model).values()):
+        raise RuntimeError("the adapters are merged; call torchdora.unmerge(model) before saving or loading them")
+
+
+def save_adapter(
+    model: nn.Module, path: str | os.PathLike, format: Format = "torchdora",
+    base_model_name_or_path: str | None = None,
+) -> Path:
+    """Save ``model``'s adapters (and ``modules_to_save``) to the folder ``path``; returns the folder.
+
+    ``format="peft"`` writes PEFT's ``adapter_config.json`` + ``adapter_model.safetensors`` so that
+    ``peft.PeftModel.from_pretrained`` loads it. Tensors are saved in fp32.
+    """
+    config = adapter_config(model)
+    _check_not_merged(model)
+    folder = Path(path)
+    tensors = {k: v.detach().float() if v.is_floating_point() else v for k, v in adapter_state_dict(model).items()}
+    if format == "torchdora":
+        header = {
+            "format": "torchdora-adapter",
+            "format_version": FORMAT_VERSION,
+            "config": config.to_dict(),
+            "modules": _module_info(model),
+            "base_model_name_or_path": base_model_name_or_path,
+        }
+        atomic_save_safetensors(tensors, folder / TORCHDORA_WEIGHTS,
+                                {"format": "torchdora-adapter", "format_version": str(FORMAT_VERSION)})
+        atomic_write_json(folder / TORCHDORA_CONFIG, header)
+    elif format == "peft":
+        from torchdora.peft_format import to_peft
+
+        peft_config, peft_tensors = to_peft(model, config, tensors, base_model_name_or_path)
+        atomic_save_safetensors(peft_tensors, folder / PEFT_WEIGHTS, {"format": "pt"})
+        atomic_write_json(folder / PEFT_CONFIG, peft_config)
+    else:
+        raise ValueError(f"format must be 'torchdora' or 'peft', got format={format!r}")
+    return folder
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[DoraConfig, dict[str, Tensor], Format]:
+    """Read an adapter folder of either format: ``(config, torchdora-keyed tensors, format)``. No model needed."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"adapter folder {folder} not found")
+    if (folder / TORCHDORA_CONFIG).is_file():
+        header = _read_json(folder / TORCHDORA_CONFIG)
+        if header.get("format") != "torchdora-adapter":
+            raise ValueError(f"{folder / TORCHDORA_CONFIG} is not a torchdora adapter config (format={header.get('format')!r})")
+        version = header.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise ValueError(
+                f"{folder} was written in adapter format version {version!r}, newer than this torchdora "
+                f"supports ({FORMAT_VERSION}); upgrade torchdora to load it"
+            )
+        config = DoraConfig.from_dict(header["config"])
+        return config, _read_safetensors(folder / TORCHDORA_WEIGHTS), "torchdora"
+    if (folder / PEFT_CONFIG).is_file():
+        from torchdora.peft_format import from_peft
+
+        config, tensors = from_peft(_read_json(folder / PEFT_CONFIG), _read_safetensors(folder / PEFT_WEIGHTS))
+        return config, tensors, "peft"
+    raise FileNotFoundError(
+        f"{folder} holds no adapter: expected {TORCHDORA_CONFIG} (torchdora) or {PEFT_CONFIG} (PEFT)"
+    )
+
+
+def _load_tensors(model: nn.Module, tensors: Mapping[str, Tensor], source: Path) -> None:
+    expected = adapter_state_dict(model)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    mis_shaped = sorted(
+        f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape
+    )
+    if missing or unexpected or mis_shaped:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped)):
+            if keys:
+                shown = ", ".join(keys[:10]) + (f" (+{len(keys) - 10} more)" if len(keys) > 10 else "")
+                parts.append(f"{label} keys: {shown}")
+        raise ValueError(
+            f"adapter {source} does not fit this model; " + "; ".join(parts)
+            + ". Load it into the base model it was trained on"
+        )
+    with torch.no_grad():
+        for key, target in expected.items():
+            target.copy_(tensors[key].to(dtype=target.dtype, device=target.device))
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> DoraConfig:
+    """Load an adapter folder (torchdora or PEFT format, detected) into ``model``; returns its config.
+
+    If ``model`` has no adapters yet they are injected from the saved config first. Every key is
+    checked before anything is copied: on a mismatch the model is left as it was.
+    """
+    folder = Path(path)
+    config, tensors, _ = read_adapter(folder)
+    injected_here = False
+    if not adapter_layers(model):
+        inject(model, config)
+        injected_here = True
+    else:
+        _check_not_merged(model)
+    try:
+        _load_tensors(model, tensors, folder)
+    except BaseException:
+        if injected_here:  # leave the model as it was
+            unload(model)
+        raise
+    return config

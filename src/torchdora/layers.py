@@ -1,0 +1,399 @@
+"""Adapter layers: DoRA (and plain LoRA, same code) around a frozen base module.
+
+Each layer wraps its base module by composition (``self.base``) and sees the base weight as a 2-D matrix of
+output-feature rows, ``(out, in)``; the equations live in :mod:`torchdora.functional`.
+
+- :class:`LinearAdapter`: ``nn.Linear`` and transformers' ``Conv1D`` (weight stored ``(in, out)``).
+- :class:`ConvAdapter`: ``nn.Conv1d/2d/3d`` with ``groups == 1``; ``A`` is a conv ``in → r`` with the base
+  kernel, stride, padding and dilation, ``B`` a 1×1 conv ``r → out``.
+- :class:`EmbeddingAdapter`: ``nn.Embedding``; the output feature is the embedding dimension ``d``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from torchdora import functional as DF
+
+__all__ = ["AdapterLayer", "LinearAdapter", "ConvAdapter", "EmbeddingAdapter", "adapter_class_for", "is_conv1d"]
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' GPT-2 style ``Conv1D`` (a linear layer with weight ``(in, out)``)."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is an optional extra
+        return False
+    return isinstance(module, Conv1D)
+
+
+def _tensor_key(*tensors: Tensor | None) -> tuple:
+    """Identity + in-place version of tensors: changes whenever any of them is replaced or edited in place."""
+    return tuple(
+        None if t is None else (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in tensors
+    )
+
+
+class AdapterLayer(nn.Module):
+    """Common DoRA/LoRA logic; subclasses say how the base weight maps to ``(out, in)`` rows.
+
+    Forward (REFERENCE §1, paper eq. 5), bias never scaled, ``factor = m / ||W + s·B·A||``:
+
+    - no dropout: ``y = factor ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + b``
+    - dropout ``x~`` in training: ``y = x Wᵀ + b + (factor − 1) ⊙ (x~ Wᵀ) + factor ⊙ s·(x~ Aᵀ) Bᵀ``
+    - plain LoRA: ``y = x Wᵀ + b + s·(x~ Aᵀ) Bᵀ``
+
+    Parameters: ``lora_A`` ``(r, in, *kernel)``, ``lora_B`` ``(out, r, *ones)``, ``magnitude`` ``(out,)``;
+    magnitude-only modules (paper §5.6) have no ``lora_A``/``lora_B``.
+    """
+
+    #: which dim of the output holds the output features (-1 for linear/embedding, 1 for conv)
+    feature_dim: int = -1
+    #: "factored" (default, never builds ``out × in``) or "dense" (the reference formula)
+    norm_method: str = "factored"
+
+    def __init__(
+        self,
+        base: nn.Module,
+        *,
+        r: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        use_dora: bool = True,
+        use_rslora: bool = False,
+        detach_norm: bool = True,
+        magnitude_only: bool = False,
+        init: str = "kaiming",
+        dtype: torch.dtype | None = torch.float32,
+    ) -> None:
+        super().__init__()
+        if magnitude_only and not use_dora:
+            raise ValueError("magnitude_only=True needs use_dora=True: plain LoRA has no magnitude to train")
+        if init not in ("kaiming", "gaussian"):
+            raise ValueError(f"init must be 'kaiming' or 'gaussian', got init={init!r}")
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.r = r
+        self.lora_alpha = float(alpha)
+        self.use_rslora = use_rslora
+        self.scaling = DF.lora_scaling(r, alpha, use_rslora)
+        self.use_dora = use_dora
+        self.detach_norm = detach_norm
+        self.magnitude_only = magnitude_only
+        self.dropout_p = float(dropout)
+        self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        weight = self.base.weight
+        factory = {"device": weight.device, "dtype": dtype or weight.dtype}
+        self.merged = False
+        self.disabled = False
+        self._merge_factor: Tensor | None = None
+        self._sq_norm_cache: tuple[tuple, Tensor] | None = None
+        self._norm_cache: tuple[tuple, Tensor] | None = None
+
+        if magnitude_only:
+            self.lora_A: nn.Parameter | None = None
+            self.lora_B: nn.Parameter | None = None
+        else:
+            self.lora_A = nn.Parameter(torch.empty(self._lora_A_shape(r), **factory))
+            self.lora_B = nn.Parameter(torch.empty(self._lora_B_shape(r), **factory))
+            self.reset_lora_parameters(init)
+        self.magnitude: nn.Parameter | None = None
+        if use_dora:
+            with torch.no_grad():
+                norm = self._row_norm(detach=True)
+            self.magnitude = nn.Parameter(norm.to(**factory))
+
+    # ---- what subclasses define -------------------------------------------------------------------
+    def _lora_A_shape(self, r: int) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def _lora_B_shape(self, r: int) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def weight_2d(self) -> Tensor:
+        """The base weight as ``(out, in)`` rows (a view, no copy)."""
+        raise NotImplementedError
+
+    def _set_weight_2d(self, weight_2d: Tensor) -> None:
+        with torch.no_grad():
+            self.weight_2d().copy_(weight_2d)
+
+    def _base_product(self, x: Tensor) -> Tensor:
+        """``x Wᵀ`` without the bias, in the base module's geometry."""
+        raise NotImplementedError
+
+    def _lora_product(self, x: Tensor) -> Tensor:
+        """``(x Aᵀ) Bᵀ`` unscaled, returned in ``x``'s dtype."""
+        raise NotImplementedError
+
+    def _bias(self) -> Tensor | None:
+        return getattr(self.base, "bias", None)
+
+    # ---- the adapter as a weight-space function -----------------------------------------------------
+    def lora_A_2d(self) -> Tensor | None:
+        return None if self.lora_A is None else self.lora_A.reshape(self.r, -1)
+
+    def lora_B_2d(self) -> Tensor | None:
+        return None if self.lora_B is None else self.lora_B.reshape(self.lora_B.shape[0], self.r)
+
+    def reset_lora_parameters(self, init: str = "kaiming") -> None:
+        """``B = 0`` so the adapter starts as the identity; ``A`` Kaiming-uniform or ``N(0, 1/r)``."""
+        if self.lora_A is None or self.lora_B is None:
+            return
+        with torch.no_grad():
+            if init == "gaussian":
+                nn.init.normal_(self.lora_A, std=1.0 / self.r)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+
+    def base_sq_norm(self) -> Tensor:
+        """``||W||²`` per row, cached until the base weight changes (in place or replaced)."""
+        weight = self.weight_2d()
+        key = _tensor_key(weight)
+        if torch.compiler.is_compiling():  # version counters are not traceable; recompute in graph
+            return DF.base_row_sq_norm(weight.detach())
+        if self._sq_norm_cache is None or self._sq_norm_cache[0] != key:
+            with torch.no_grad():
+                self._sq_norm_cache = (key, DF.base_row_sq_norm(weight))
+        return self._sq_norm_cache[1]
+
+    def _row_norm(self, detach: bool) -> Tensor:
+        """``||W + s·B·A||`` per row, ``(out,)`` in fp32 (fp64 for fp64 weights)."""
+        weight = self.weight_2d()
+        if self.lora_A is None:
+            return self.base_sq_norm().sqrt()
+        a, b = self.lora_A_2d(), self.lora_B_2d()
+        if detach:
+            a, b = a.detach(), b.detach()
+        if self.norm_method == "dense":
+            return DF.dense_row_norm(weight, a, b, self.scaling)
+        return DF.factored_row_norm(weight, a, b, self.scaling, self.base_sq_norm())
+
+    def row_norm(self) -> Tensor:
+        """``||W + s·B·A||`` per row as the forward uses it, ``(out,)``.
+
+        Detached (paper §4.3) unless ``detach_norm=False`` and autograd is recording. The detached norm is
+        cached and reused until the base weight, ``A`` or ``B`` change: tensor version counters track
+        in-place edits and optimizer steps, and data pointers and dtypes track ``.to()`` and loads. So eval
+        and gradient-accumulation micro-batches compute it once.
+        """
+        if not self.detach_norm and torch.is_grad_enabled():
+            return self._row_norm(detach=False)
+        if torch.compiler.is_compiling():
+            return self._row_norm(detach=True).detach()
+        key = _tensor_key(self.weight_2d(), self.lora_A, self.lora_B) + (self.scaling, self.norm_method)
+        if self._norm_cache is None or self._norm_cache[0] != key:
+            with torch.no_grad():
+                self._norm_cache = (key, self._row_norm(detach=True))
+        return self._norm_cache[1]
+
+    def dora_factor(self) -> Tensor:
+        """``m / ||W + s·B·A||`` per output feature, ``(out,)``, ``0`` for a zero-norm row."""
+        if self.magnitude is None:
+            raise RuntimeError("dora_factor() needs a DoRA layer (use_dora=True)")
+        norm = self.row_norm()
+        return DF.dora_scale(self.magnitude.to(norm.dtype), norm)
+
+    def _factor_view(self, factor: Tensor, ndim: int) -> Tensor:
+        if self.feature_dim == -1:
+            return factor
+        shape = [1] * ndim
+        shape[self.feature_dim] = -1
+        return factor.view(shape)
+
+    def _add_bias(self, out: Tensor) -> Tensor:
+        bias = self._bias()
+        if bias is None:
+            return out
+        return out + self._factor_view(bias, out.dim())
+
+    def _dropout_active(self) -> bool:
+        return self.training and self.dropout_p > 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.disabled or self.merged:
+            return self.base(x)
+        if not self.use_dora:
+            out = self.base(x)
+            return out + self.scaling * self._lora_product(self.lora_dropout(x)).to(out.dtype)
+        base_out = self._base_product(x)
+        factor = self._factor_view(self.dora_factor().to(base_out.dtype), base_out.dim())
+        dropped_base = None
+        lora_in = x
+        if self._dropout_active() and self.lora_A is not None:
+            lora_in = self.lora_dropout(x)
+            dropped_base = self._base_product(lora_in)
+        lora_out = None if self.lora_A is None else self._lora_product(lora_in).to(base_out.dtype)
+        return self._add_bias(DF.dora_combine(base_out, lora_out, factor, self.scaling, dropped_base))
+
+    # ---- merging ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Write the adapted weight into the base weight (zero inference overhead). Bias is unchanged."""
+        if self.merged:
+            raise RuntimeError(f"{type(self).__name__} is already merged; call unmerge() first")
+        magnitude = None if self.magnitude is None else self.magnitude.detach()
+        merged, factor = DF.merged_weight(
+            self.weight_2d(), self.lora_A_2d(), self.lora_B_2d(), magnitude, self.scaling
+        )
+        self._set_weight_2d(merged)
+        self._merge_factor = factor
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the base weight (to fp32 round-off)."""
+        if not self.merged:
+            raise RuntimeError(f"{type(self).__name__} is not merged; nothing to unmerge")
+        weight = DF.unmerged_weight(
+            self.weight_2d(), self.lora_A_2d(), self.lora_B_2d(), self._merge_factor, self.scaling
+        )
+        self._set_weight_2d(weight)
+        self._merge_factor = None
+        self.merged = False
+
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        """The trainable tensors under fixed names (``lora_A``, ``lora_B``, ``magnitude``), present ones only."""
+        named = {"lora_A": self.lora_A, "lora_B": self.lora_B, "magnitude": self.magnitude}
+        return {k: v for k, v in named.items() if v is not None}
+
+    def extra_repr(self) -> str:
+        kind = "dora" if self.use_dora else "lora"
+        extra = ", magnitude_only" if self.magnitude_only else ""
+        return f"{kind}, r={self.r}, alpha={self.lora_alpha:g}, scaling={self.scaling:g}, dropout={self.dropout_p:g}{extra}"
+
+
+class LinearAdapter(AdapterLayer):
+    """``nn.Linear`` (weight ``(out, in)``) or transformers ``Conv1D`` (weight ``(in, out)``, ``fan_in_fan_out``)."""
+
+    def __init__(self, base: nn.Module, **kwargs) -> None:
+        self.fan_in_fan_out = is_conv1d(base)
+        if not (isinstance(base, nn.Linear) or self.fan_in_fan_out):
+            raise TypeError(f"LinearAdapter wraps nn.Linear or transformers Conv1D, got {type(base).__name__}")
+        super().__init__(base, **kwargs)
+
+    @property
+    def in_features(self) -> int:
+        w = self.base.weight
+        return w.shape[0] if self.fan_in_fan_out else w.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        w = self.base.weight
+        return w.shape[1] if self.fan_in_fan_out else w.shape[0]
+
+    def _lora_A_shape(self, r: int) -> tuple[int, ...]:
+        return (r, self.in_features)
+
+    def _lora_B_shape(self, r: int) -> tuple[int, ...]:
+        return (self.out_features, r)
+
+    def weight_2d(self) -> Tensor:
+        w = self.base.weight
+        return w.T if self.fan_in_fan_out else w
+
+    def _base_product(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight_2d())
+
+    def _lora_product(self, x: Tensor) -> Tensor:
+        a = self.lora_A
+        return F.linear(F.linear(x.to(a.dtype), a), self.lora_B).to(x.dtype)
+
+
+class ConvAdapter(AdapterLayer):
+    """``nn.Conv1d/2d/3d`` (``groups == 1``): ``A`` a conv ``in → r`` with the base geometry, ``B`` 1×1 ``r → out``.
+
+    ``ΔW = (B.view(out, r) @ A.view(r, -1)).view_as(W)``; the norm runs over every dim but the first.
+    """
+
+    feature_dim = 1
+
+    def __init__(self, base: nn.Module, **kwargs) -> None:
+        if not isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            raise TypeError(f"ConvAdapter wraps nn.Conv1d/2d/3d, got {type(base).__name__}")
+        if base.groups != 1:
+            raise ValueError(
+                f"grouped convolutions are not supported (groups={base.groups}): a rank-r update of a grouped "
+                "weight is not a low-rank product of the full weight. Exclude this module via exclude_modules."
+            )
+        self._conv: Callable[..., Tensor] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[base.weight.dim() - 2]
+        super().__init__(base, **kwargs)
+
+    def _lora_A_shape(self, r: int) -> tuple[int, ...]:
+        w = self.base.weight
+        return (r, w.shape[1], *w.shape[2:])
+
+    def _lora_B_shape(self, r: int) -> tuple[int, ...]:
+        w = self.base.weight
+        return (w.shape[0], r, *([1] * (w.dim() - 2)))
+
+    def weight_2d(self) -> Tensor:
+        w = self.base.weight
+        return w.view(w.shape[0], -1)
+
+    def _base_product(self, x: Tensor) -> Tensor:
+        # _conv_forward applies the base's stride, padding (and padding_mode), dilation and groups.
+        return self.base._conv_forward(x, self.base.weight, None)
+
+    def _lora_product(self, x: Tensor) -> Tensor:
+        a = self.lora_A
+        hidden = self.base._conv_forward(x.to(a.dtype), a, None)  # same geometry as the base, in → r
+        return self._conv(hidden, self.lora_B).to(x.dtype)
+
+
+class EmbeddingAdapter(AdapterLayer):
+    """``nn.Embedding`` (weight ``(V, d)``): ``A`` ``(r, V)``, ``B`` ``(d, r)``, norm of ``Wᵀ + s·B·A`` over ``V``.
+
+    Initialisation follows PEFT's embedding convention (``A = 0``, ``B ~ N(0, 1)``): ``B·A`` still starts at
+    zero, and ``B`` gets a gradient from the first step. Dropout is not applied to token ids.
+    """
+
+    def __init__(self, base: nn.Module, **kwargs) -> None:
+        if not isinstance(base, nn.Embedding):
+            raise TypeError(f"EmbeddingAdapter wraps nn.Embedding, got {type(base).__name__}")
+        kwargs = {**kwargs, "dropout": 0.0}
+        super().__init__(base, **kwargs)
+
+    def _lora_A_shape(self, r: int) -> tuple[int, ...]:
+        return (r, self.base.num_embeddings)
+
+    def _lora_B_shape(self, r: int) -> tuple[int, ...]:
+        return (self.base.embedding_dim, r)
+
+    def reset_lora_parameters(self, init: str = "kaiming") -> None:
+        if self.lora_A is None or self.lora_B is None:
+            return
+        with torch.no_grad():
+            nn.init.zeros_(self.lora_A)
+            nn.init.normal_(self.lora_B)
+
+    def weight_2d(self) -> Tensor:
+        return self.base.weight.T  # (d, V)
+
+    def _embed(self, ids: Tensor, table: Tensor) -> Tensor:
+        b = self.base
+        return F.embedding(ids, table, b.padding_idx, b.max_norm, b.norm_type, b.scale_grad_by_freq, b.sparse)
+
+    def _base_product(self, x: Tensor) -> Tensor:
+        return self._embed(x, self.base.weight)
+
+    def _lora_product(self, x: Tensor) -> Tensor:
+        return self._embed(x, self.lora_A.T) @ self.lora_B.T  # (..., r) @ (r, d)
+
+
+def adapter_class_for(module: nn.Module) -> type[AdapterLayer] | None:
+    """The adapter class that wraps ``module``, or ``None`` if its type is not supported."""
+    if isinstance(module, nn.Linear) or is_conv1d(module):
+        return LinearAdapter
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return ConvAdapter
+    if isinstance(module, nn.Embedding):
+        return EmbeddingAdapter
+    return None
