@@ -115,9 +115,7 @@ def _source_record(gguf: Path) -> dict[str, object]:
 
 
 def _has_weights(folder: Path) -> bool:
-    return (folder / "model.safetensors").is_file() or (
-        folder / "model.safetensors.index.json"
-    ).is_file()
+    return (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
 
 
 def _is_complete(folder: Path, gguf: Path | None) -> bool:
@@ -140,9 +138,7 @@ def _write_converted(gguf: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-    )
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The GGUF quantizer stays attached to the model; saving with it would mark
     # the folder as GGUF-quantized, which cannot be reloaded from safetensors.
     if hasattr(model.config, "quantization_config"):
@@ -168,8 +164,7 @@ def _convert_once(gguf: Path, target: Path, label: str) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     print(
-        f"Converting {label} GGUF to safetensors once (~30 s), "
-        f"cached at {target}",
+        f"Converting {label} GGUF to safetensors once (~30 s), cached at {target}",
         file=sys.stderr,
         flush=True,
     )
