@@ -100,10 +100,13 @@ def inject(model: nn.Module, config: DoraConfig) -> dict[str, nn.Module]:
 
     Raises:
         ValueError: the model already has adapters, a target matches nothing (the message lists the
-            closest names that exist), or a ``modules_to_save`` / ``magnitude_only_modules`` entry matches
-            nothing.
+            closest names that exist), a ``modules_to_save`` / ``magnitude_only_modules`` entry matches
+            nothing, or a module cannot take an adapter (a grouped convolution).
         TypeError: a targeted module's type has no adapter (supported: Linear, transformers Conv1D,
             Conv1d/2d/3d, Embedding).
+
+    On any error the model is left as it was (modules, trainable flags). New adapter layers take the
+    train/eval mode of the module they wrap.
     """
     if adapter_layers(model) or hasattr(model, _CONFIG_ATTR):
         raise ValueError(
@@ -131,27 +134,38 @@ def inject(model: nn.Module, config: DoraConfig) -> dict[str, nn.Module]:
             f"Closest module names that exist: {_closest_names(model, config.modules_to_save)}"
         )
 
-    for p in model.parameters():
+    # A layer can still refuse its module (e.g. a grouped conv): remember the trainable flags so that a
+    # failure part-way leaves the model exactly as it was.
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
         p.requires_grad_(False)
     replaced: dict[str, nn.Module] = {}
-    for name in targets:
-        base = model.get_submodule(name)
-        layer_cls = adapter_class_for(base)
-        assert layer_cls is not None  # checked above
-        layer = layer_cls(
-            base,
-            r=config.rank_for(name),
-            alpha=config.alpha_for(name),
-            dropout=config.dropout,
-            use_dora=config.use_dora,
-            use_rslora=config.use_rslora,
-            detach_norm=config.detach_norm,
-            magnitude_only=config.is_magnitude_only(name),
-            init=config.init,
-            dtype=config.torch_dtype,
-        )
-        _set_submodule(model, name, layer)
-        replaced[name] = base
+    try:
+        for name in targets:
+            base = model.get_submodule(name)
+            layer_cls = adapter_class_for(base)
+            assert layer_cls is not None  # checked above
+            layer = layer_cls(
+                base,
+                r=config.rank_for(name),
+                alpha=config.alpha_for(name),
+                dropout=config.dropout,
+                use_dora=config.use_dora,
+                use_rslora=config.use_rslora,
+                detach_norm=config.detach_norm,
+                magnitude_only=config.is_magnitude_only(name),
+                init=config.init,
+                dtype=config.torch_dtype,
+            )
+            layer.train(base.training)  # a model put in eval mode before injecting stays there (dropout off)
+            _set_submodule(model, name, layer)
+            replaced[name] = base
+    except BaseException:
+        for name, base in replaced.items():
+            _set_submodule(model, name, base)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        raise
     for name in save_names:
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)

@@ -14,6 +14,7 @@ so an interrupted save never leaves a half-written adapter.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -25,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from torchdora.config import DoraConfig, module_matches
+from torchdora.functional import lora_scaling
 from torchdora.inject import adapter_config, adapter_layers, inject, unload
 from torchdora.layers import AdapterLayer, ConvAdapter, EmbeddingAdapter
 
@@ -240,21 +242,46 @@ def _load_tensors(model: nn.Module, tensors: Mapping[str, Tensor], source: Path)
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> DoraConfig:
     """Load an adapter folder (torchdora or PEFT format, detected) into ``model``; returns its config.
 
-    If ``model`` has no adapters yet they are injected from the saved config first. Every key is
-    checked before anything is copied: on a mismatch the model is left as it was.
+    If ``model`` has no adapters yet they are injected from the saved config first; if it has, their
+    scaling (``alpha / r``) must match the file's. Every key is checked before anything is copied: on a
+    mismatch the model is left as it was.
     """
     folder = Path(path)
     config, tensors, _ = read_adapter(folder)
     injected_here = False
+    flags = [(p, p.requires_grad) for p in model.parameters()]
     if not adapter_layers(model):
         inject(model, config)
         injected_here = True
     else:
         _check_not_merged(model)
+        _check_scaling(model, config, folder)
     try:
         _load_tensors(model, tensors, folder)
     except BaseException:
-        if injected_here:  # leave the model as it was
+        if injected_here:  # leave the model as it was, trainable flags included
             unload(model)
+            for p, flag in flags:
+                p.requires_grad_(flag)
         raise
     return config
+
+
+def _check_scaling(model: nn.Module, config: DoraConfig, source: Path) -> None:
+    """Refuse a file whose ``alpha``/``r``/rsLoRA give a different scale ``s`` than the model's adapters use.
+
+    Tensors of the same shape would load, but the adapter would compute something other than what was trained.
+    """
+    wrong = []
+    for name, layer in adapter_layers(model).items():
+        if layer.lora_A is None:  # magnitude-only: no s·B·A term
+            continue
+        want = lora_scaling(config.rank_for(name), config.alpha_for(name), config.use_rslora)
+        if not math.isclose(layer.scaling, want, rel_tol=1e-6):
+            wrong.append(f"{name} (file {want:g}, model {layer.scaling:g})")
+    if wrong:
+        shown = ", ".join(wrong[:10]) + (f" (+{len(wrong) - 10} more)" if len(wrong) > 10 else "")
+        raise ValueError(
+            f"adapter {source} was trained with a different LoRA scaling (alpha / r) than this model's adapters: "
+            f"{shown}. Load it into a model without adapters, and it injects its own"
+        )
