@@ -89,6 +89,7 @@ def _worker(rank: int, mode: str, port: int, out: str) -> None:
         per_rank = GLOBAL_BATCH // WORLD
         losses = _train(wrapped, _batch()[rank * per_rank:(rank + 1) * per_rank], WORLD)
         tensors = _adapter_tensors(model)  # collective under FSDP: every rank gathers
+        torchdora.save_adapter(model, Path(out, "saved"))  # every rank calls; rank 0 writes
         if rank == 0:
             Path(out, "losses.json").write_text(json.dumps(losses))
             save_file(tensors, str(Path(out, "adapter.safetensors")))
@@ -114,5 +115,10 @@ def test_two_processes_match_one(mode: str, tmp_path: Path, single_process) -> N
     assert set(tensors) == set(ref_tensors)
     for key, value in tensors.items():
         torch.testing.assert_close(value, ref_tensors[key], **tol, msg=lambda m, k=key: f"{k}: {m}")
+    # an adapter saved by 2 (sharded) processes loads into 1 process with the same values
+    reloaded = _model()
+    torchdora.load_adapter(reloaded, tmp_path / "saved")
+    for key, value in _adapter_tensors(reloaded).items():
+        torch.testing.assert_close(value, tensors[key], rtol=0, atol=0)
     # the adapters trained: B moved away from its zero initialisation
     assert any(v.abs().max() > 0 for k, v in tensors.items() if k.endswith("lora_B"))

@@ -13,6 +13,7 @@ so an interrupted save never leaves a half-written adapter.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -162,11 +163,24 @@ def save_adapter(
 
     ``format="peft"`` writes PEFT's ``adapter_config.json`` + ``adapter_model.safetensors`` so that
     ``peft.PeftModel.from_pretrained`` loads it. Tensors are saved in fp32.
+
+    The torchdora config is written last and records the weights file's SHA-256, so a folder whose save
+    was interrupted between the two files is detected on load. Under torch.distributed every rank must
+    call this (FSDP2-sharded tensors are gathered); only rank 0 writes.
     """
+    from torchdora.distributed import full_tensor, is_main_process
+
     config = adapter_config(model)
     _check_not_merged(model)
+    if format not in ("torchdora", "peft"):
+        raise ValueError(f"format must be 'torchdora' or 'peft', got format={format!r}")
     folder = Path(path)
-    tensors = {k: v.detach().float() if v.is_floating_point() else v for k, v in adapter_state_dict(model).items()}
+    tensors = {}
+    for key, value in adapter_state_dict(model).items():
+        value = full_tensor(value.detach())
+        tensors[key] = value.float() if value.is_floating_point() else value
+    if not is_main_process():
+        return folder
     if format == "torchdora":
         header = {
             "format": "torchdora-adapter",
@@ -177,15 +191,14 @@ def save_adapter(
         }
         atomic_save_safetensors(tensors, folder / TORCHDORA_WEIGHTS,
                                 {"format": "torchdora-adapter", "format_version": str(FORMAT_VERSION)})
+        header["weights_sha256"] = _sha256(folder / TORCHDORA_WEIGHTS)
         atomic_write_json(folder / TORCHDORA_CONFIG, header)
-    elif format == "peft":
+    else:
         from torchdora.peft_format import to_peft
 
         peft_config, peft_tensors = to_peft(model, config, tensors, base_model_name_or_path)
         atomic_save_safetensors(peft_tensors, folder / PEFT_WEIGHTS, {"format": "pt"})
         atomic_write_json(folder / PEFT_CONFIG, peft_config)
-    else:
-        raise ValueError(f"format must be 'torchdora' or 'peft', got format={format!r}")
     return folder
 
 
@@ -205,7 +218,14 @@ def read_adapter(path: str | os.PathLike) -> tuple[DoraConfig, dict[str, Tensor]
                 f"supports ({FORMAT_VERSION}); upgrade torchdora to load it"
             )
         config = DoraConfig.from_dict(header["config"])
-        return config, _read_safetensors(folder / TORCHDORA_WEIGHTS), "torchdora"
+        tensors = _read_safetensors(folder / TORCHDORA_WEIGHTS)
+        expected_sha = header.get("weights_sha256")
+        if expected_sha is not None and _sha256(folder / TORCHDORA_WEIGHTS) != expected_sha:
+            raise ValueError(
+                f"{folder / TORCHDORA_WEIGHTS} does not match {TORCHDORA_CONFIG} (checksum differs): the save was "
+                "interrupted or the files come from different adapters; save the adapter again"
+            )
+        return config, tensors, "torchdora"
     if (folder / PEFT_CONFIG).is_file():
         from torchdora.peft_format import from_peft
 
@@ -214,6 +234,25 @@ def read_adapter(path: str | os.PathLike) -> tuple[DoraConfig, dict[str, Tensor]
     raise FileNotFoundError(
         f"{folder} holds no adapter: expected {TORCHDORA_CONFIG} (torchdora) or {PEFT_CONFIG} (PEFT)"
     )
+
+
+def _like(source: Tensor, target: Tensor) -> Tensor:
+    """``source`` in ``target``'s dtype and device; sharded like ``target`` when that is an FSDP2 ``DTensor``."""
+    source = source.to(dtype=target.dtype, device=target.device)
+    placements = getattr(target, "placements", None)
+    if placements is not None:
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(source, target.device_mesh, placements)
+    return source
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _load_tensors(model: nn.Module, tensors: Mapping[str, Tensor], source: Path) -> None:
@@ -236,7 +275,7 @@ def _load_tensors(model: nn.Module, tensors: Mapping[str, Tensor], source: Path)
         )
     with torch.no_grad():
         for key, target in expected.items():
-            target.copy_(tensors[key].to(dtype=target.dtype, device=target.device))
+            target.copy_(_like(tensors[key], target))
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> DoraConfig:
