@@ -1,0 +1,728 @@
+"""Magnitude/direction weight-decomposition analysis (DoRA paper, section 3 and Figure 2).
+
+For a weight ``W_t`` after ``t`` training steps (for LoRA and DoRA: the *merged* weight) and the pre-trained
+``W_0``, both seen as ``(K, in)`` matrices of output-feature rows::
+
+    ΔM_t = (1/K) Σ_n | ||W_t[n]|| − ||W_0[n]|| |
+    ΔD_t = (1/K) Σ_n ( 1 − cos(W_t[n], W_0[n]) )
+
+The paper plots one point ``(ΔD, ΔM)`` per (layer, checkpoint) of the query matrices and fits a line: full
+fine-tuning has a negative slope (correlation −0.62), LoRA a positive one (+0.83), DoRA a negative one
+(−0.31), i.e. DoRA learns like full fine-tuning, changing magnitude and direction somewhat independently.
+
+The driver streams module by module: for one selected module it reads the pre-trained weight once, then that
+module's weight (or adapter) from every checkpoint, so at most one base weight and one checkpoint weight are
+in memory, never two models. Checkpoints are the snapshots ``torchdora train --save-every N`` writes::
+
+    <run_dir>/config.json                    the run's resolved config, with "method": "dora"|"lora"|"full"
+    <run_dir>/snapshots/step-000100/         torchdora_config.json + torchdora_adapter.safetensors (dora/lora)
+                                             or model.safetensors (full fine-tuning, HF key names)
+
+A PEFT adapter folder (``adapter_config.json``) is read as well.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import io
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from torchdora.config import DoraConfig
+from torchdora.functional import lora_scaling, merged_weight
+from torchdora.io import atomic_write_bytes, read_adapter
+
+__all__ = [
+    "DEFAULT_MODULES",
+    "Checkpoint",
+    "DecompositionRow",
+    "LineFit",
+    "BaseWeights",
+    "magnitude_direction_change",
+    "row_changes",
+    "layer_index",
+    "discover_checkpoints",
+    "checkpoint_weight",
+    "analyze",
+    "fit_line",
+    "fit_rows",
+    "write_csv",
+    "write_json",
+    "read_csv",
+    "plot_scatter",
+    "plot_layers",
+]
+
+#: the paper's analysis looks at the query (and value) projections
+DEFAULT_MODULES = r".*\.(q_proj|v_proj)$"
+
+RUN_CONFIG = "config.json"
+SNAPSHOTS = "snapshots"
+FULL_WEIGHTS = "model.safetensors"
+FULL_INDEX = "model.safetensors.index.json"
+ADAPTER_FILES = ("torchdora_config.json", "adapter_config.json")
+_STEP_DIR = re.compile(r"step-(\d+)$")
+CSV_COLUMNS = ("run", "method", "step", "module", "layer", "dM", "dD")
+
+
+# ---- the measure ---------------------------------------------------------------------------------------------
+def row_changes(w0: Tensor, wt: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row ``| ||W_t[n]|| − ||W_0[n]|| |`` and ``1 − cos(W_t[n], W_0[n])``, both ``(K,)`` in float64.
+
+    ``w0``, ``wt``: ``(K, in)``, rows are output features. ``1 − cos`` is computed as ``||u − v||² / 2`` of the
+    unit rows ``u, v``, which equals it exactly but does not cancel when the angle is tiny (LoRA's early
+    checkpoints move rows by ~1e-4 rad, where ``1 − cos`` is ~1e-8). A zero row has no direction: its cosine is
+    taken as 0 against a non-zero row (``1 − cos = 1``, as ``torch.cosine_similarity`` gives) and as 1 against
+    another zero row (unchanged).
+    """
+    if w0.dim() != 2 or w0.shape != wt.shape:
+        raise ValueError(f"expected two (K, in) weights of one shape, got {tuple(w0.shape)} and {tuple(wt.shape)}")
+    a = w0.detach().to(torch.float64)
+    b = wt.detach().to(torch.float64)
+    na = torch.linalg.vector_norm(a, dim=1)  # (K,)
+    nb = torch.linalg.vector_norm(b, dim=1)  # (K,)
+    d_mag = (nb - na).abs()
+    ua = a / torch.where(na > 0, na, 1.0)[:, None]
+    ub = b / torch.where(nb > 0, nb, 1.0)[:, None]
+    d_dir = 0.5 * (ua - ub).square().sum(dim=1)
+    one_zero = (na > 0) != (nb > 0)
+    d_dir = torch.where(one_zero, torch.ones_like(d_dir), d_dir)
+    d_dir = torch.where((na == 0) & (nb == 0), torch.zeros_like(d_dir), d_dir)
+    return d_mag, d_dir
+
+
+def magnitude_direction_change(w0: Tensor, wt: Tensor) -> tuple[float, float]:
+    """``(ΔM, ΔD)`` between a pre-trained weight ``w0`` and a trained weight ``wt`` (paper section 3).
+
+    Both are ``(K, in)`` with one output feature per row (PyTorch's Linear orientation); accumulated in float64.
+    """
+    d_mag, d_dir = row_changes(w0, wt)
+    return float(d_mag.mean()), float(d_dir.mean())
+
+
+def layer_index(module: str) -> int | None:
+    """The first integer part of a dotted module name (``model.layers.7.self_attn.q_proj`` → 7), else ``None``."""
+    match = re.search(r"(?:^|\.)(\d+)(?:\.|$)", module)
+    return int(match.group(1)) if match else None
+
+
+# ---- reading weights tensor by tensor ----------------------------------------------------------------------
+class _TensorFiles:
+    """Single tensors from one ``.safetensors`` file or a folder's (possibly sharded) ``model.safetensors``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        if path.is_file():
+            files = [path]
+        elif (path / FULL_WEIGHTS).is_file():
+            files = [path / FULL_WEIGHTS]
+        elif (path / FULL_INDEX).is_file():
+            index = json.loads((path / FULL_INDEX).read_text())
+            files = sorted({path / shard for shard in index.get("weight_map", {}).values()})
+        else:
+            raise FileNotFoundError(
+                f"{path} holds no {FULL_WEIGHTS} (or {FULL_INDEX}); pass a folder written by save_pretrained() "
+                "or a .safetensors state-dict file"
+            )
+        self._where: dict[str, Path] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        for file in files:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    self._where[key] = file
+                    self._shapes[key] = tuple(f.get_slice(key).get_shape())
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shapes[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def get(self, key: str) -> Tensor:
+        with safe_open(self._where[key], framework="pt") as f:
+            return f.get_tensor(key)
+
+
+def _module_kinds(folder: Path) -> dict[str, str]:
+    """Module name → ``"linear"|"conv1d"|"conv"|"embedding"`` from the model's architecture, built on the meta
+    device (no memory, no weights). Empty if ``folder`` has no transformers config or it cannot be built."""
+    if not (folder / "config.json").is_file():
+        return {}
+    try:
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+        from torchdora.layers import is_conv1d
+    except ImportError:
+        return {}
+    # Best effort: an architecture transformers cannot build leaves every module in (out, in) orientation,
+    # and an adapter's recorded layout or the shape checks still catch a transposed weight.
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (ValueError, KeyError, OSError):
+        return {}
+    model = None
+    for auto in (AutoModelForCausalLM, AutoModel):
+        try:
+            with torch.device("meta"):
+                model = auto.from_config(config)
+            break
+        except (ValueError, KeyError, TypeError, ImportError):
+            continue
+    if model is None:
+        return {}
+    kinds = {}
+    for name, module in model.named_modules():
+        if is_conv1d(module):
+            kinds[name] = "conv1d"
+        elif isinstance(module, torch.nn.Embedding):
+            kinds[name] = "embedding"
+        elif isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
+            kinds[name] = "conv"
+        elif isinstance(module, torch.nn.Linear):
+            kinds[name] = "linear"
+    return kinds
+
+
+def _rows(weight: Tensor, kind: str) -> Tensor:
+    """A stored weight as ``(out, in)`` output-feature rows, as :mod:`torchdora.layers` sees it."""
+    if kind in ("conv1d", "embedding"):  # Conv1D stores (in, out); Embedding (V, d) has d output features
+        return weight.T
+    return weight.reshape(weight.shape[0], -1)
+
+
+def _closest(wanted: str, names: Sequence[str], limit: int = 8) -> list[str]:
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
+    probe = re.sub(r"[^A-Za-z0-9_]+", " ", wanted).split() or [wanted]
+    close: list[str] = []
+    for word in probe:
+        for hit in difflib.get_close_matches(word, suffixes, n=limit, cutoff=0.4):
+            if hit not in close:
+                close.append(hit)
+    return close[:limit] or suffixes[:limit]
+
+
+class BaseWeights:
+    """The pre-trained weights of the selected modules, read one tensor at a time.
+
+    ``source``: a model name or folder (through :func:`torchdora.assets.resolve_model`; the default model
+    is the embedded SmolLM2-135M-Instruct) or a ``.safetensors`` state-dict file with HF key names. A module
+    is a key ``<module>.weight`` of at least 2 dims. With a model folder the architecture says which modules
+    are transformers ``Conv1D`` (weight stored ``(in, out)``, transposed here); a bare state-dict file is
+    read in PyTorch's ``(out, in)`` orientation unless an adapter records otherwise.
+    """
+
+    def __init__(self, source: str | os.PathLike[str] | None) -> None:
+        path = Path(os.fspath(source)).expanduser() if source is not None else None
+        if path is not None and path.suffix == ".safetensors":
+            if not path.is_file():
+                raise FileNotFoundError(f"base weights file {path} not found")
+            folder = None
+        else:
+            from torchdora.assets import resolve_model
+
+            resolved = resolve_model(source)
+            if not isinstance(resolved, Path):
+                raise ValueError(
+                    f"model {source!r} is a hub name; the analysis reads weights tensor by tensor from local "
+                    "files. Pass a local model folder (save_pretrained) or a .safetensors state-dict file"
+                )
+            path = folder = resolved
+        self.source = path
+        self._files = _TensorFiles(path)
+        self._kinds = _module_kinds(folder) if folder is not None else {}
+        self.modules = [
+            key[: -len(".weight")] for key in self._files.keys()
+            if key.endswith(".weight") and len(self._files.shape(key)) >= 2
+        ]
+
+    def select(self, pattern: str) -> list[str]:
+        """Modules whose whole dotted name matches the regex ``pattern``, by layer then name; errors if none."""
+        try:
+            regex = re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"--modules {pattern!r} is not a valid regular expression: {err}") from None
+        selected = [m for m in self.modules if regex.fullmatch(m)]
+        if not selected:
+            raise ValueError(
+                f"--modules {pattern!r} matches no weight of {self.source}. Closest module names that exist: "
+                f"{_closest(pattern, self.modules)} (e.g. {self.modules[:3]}); the pattern must match the whole "
+                r"dotted name, e.g. '.*\.(q_proj|v_proj)$'"
+            )
+        return sorted(selected, key=lambda m: (layer_index(m) is None, layer_index(m) or 0, m))
+
+    def kind(self, module: str) -> str:
+        return self._kinds.get(module, "linear")
+
+    def shape(self, module: str) -> tuple[int, ...]:
+        return self._files.shape(f"{module}.weight")
+
+    def weight(self, module: str) -> Tensor:
+        """The stored weight of ``module`` (its own orientation and dtype)."""
+        return self._files.get(f"{module}.weight")
+
+
+# ---- checkpoints -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Checkpoint:
+    """One snapshot to measure. ``kind``: ``"adapter"`` (dora/lora, merged first) or ``"full"`` (a state dict)."""
+
+    run: str
+    method: str
+    step: int | None
+    path: Path
+    kind: str
+
+
+def _snapshot_kind(folder: Path) -> str | None:
+    if any((folder / name).is_file() for name in ADAPTER_FILES):
+        return "adapter"
+    if (folder / FULL_WEIGHTS).is_file() or (folder / FULL_INDEX).is_file():
+        return "full"
+    return None
+
+
+def _run_method(run_dir: Path) -> str | None:
+    config = run_dir / RUN_CONFIG
+    if not config.is_file():
+        return None
+    try:
+        data = json.loads(config.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config} is not valid JSON ({err})") from None
+    method = data.get("method") if isinstance(data, dict) else None
+    return str(method) if method is not None else None
+
+
+def _run_dir(snapshot: Path) -> Path:
+    return snapshot.parent.parent if snapshot.parent.name == SNAPSHOTS else snapshot
+
+
+def _inferred_method(folder: Path, kind: str) -> str:
+    if kind == "full":
+        return "full"
+    config, _, _ = read_adapter(folder)
+    return "dora" if config.use_dora else "lora"
+
+
+def _step_of(folder: Path) -> int | None:
+    match = _STEP_DIR.search(folder.name)
+    return int(match.group(1)) if match else None
+
+
+def discover_checkpoints(path: str | os.PathLike[str], label: str | None = None) -> list[Checkpoint]:
+    """The checkpoints in a run folder (its ``snapshots/step-*``) or a single snapshot folder, by step.
+
+    The run's label defaults to its method (``config.json``'s ``"method"``, else read from the snapshot:
+    ``dora``/``lora`` for an adapter, ``full`` for a state dict).
+    """
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint {folder} not found: pass a run folder or a snapshot folder")
+    own_kind = _snapshot_kind(folder)
+    if own_kind is not None:
+        snapshots = [(folder, own_kind)]
+        run_dir = _run_dir(folder)
+    else:
+        snap_root = folder / SNAPSHOTS
+        candidates = sorted(p for p in snap_root.iterdir() if p.is_dir()) if snap_root.is_dir() else []
+        snapshots = [(p, k) for p in candidates if (k := _snapshot_kind(p)) is not None]
+        if not snapshots:
+            raise FileNotFoundError(
+                f"{folder} is neither a snapshot (no adapter files {list(ADAPTER_FILES)} or {FULL_WEIGHTS}) nor a "
+                f"run folder with snapshots under {snap_root}; train with `torchdora train --save-every N`"
+            )
+        run_dir = folder
+    method = _run_method(run_dir) or _inferred_method(*snapshots[0])
+    checkpoints = [
+        Checkpoint(run=label or method, method=method, step=_step_of(p), path=p, kind=k) for p, k in snapshots
+    ]
+    return sorted(checkpoints, key=lambda c: (c.step is None, c.step or 0, str(c.path)))
+
+
+@dataclass
+class _SnapshotCache:
+    """Adapters are small (``r·(in + out)`` per module), so each is read once and kept; of a full snapshot only
+    the index of its tensors is kept."""
+
+    loaded: dict[Path, tuple[DoraConfig, dict[str, Tensor], dict[str, str]]] = field(default_factory=dict)
+    full: dict[Path, _TensorFiles] = field(default_factory=dict)
+
+    def files(self, folder: Path) -> _TensorFiles:
+        if folder not in self.full:
+            self.full[folder] = _TensorFiles(folder)
+        return self.full[folder]
+
+    def get(self, folder: Path) -> tuple[DoraConfig, dict[str, Tensor], dict[str, str]]:
+        if folder not in self.loaded:
+            config, tensors, _ = read_adapter(folder)
+            kinds: dict[str, str] = {}
+            header = folder / ADAPTER_FILES[0]
+            if header.is_file():
+                modules = json.loads(header.read_text()).get("modules", {})
+                kinds = {name: info.get("kind", "linear") for name, info in modules.items() if isinstance(info, dict)}
+            self.loaded[folder] = (config, tensors, kinds)
+        return self.loaded[folder]
+
+
+def _shape_error(module: str, checkpoint: Path, what: str, got: Sequence[int], want: Sequence[int]) -> ValueError:
+    return ValueError(
+        f"{checkpoint} does not fit the base model at module {module!r}: {what} has shape {tuple(got)}, "
+        f"the base weight needs {tuple(want)}. Was it trained from another base model? Pass that model "
+        "with --model"
+    )
+
+
+def checkpoint_weight(
+    checkpoint: Checkpoint, module: str, w0: Tensor, kind: str, cache: _SnapshotCache | None = None
+) -> tuple[Tensor, Tensor]:
+    """The pre-trained and the trained weight of ``module`` at ``checkpoint``, both as ``(out, in)`` rows, float64.
+
+    ``w0``: the pre-trained weight as stored (its own orientation); ``kind`` its layout (see :class:`BaseWeights`),
+    overridden by the layout an adapter records. For an adapter the trained weight is the merged weight
+    ``(m/||W + s·B·A||)·(W + s·B·A)`` (DoRA) or ``W + s·B·A`` (LoRA) from
+    :func:`torchdora.functional.merged_weight`; a module the adapter does not touch is unchanged, and a module in
+    the adapter's ``modules_to_save`` is the saved weight.
+    """
+    cache = cache if cache is not None else _SnapshotCache()
+    if checkpoint.kind == "full":
+        files = cache.files(checkpoint.path)
+        key = f"{module}.weight"
+        if key not in files:
+            raise ValueError(
+                f"{checkpoint.path} has no tensor {key!r}: it is not a checkpoint of this base model's architecture"
+            )
+        if files.shape(key) != tuple(w0.shape):
+            raise _shape_error(module, checkpoint.path, key, files.shape(key), w0.shape)
+        return _rows(w0, kind).to(torch.float64), _rows(files.get(key), kind).to(torch.float64)
+
+    config, tensors, kinds = cache.get(checkpoint.path)
+    kind = kinds.get(module, kind)
+    base = _rows(w0, kind).to(torch.float64)  # (out, in)
+    saved = tensors.get(f"modules_to_save.{module}.weight")
+    if saved is not None:
+        if saved.shape != w0.shape:
+            raise _shape_error(module, checkpoint.path, "the saved weight", saved.shape, w0.shape)
+        return base, _rows(saved, kind).to(torch.float64)
+    a = tensors.get(f"{module}.lora_A")
+    b = tensors.get(f"{module}.lora_B")
+    m = tensors.get(f"{module}.magnitude")
+    if a is None and m is None:
+        return base, base
+    out, fan_in = base.shape
+    r = config.rank_for(module)
+    if a is not None:
+        a = a.reshape(a.shape[0], -1).to(torch.float64)  # (r, in)
+        if a.shape != (r, fan_in):
+            raise _shape_error(module, checkpoint.path, f"{module}.lora_A", a.shape, (r, fan_in))
+    if b is not None:
+        b = b.reshape(b.shape[0], -1).to(torch.float64)  # (out, r)
+        if b.shape != (out, r):
+            raise _shape_error(module, checkpoint.path, f"{module}.lora_B", b.shape, (out, r))
+    if m is not None:
+        m = m.reshape(-1).to(torch.float64)  # (out,)
+        if m.shape != (out,):
+            raise _shape_error(module, checkpoint.path, f"{module}.magnitude", m.shape, (out,))
+    scaling = lora_scaling(r, config.alpha_for(module), config.use_rslora)
+    merged, _ = merged_weight(base, a, b, m, scaling)
+    return base, merged
+
+
+# ---- the driver --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DecompositionRow:
+    """One measured point: ``dM`` = ΔM, ``dD`` = ΔD of ``module`` at ``step`` of ``run``."""
+
+    run: str
+    method: str
+    step: int | None
+    module: str
+    layer: int | None
+    dM: float
+    dD: float
+
+
+def _iter_rows(
+    base: BaseWeights, checkpoints: Sequence[Checkpoint], modules: Sequence[str], cache: _SnapshotCache
+) -> Iterator[DecompositionRow]:
+    for module in modules:
+        w0 = base.weight(module)  # one base weight in memory at a time
+        for checkpoint in checkpoints:
+            rows0, rows_t = checkpoint_weight(checkpoint, module, w0, base.kind(module), cache)
+            d_m, d_d = magnitude_direction_change(rows0, rows_t)
+            yield DecompositionRow(checkpoint.run, checkpoint.method, checkpoint.step, module, layer_index(module),
+                                   d_m, d_d)
+            del rows0, rows_t
+        del w0
+
+
+def analyze(
+    model: str | os.PathLike[str] | None,
+    checkpoints: Iterable[Checkpoint | str | os.PathLike[str]],
+    modules: str = DEFAULT_MODULES,
+    labels: Sequence[str | None] | None = None,
+) -> list[DecompositionRow]:
+    """ΔM and ΔD of every selected module at every checkpoint, sorted by run, step, layer, module.
+
+    ``model``: see :class:`BaseWeights`. ``checkpoints``: :class:`Checkpoint` objects or run/snapshot folders
+    (see :func:`discover_checkpoints`). ``modules``: a regex matched against whole dotted module names.
+    ``labels``: one per item of ``checkpoints`` (``None`` keeps the default, the run's method; two runs of one
+    method get their folder name appended).
+    """
+    items = list(checkpoints)
+    if labels is not None and len(labels) != len(items):
+        raise ValueError(f"got {len(labels)} labels for {len(items)} checkpoints; give one label per run or none")
+    points: list[Checkpoint] = []
+    for i, item in enumerate(items):
+        if isinstance(item, Checkpoint):
+            points.append(item)
+        else:
+            points.extend(discover_checkpoints(item, labels[i] if labels is not None else None))
+    if labels is None:
+        sources: dict[str, set[Path]] = {}
+        for c in points:
+            sources.setdefault(c.run, set()).add(_run_dir(c.path))
+        # several runs of one method: tell them apart by their folder names
+        points = [replace(c, run=f"{c.run}:{_run_dir(c.path).name}") if len(sources[c.run]) > 1 else c for c in points]
+    if not points:
+        raise ValueError("no checkpoints given: pass at least one run folder or snapshot folder")
+    base = BaseWeights(model)
+    selected = base.select(modules)
+    cache = _SnapshotCache()
+    for point in points:
+        if point.kind != "adapter":
+            continue
+        _, tensors, _ = cache.get(point.path)
+        adapted = sorted({k.rsplit(".", 1)[0] for k in tensors if not k.startswith("modules_to_save.")})
+        if not set(adapted) & set(selected):
+            raise ValueError(
+                f"the adapter {point.path} adapts {adapted[:6]}{' ...' if len(adapted) > 6 else ''}, none of which "
+                f"--modules {modules!r} selects (it selects {selected[:4]}...). Choose modules the adapter trained"
+            )
+    rows = list(_iter_rows(base, points, selected, cache))
+    runs = {c.run: i for i, c in reversed(list(enumerate(points)))}
+    return sorted(rows, key=lambda r: (runs[r.run], r.step is None, r.step or 0, r.layer is None, r.layer or 0,
+                                       r.module))
+
+
+# ---- fits --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LineFit:
+    """Least-squares line ``dM ≈ slope · dD + intercept`` over ``n`` points and their Pearson correlation."""
+
+    run: str
+    method: str
+    modules: str
+    n: int
+    slope: float
+    intercept: float
+    pearson: float
+
+
+def fit_line(x: Sequence[float], y: Sequence[float]) -> tuple[float, float, float]:
+    """``(slope, intercept, pearson r)`` of ``y`` on ``x`` in float64; NaN where undefined (< 2 points, no spread)."""
+    if len(x) != len(y):
+        raise ValueError(f"x and y need the same length, got {len(x)} and {len(y)}")
+    if len(x) < 2:
+        return math.nan, math.nan, math.nan
+    xs = torch.tensor(x, dtype=torch.float64)
+    ys = torch.tensor(y, dtype=torch.float64)
+    dx, dy = xs - xs.mean(), ys - ys.mean()
+    sxx, syy, sxy = float(dx @ dx), float(dy @ dy), float(dx @ dy)
+    if sxx == 0:
+        return math.nan, math.nan, math.nan
+    slope = sxy / sxx
+    intercept = float(ys.mean()) - slope * float(xs.mean())
+    pearson = sxy / math.sqrt(sxx * syy) if syy > 0 else math.nan
+    return slope, intercept, pearson
+
+
+def _module_type(module: str) -> str:
+    return module.rsplit(".", 1)[-1]
+
+
+def fit_rows(rows: Sequence[DecompositionRow]) -> list[LineFit]:
+    """One fit per run and module type (``q_proj``, ``v_proj``, ...) and one over all its selected modules.
+
+    Step 0 (the pre-trained weight itself, ΔM = ΔD = 0) is left out: every method passes through it.
+    """
+    groups: dict[tuple[str, str, str], list[DecompositionRow]] = {}
+    for row in rows:
+        if row.step == 0:
+            continue
+        for modules in (_module_type(row.module), "all"):
+            groups.setdefault((row.run, row.method, modules), []).append(row)
+    fits = []
+    for (run, method, modules), members in groups.items():
+        slope, intercept, pearson = fit_line([r.dD for r in members], [r.dM for r in members])
+        fits.append(LineFit(run, method, modules, len(members), slope, intercept, pearson))
+    types = sorted({f.modules for f in fits} - {"all"}) + ["all"]
+    if len(types) == 2:  # one module type: its fit and "all" are the same
+        fits = [f for f in fits if f.modules != "all"]
+    runs = list(dict.fromkeys(r.run for r in rows))
+    return sorted(fits, key=lambda f: (runs.index(f.run), types.index(f.modules)))
+
+
+# ---- output ------------------------------------------------------------------------------------------------
+def _csv_bytes(rows: Sequence[DecompositionRow]) -> bytes:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for row in rows:
+        # repr() of a float round-trips exactly, so the CSV holds the same numbers as the JSON
+        writer.writerow([row.run, row.method, "" if row.step is None else row.step, row.module,
+                         "" if row.layer is None else row.layer, repr(row.dM), repr(row.dD)])
+    return buffer.getvalue().encode()
+
+
+def write_csv(rows: Sequence[DecompositionRow], path: str | os.PathLike[str]) -> Path:
+    """Columns ``run, method, step, module, layer, dM, dD``; written atomically."""
+    atomic_write_bytes(path, _csv_bytes(rows))
+    return Path(path)
+
+
+def read_csv(path: str | os.PathLike[str]) -> list[DecompositionRow]:
+    """Rows written by :func:`write_csv`."""
+    with open(path, newline="") as f:
+        return [
+            DecompositionRow(
+                run=r["run"], method=r["method"], step=int(r["step"]) if r["step"] else None, module=r["module"],
+                layer=int(r["layer"]) if r["layer"] else None, dM=float(r["dM"]), dD=float(r["dD"]),
+            )
+            for r in csv.DictReader(f)
+        ]
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None  # JSON has no NaN
+
+
+def write_json(rows: Sequence[DecompositionRow], path: str | os.PathLike[str],
+               extra: Mapping[str, Any] | None = None) -> Path:
+    """``{"rows": [...], "fits": [...], **extra}``: the CSV's numbers plus the fitted lines; written atomically."""
+    fits = [{k: _finite(v) if isinstance(v, float) else v for k, v in asdict(f).items()} for f in fit_rows(rows)]
+    data = {**(extra or {}), "rows": [asdict(r) for r in rows], "fits": fits}
+    atomic_write_bytes(path, (json.dumps(data, indent=1) + "\n").encode())
+    return Path(path)
+
+
+# ---- figures -----------------------------------------------------------------------------------------------
+_MARKERS = {"full": "s", "ft": "s", "lora": "^", "dora": "o"}
+_EXTRA_MARKERS = "DvP*Xph"
+
+
+def _marker(method: str, index: int) -> str:
+    return _MARKERS.get(method.lower(), _EXTRA_MARKERS[index % len(_EXTRA_MARKERS)])
+
+
+def _save_figure(figure: Any, path: str | os.PathLike[str]) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(figure)  # Agg, whatever pyplot's global backend is
+    suffix = Path(path).suffix.lstrip(".") or "png"
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format=suffix, dpi=130, bbox_inches="tight")
+    atomic_write_bytes(path, buffer.getvalue())
+    return Path(path)
+
+
+def _fmt(value: float) -> str:
+    return "n/a" if not math.isfinite(value) else f"{value:+.2f}"
+
+
+def plot_scatter(rows: Sequence[DecompositionRow], path: str | os.PathLike[str], color_by: str = "step") -> Path:
+    """The paper's Figure 2: ΔD on x, ΔM on y, a panel per run (columns) and module type (rows).
+
+    One marker per method, colour by ``"step"`` or ``"layer"``, the least-squares line dashed, and its slope and
+    Pearson correlation in the legend. Step 0 is not drawn (it is the origin for every method).
+    """
+    if color_by not in ("step", "layer"):
+        raise ValueError(f"color_by must be 'step' or 'layer', got {color_by!r}")
+    from matplotlib import colormaps
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
+    rows = [r for r in rows if r.step != 0]
+    if not rows:
+        raise ValueError("nothing to plot: every row is step 0 (the pre-trained weight)")
+    runs = list(dict.fromkeys(r.run for r in rows))
+    types = list(dict.fromkeys(_module_type(r.module) for r in rows))
+    fits = {(f.run, f.modules): f for f in fit_rows(rows)}
+    values = [getattr(r, color_by) or 0 for r in rows]
+    norm = Normalize(min(values), max(values) if max(values) > min(values) else min(values) + 1)
+    cmap = colormaps["viridis"]
+    figure = Figure(figsize=(4.2 * len(runs), 3.6 * len(types)), layout="constrained")
+    axes = figure.subplots(len(types), len(runs), squeeze=False)
+    scatter = None
+    for i, kind in enumerate(types):
+        for j, run in enumerate(runs):
+            ax = axes[i][j]
+            points = [r for r in rows if r.run == run and _module_type(r.module) == kind]
+            if not points:
+                ax.set_visible(False)
+                continue
+            method = points[0].method
+            fit = fits.get((run, kind))
+            label = run if fit is None else f"{run}: slope {fit.slope:.3g}, r = {_fmt(fit.pearson)}"
+            xs, ys = [p.dD for p in points], [p.dM for p in points]
+            scatter = ax.scatter(xs, ys, c=[getattr(p, color_by) or 0 for p in points], cmap=cmap, norm=norm,
+                                 marker=_marker(method, j), s=28, edgecolors="black", linewidths=0.3, label=label)
+            if fit is not None and math.isfinite(fit.slope):
+                lo, hi = min(xs), max(xs)
+                ax.plot([lo, hi], [fit.slope * lo + fit.intercept, fit.slope * hi + fit.intercept], "k--", lw=1)
+            ax.set_title(f"{run} ({kind})")
+            ax.set_xlabel("ΔD (1 − cos)")
+            ax.set_ylabel("ΔM (|Δ row norm|)")
+            ax.ticklabel_format(axis="both", style="sci", scilimits=(-2, 3))
+            ax.legend(loc="best", fontsize=7)
+    if scatter is not None:
+        figure.colorbar(scatter, ax=axes, label=color_by, shrink=0.8)
+    return _save_figure(figure, path)
+
+
+def plot_layers(rows: Sequence[DecompositionRow], path: str | os.PathLike[str]) -> Path:
+    """ΔM and ΔD per layer at each run's last checkpoint (one line per run, a column per module type)."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    rows = [r for r in rows if r.layer is not None]
+    if not rows:
+        raise ValueError("nothing to plot per layer: no selected module name holds a layer index")
+    runs = list(dict.fromkeys(r.run for r in rows))
+    types = list(dict.fromkeys(_module_type(r.module) for r in rows))
+    figure = Figure(figsize=(4.5 * len(types), 6.0), layout="constrained")
+    axes = figure.subplots(2, len(types), squeeze=False)
+    for j, kind in enumerate(types):
+        for k, run in enumerate(runs):
+            mine = [r for r in rows if r.run == run and _module_type(r.module) == kind]
+            if not mine:
+                continue
+            last = max((r.step for r in mine if r.step is not None), default=None)
+            mine = sorted((r for r in mine if r.step == last), key=lambda r: r.layer)
+            label = run if last is None else f"{run} (step {last})"
+            for i, metric in enumerate(("dM", "dD")):
+                axes[i][j].plot([r.layer for r in mine], [getattr(r, metric) for r in mine],
+                                marker=_marker(mine[0].method, k), ms=4, label=label)
+        axes[0][j].set_title(kind)
+        axes[0][j].set_ylabel("ΔM")
+        axes[1][j].set_ylabel("ΔD")
+        axes[1][j].set_xlabel("layer")
+        for i in range(2):
+            axes[i][j].xaxis.set_major_locator(MaxNLocator(integer=True))
+        for i, metric in enumerate(("dM", "dD")):
+            if all(getattr(r, metric) > 0 for r in rows if _module_type(r.module) == kind):
+                axes[i][j].set_yscale("log")  # methods differ by orders of magnitude
+            axes[i][j].legend(fontsize=7)
+    return _save_figure(figure, path)
