@@ -52,14 +52,33 @@ def dense_row_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: floa
     return torch.linalg.vector_norm(adapted, dim=1)
 
 
+#: rows of a low-precision weight upcast at a time: bounds the fp32 temporary to about this many elements
+_UPCAST_BLOCK_ELEMENTS = 1 << 22
+
+
+def _row_blocks(weight: Tensor) -> list[Tensor]:
+    """``weight`` split into blocks of whole rows of at most ``_UPCAST_BLOCK_ELEMENTS`` elements (views)."""
+    rows = max(1, _UPCAST_BLOCK_ELEMENTS // max(1, weight.shape[1]))
+    return list(weight.split(rows, dim=0))
+
+
 def base_row_sq_norm(weight: Tensor) -> Tensor:
     """``||W||²`` per row, accumulated in fp32 without an fp32 copy of ``W``. ``(out, in)`` → ``(out,)``."""
     acc = torch.promote_types(weight.dtype, torch.float32)
-    # A row-by-row dot product in the accumulation dtype; einsum on the low-precision tensor would
-    # accumulate in bf16/fp16, and weight.float() would allocate a full fp32 copy.
     if weight.dtype == acc:
         return torch.einsum("oi,oi->o", weight, weight)
-    return torch.linalg.vector_norm(weight, dim=1, dtype=acc).square()
+    # Upcast a block of rows at a time: einsum on the low-precision tensor would round every product to
+    # bf16/fp16, and weight.float() (or vector_norm(dtype=...), which upcasts the whole input on CPU) would
+    # allocate a full fp32 copy of W.
+    return torch.cat([torch.einsum("oi,oi->o", blk.to(acc), blk.to(acc)) for blk in _row_blocks(weight)])
+
+
+def _weight_times_At(weight: Tensor, lora_A: Tensor, acc: torch.dtype) -> Tensor:
+    """``W Aᵀ`` ``(out, r)`` in the accumulation dtype ``acc``, with no full-size upcast copy of ``W``."""
+    a = lora_A.to(acc)
+    if weight.dtype == acc:
+        return weight @ a.T
+    return torch.cat([blk.to(acc) @ a.T for blk in _row_blocks(weight)])
 
 
 def factored_row_norm(
@@ -82,14 +101,18 @@ def factored_row_norm(
         base_sq_norm = base_row_sq_norm(weight)
     a = lora_A.to(acc)
     b = lora_B.to(acc)
-    # W Aᵀ: the one O(out·in·r) product. Run it in W's dtype (no fp32 copy of W) but with A in that
-    # dtype too; matmul accumulates in fp32 internally on every backend for bf16/fp16.
-    wa = (weight @ lora_A.to(weight.dtype).T).to(acc)  # (out, r)
+    # W Aᵀ: the one O(out·in·r) product, in fp32 with A unrounded (the cross term must not lose bits to
+    # cancellation), upcasting W a block of rows at a time.
+    wa = _weight_times_At(weight, lora_A, acc)  # (out, r)
     cross = (b * wa).sum(dim=1)  # (out,)
     gram = a @ a.T  # (r, r)
     quad = ((b @ gram) * b).sum(dim=1)  # (out,)
     sq = base_sq_norm.to(acc) + (2.0 * scaling) * cross + (scaling * scaling) * quad
-    return sq.clamp_min(0.0).sqrt()
+    sq = sq.clamp_min(0.0)
+    # sqrt'(0) = inf would turn a zero row's zero upstream gradient into NaN (exact-gradient mode);
+    # take 0 there instead, the same subgradient vector_norm uses.
+    positive = sq > 0
+    return torch.where(positive, torch.where(positive, sq, torch.ones_like(sq)).sqrt(), torch.zeros_like(sq))
 
 
 def dora_scale(magnitude: Tensor, norm: Tensor) -> Tensor:

@@ -32,9 +32,27 @@ def is_conv1d(module: nn.Module) -> bool:
     return isinstance(module, Conv1D)
 
 
-def _tensor_key(*tensors: Tensor | None) -> tuple:
-    """Identity + in-place version of tensors: changes whenever any of them is replaced or edited in place."""
-    return tuple(
+# Fused optimizers (e.g. ``AdamW(fused=True)``, the transformers Trainer's default) write parameters without
+# bumping their version counters, so every optimizer step also counts here and invalidates the caches.
+_OPTIMIZER_STEPS = [0]
+_STEP_HOOK: list = []
+
+
+def _count_optimizer_steps() -> None:
+    """Register (once) a global optimizer post-step hook that bumps :data:`_OPTIMIZER_STEPS`."""
+    if not _STEP_HOOK:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        def bump(optimizer, args, kwargs) -> None:
+            _OPTIMIZER_STEPS[0] += 1
+
+        _STEP_HOOK.append(register_optimizer_step_post_hook(bump))
+
+
+def _tensor_key(*tensors: Tensor | None, trained: bool = True) -> tuple:
+    """Identity + in-place version of tensors: changes whenever any of them is replaced or edited in place
+    (and, for ``trained`` tensors, at every optimizer step)."""
+    return (_OPTIMIZER_STEPS[0] if trained else None,) + tuple(
         None if t is None else (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in tensors
     )
 
@@ -56,6 +74,9 @@ class AdapterLayer(nn.Module):
     feature_dim: int = -1
     #: "factored" (default, never builds ``out × in``) or "dense" (the reference formula)
     norm_method: str = "factored"
+    #: use the fused forward/backward of :mod:`torchdora.fast` where the layer type has one (``False``: the plain
+    #: autograd composition of :func:`torchdora.functional.dora_combine`, the reference path)
+    use_fast_path: bool = True
 
     def __init__(
         self,
@@ -72,6 +93,7 @@ class AdapterLayer(nn.Module):
         dtype: torch.dtype | None = torch.float32,
     ) -> None:
         super().__init__()
+        _count_optimizer_steps()
         if magnitude_only and not use_dora:
             raise ValueError("magnitude_only=True needs use_dora=True: plain LoRA has no magnitude to train")
         if init not in ("kaiming", "gaussian"):
@@ -95,6 +117,8 @@ class AdapterLayer(nn.Module):
         self._merge_factor: Tensor | None = None
         self._sq_norm_cache: tuple[tuple, Tensor] | None = None
         self._norm_cache: tuple[tuple, Tensor] | None = None
+        self._factor_cache: tuple[tuple, Tensor, Tensor] | None = None
+        self._zero_magnitude_cache: tuple[tuple, bool] | None = None
 
         if magnitude_only:
             self.lora_A: nn.Parameter | None = None
@@ -156,7 +180,7 @@ class AdapterLayer(nn.Module):
     def base_sq_norm(self) -> Tensor:
         """``||W||²`` per row, cached until the base weight changes (in place or replaced)."""
         weight = self.weight_2d()
-        key = _tensor_key(weight)
+        key = _tensor_key(weight, trained=False)  # the frozen base weight
         if torch.compiler.is_compiling():  # version counters are not traceable; recompute in graph
             return DF.base_row_sq_norm(weight.detach())
         if self._sq_norm_cache is None or self._sq_norm_cache[0] != key:
@@ -195,11 +219,41 @@ class AdapterLayer(nn.Module):
         return self._norm_cache[1]
 
     def dora_factor(self) -> Tensor:
-        """``m / ||W + s·B·A||`` per output feature, ``(out,)``, ``0`` for a zero-norm row."""
+        """``m / ||W + s·B·A||`` per output feature, ``(out,)``, ``0`` for a zero-norm row.
+
+        Without autograd recording (inference) the factor is cached with the norm and reused until the base
+        weight, ``A``, ``B`` or ``m`` change, so unmerged inference computes it once.
+        """
         if self.magnitude is None:
             raise RuntimeError("dora_factor() needs a DoRA layer (use_dora=True)")
         norm = self.row_norm()
-        return DF.dora_scale(self.magnitude.to(norm.dtype), norm)
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return DF.dora_scale(self.magnitude.to(norm.dtype), norm)
+        key = _tensor_key(self.magnitude)
+        cached = self._factor_cache
+        if cached is None or cached[0] != key or cached[1] is not norm:  # a new norm object: W, A or B changed
+            cached = self._factor_cache = (key, norm, DF.dora_scale(self.magnitude.to(norm.dtype), norm))
+        return cached[2]
+
+    def clear_cache(self) -> None:
+        """Forget the cached norms and factor.
+
+        Never needed after ordinary edits (in place, by an optimizer, ``.to()``, loads, merges): those are
+        tracked. Call it after writing into a tensor behind autograd's back (``param.data.copy_(...)``, a
+        custom kernel writing through a raw pointer), which leaves version counters untouched.
+        """
+        self._sq_norm_cache = self._norm_cache = self._factor_cache = self._zero_magnitude_cache = None
+
+    def _magnitude_has_zero(self) -> bool:
+        """Whether some ``m`` is exactly 0, cached per version of ``m`` (on CUDA the check is a host sync)."""
+        key = _tensor_key(self.magnitude)
+        if self._zero_magnitude_cache is None or self._zero_magnitude_cache[0] != key:
+            self._zero_magnitude_cache = (key, bool((self.magnitude == 0).any()))
+        return self._zero_magnitude_cache[1]
+
+    def _fast_forward(self, x: Tensor) -> Tensor | None:
+        """The fused DoRA forward for this layer type, or ``None`` where there is none (the reference runs)."""
+        return None
 
     def _factor_view(self, factor: Tensor, ndim: int) -> Tensor:
         if self.feature_dim == -1:
@@ -223,6 +277,11 @@ class AdapterLayer(nn.Module):
         if not self.use_dora:
             out = self.base(x)
             return out + self.scaling * self._lora_product(self.lora_dropout(x)).to(out.dtype)
+        if self.use_fast_path and not torch.compiler.is_compiling():
+            # under torch.compile the plain composition below is traced and fused by the compiler instead
+            out = self._fast_forward(x)
+            if out is not None:
+                return out
         base_out = self._base_product(x)
         factor = self._factor_view(self.dora_factor().to(base_out.dtype), base_out.dim())
         dropped_base = None
@@ -305,6 +364,26 @@ class LinearAdapter(AdapterLayer):
     def _lora_product(self, x: Tensor) -> Tensor:
         a = self.lora_A
         return F.linear(F.linear(x.to(a.dtype), a), self.lora_B).to(x.dtype)
+
+    def _fast_forward(self, x: Tensor) -> Tensor | None:
+        from torchdora.fast import dora_linear
+
+        weight, bias = self.weight_2d(), self._bias()
+        dropout = self._dropout_active() and self.lora_A is not None
+        if (
+            x.dtype != weight.dtype
+            or weight.requires_grad
+            or (bias is not None and bias.requires_grad)
+            or (dropout and type(self.lora_dropout) is not nn.Dropout)  # a custom dropout module: reference path
+        ):
+            return None
+        # Backward recovers x Wᵀ + s·(x Aᵀ) Bᵀ from the output by dividing by m / n: exact unless m has a zero,
+        # or a low-precision output holds a bias that the subtraction y − b would cancel against.
+        save_output = (bias is None or x.dtype in (torch.float32, torch.float64)) and not self._magnitude_has_zero()
+        return dora_linear(
+            x, weight, bias, self.lora_A, self.lora_B, self.dora_factor(), self.scaling,
+            self.dropout_p if dropout else 0.0, save_output=save_output,
+        )
 
 
 class ConvAdapter(AdapterLayer):

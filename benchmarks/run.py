@@ -1,0 +1,410 @@
+"""DoRA at LoRA's cost? torchdora-DoRA vs torchdora-LoRA vs PEFT-DoRA, side by side in one process.
+
+    .venv/bin/python benchmarks/run.py            # full grid on CPU, fp32; writes docs/benchmarks.md
+    .venv/bin/python benchmarks/run.py --quick    # two small shapes, one repeat: a smoke run
+    python benchmarks/run.py --device cuda --dtype bfloat16 --output $OUT/benchmarks_gpu.md
+
+Three measurements, each one a median over repeats with the methods interleaved inside every repeat (in a
+rotating order) so that noise from other processes hits all methods alike:
+
+1. one adapted linear layer, forward + backward (input gradient included, as inside a network);
+2. a whole-model training step (loss, backward, AdamW step) on the SmolLM2-135M architecture with random
+   weights, adapters on q, k, v, up, down;
+3. the same model's unmerged eval forward.
+
+Peak memory: on CPU, the allocator's allocation and free events recorded by ``torch.profiler`` with
+``profile_memory=True`` during one extra step, replayed in time order; the peak of the running sum is the
+most memory the step held on top of what existed before it (activations, gradients, temporaries). On CUDA,
+``torch.cuda.max_memory_allocated`` minus the allocation before the step. Whole-model rows also give the peak
+including everything resident (weights, optimizer state). This is a benchmark, not a test: it asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import gc
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from torchdora import DoraConfig, inject
+from torchdora.io import atomic_write_bytes
+from torchdora.layers import LinearAdapter
+
+METHODS = ("dora", "lora", "peft-dora")
+SHAPES = [(576, 576), (576, 1536), (2048, 2048), (4096, 4096), (4096, 11008)]  # (in, out)
+RANKS = [8, 16, 64]
+TOKENS = [512, 2048]
+TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+
+
+@dataclasses.dataclass
+class Row:
+    what: str
+    seconds: dict[str, float]
+    peak: dict[str, int]
+    total_peak: dict[str, int] | None = None
+
+
+# ---- measuring ---------------------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_medians(fns: dict[str, Callable[[], None]], repeats: int, warmup: int,
+                        device: torch.device, budget_s: float = 0.0) -> dict[str, float]:
+    """Median wall time of each function; every repeat runs all of them, starting from a rotating one.
+
+    With ``budget_s``, cheap rows get more repeats (up to 5× ``repeats``) until about that much time is spent.
+    """
+    names = list(fns)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    i = 0
+    while True:
+        if i >= warmup + repeats:
+            spent = sum(sum(t) for t in times.values())
+            per_repeat = spent / max(1, i - warmup)
+            if i >= warmup + 5 * repeats or spent + per_repeat > budget_s:
+                break
+        k = i % len(names)
+        gc.collect()  # once per repeat, outside the timed region (a full collection takes tens of ms)
+        for name in names[k:] + names[:k]:
+            _sync(device)
+            start = time.perf_counter()
+            fns[name]()
+            _sync(device)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+        i += 1
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def peak_bytes(fn: Callable[[], None], device: torch.device) -> int:
+    """Most bytes held during ``fn`` on top of what was allocated before it (see the module doc)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    running = peak = 0
+    for e in events:
+        running += e.nbytes()  # > 0 allocation, < 0 free
+        peak = max(peak, running)
+    return peak
+
+
+def resident_bytes(*objects) -> int:
+    """Bytes of the distinct tensors reachable from modules/optimizers (weights, gradients, optimizer state)."""
+    seen: dict[int, int] = {}
+
+    def add(t):
+        if isinstance(t, torch.Tensor):
+            s = t.untyped_storage()
+            seen[s.data_ptr()] = s.nbytes()
+
+    for obj in objects:
+        if isinstance(obj, nn.Module):
+            for t in list(obj.parameters()) + list(obj.buffers()):
+                add(t)
+                add(t.grad)
+        elif isinstance(obj, torch.optim.Optimizer):
+            for state in obj.state.values():
+                for t in state.values():
+                    add(t)
+    return sum(seen.values())
+
+
+# ---- per layer ---------------------------------------------------------------------------------------------------
+class _Holder(nn.Module):
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.proj = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def peft_dora(module: nn.Module, targets: list[str], r: int, alpha: float) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    # autocast_adapter_dtype=False: adapter weights in the base dtype, as torchdora's here (PEFT would upcast to fp32)
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, use_dora=True)
+    return get_peft_model(module, config, autocast_adapter_dtype=False)
+
+
+def layer_models(in_f: int, out_f: int, r: int, device, dtype) -> dict[str, nn.Module]:
+    """The three methods around copies of one random ``nn.Linear`` (no bias, as in Llama), same A, B, m."""
+    torch.manual_seed(0)
+    base = nn.Linear(in_f, out_f, bias=False).to(device, dtype)
+    dora = _Holder(LinearAdapter(copy.deepcopy(base), r=r, alpha=2.0 * r, dtype=dtype))
+    with torch.no_grad():
+        dora.proj.lora_B.normal_(std=0.02)  # trained-looking B (B = 0 would be a special case for nobody)
+        dora.proj.magnitude.copy_(dora.proj.row_norm().to(dtype))
+    lora = _Holder(LinearAdapter(copy.deepcopy(base), r=r, alpha=2.0 * r, dtype=dtype, use_dora=False))
+    peft = peft_dora(_Holder(copy.deepcopy(base)), ["proj"], r, 2.0 * r)
+    with torch.no_grad():
+        for model in (lora, peft):
+            for name, p in model.named_parameters():
+                if "lora_A" in name:
+                    p.copy_(dora.proj.lora_A)
+                elif "lora_B" in name:
+                    p.copy_(dora.proj.lora_B)
+                elif "lora_magnitude_vector" in name:
+                    p.copy_(dora.proj.magnitude)
+    return {"dora": dora, "lora": lora, "peft-dora": peft}
+
+
+def bench_layer(in_f: int, out_f: int, r: int, tokens: int, repeats: int, device, dtype,
+                budget_s: float = 0.0) -> Row:
+    models = layer_models(in_f, out_f, r, device, dtype)
+    gen = torch.Generator(device=device).manual_seed(1)
+    x = torch.randn(tokens, in_f, device=device, generator=gen).to(dtype).requires_grad_(True)
+    g = torch.randn(tokens, out_f, device=device, generator=gen).to(dtype)
+
+    def step(model: nn.Module) -> Callable[[], None]:
+        def run() -> None:
+            model(x).backward(g)
+            x.grad = None
+            for p in model.parameters():
+                p.grad = None
+        return run
+
+    fns = {name: step(m) for name, m in models.items()}
+    seconds = interleaved_medians(fns, repeats, warmup=1, device=device, budget_s=budget_s)
+    peak = {name: peak_bytes(fn, device) for name, fn in fns.items()}
+    return Row(f"{in_f}×{out_f} r={r} tokens={tokens}", seconds, peak)
+
+
+# ---- whole model -------------------------------------------------------------------------------------------------
+def smollm2_architecture(layers: int, device, dtype) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
+        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True,
+        rms_norm_eps=1e-5, rope_theta=100000.0, attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).to(device, dtype)
+
+
+def model_variants(base: nn.Module, r: int) -> dict[str, nn.Module]:
+    dora = copy.deepcopy(base)
+    inject(dora, DoraConfig(target_modules=TARGETS, r=r, alpha=2.0 * r, dtype=None))
+    lora = copy.deepcopy(base)
+    inject(lora, DoraConfig(target_modules=TARGETS, r=r, alpha=2.0 * r, dtype=None, use_dora=False))
+    peft = peft_dora(copy.deepcopy(base), TARGETS, r, 2.0 * r)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # trained-looking B, the same in all three
+        for model in (dora, lora, peft):
+            for name, p in model.named_parameters():
+                if name.endswith("lora_B") or name.endswith("lora_B.default.weight"):
+                    p.copy_(0.02 * torch.randn(p.shape, generator=gen).to(p.dtype))
+            gen.manual_seed(2)
+    return {"dora": dora, "lora": lora, "peft-dora": peft}
+
+
+def bench_model(layers: int, batch: int, seq: int, r: int, repeats: int, device, dtype) -> tuple[Row, Row]:
+    models = model_variants(smollm2_architecture(layers, device, dtype), r)
+    ids = torch.randint(0, 49152, (batch, seq), generator=torch.Generator().manual_seed(3)).to(device)
+    opts = {n: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4) for n, m in models.items()}
+
+    def train_step(name: str) -> Callable[[], None]:
+        model, opt = models[name], opts[name]
+
+        def run() -> None:
+            model.train()
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return run
+
+    def eval_forward(name: str) -> Callable[[], None]:
+        model = models[name]
+
+        def run() -> None:
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=ids)
+        return run
+
+    train = {n: train_step(n) for n in models}
+    seconds = interleaved_medians(train, repeats, warmup=1, device=device)
+    peak = {n: peak_bytes(fn, device) for n, fn in train.items()}
+    total = {n: peak[n] + resident_bytes(models[n], opts[n]) for n in models}
+    train_row = Row(f"training step, {layers} layers, {batch}×{seq} tokens, r={r}", seconds, peak, total)
+    evals = {n: eval_forward(n) for n in models}
+    seconds = interleaved_medians(evals, repeats, warmup=1, device=device)
+    peak = {n: peak_bytes(fn, device) for n, fn in evals.items()}
+    total = {n: peak[n] + resident_bytes(models[n]) for n in models}
+    eval_row = Row(f"unmerged eval forward, {layers} layers, {batch}×{seq} tokens, r={r}", seconds, peak, total)
+    return train_row, eval_row
+
+
+# ---- report ------------------------------------------------------------------------------------------------------
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b > 0 else "n/a"
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f}"
+
+
+def table(rows: list[Row], total: bool = False) -> list[str]:
+    head = ("| what | DoRA ms | LoRA ms | PEFT-DoRA ms | time DoRA/LoRA | time DoRA/PEFT | "
+            "peak MiB DoRA | LoRA | PEFT | mem DoRA/LoRA | mem DoRA/PEFT |")
+    if total:
+        head += " total MiB DoRA | LoRA | PEFT | total DoRA/LoRA | total DoRA/PEFT |"
+    out = [head, "|" + "---|" * (head.count("|") - 1)]
+    for row in rows:
+        s, p = row.seconds, row.peak
+        line = (f"| {row.what} | {s['dora'] * 1e3:.1f} | {s['lora'] * 1e3:.1f} | {s['peft-dora'] * 1e3:.1f} | "
+                f"{_ratio(s['dora'], s['lora'])} | {_ratio(s['dora'], s['peft-dora'])} | "
+                f"{_mib(p['dora'])} | {_mib(p['lora'])} | {_mib(p['peft-dora'])} | "
+                f"{_ratio(p['dora'], p['lora'])} | {_ratio(p['dora'], p['peft-dora'])} |")
+        if total and row.total_peak:
+            t = row.total_peak
+            line += (f" {_mib(t['dora'])} | {_mib(t['lora'])} | {_mib(t['peft-dora'])} | "
+                     f"{_ratio(t['dora'], t['lora'])} | {_ratio(t['dora'], t['peft-dora'])} |")
+        out.append(line)
+    return out
+
+
+def verdicts(layer_rows: list[tuple[tuple[int, int, int, int], Row]], train: Row | None, ev: Row | None) -> list[str]:
+    """The targets, each judged from the numbers above (CPU fp32 targets; on other setups informative only)."""
+    lines = []
+
+    def verdict(ok: bool) -> str:
+        return "**met**" if ok else "**not met**"
+
+    if train is not None:
+        t = train.seconds["dora"] / train.seconds["lora"]
+        m = train.total_peak["dora"] / train.total_peak["lora"]
+        ma = train.peak["dora"] / train.peak["lora"]
+        lines.append(f"- Whole-model training step DoRA/LoRA time ≤ 1.10: {t:.2f} → {verdict(t <= 1.10)}")
+        lines.append(f"- Whole-model training step DoRA/LoRA peak memory ≤ 1.05: {m:.3f} including weights and "
+                     f"optimizer state → {verdict(m <= 1.05)}; {ma:.3f} counting only what the step allocates "
+                     f"→ {verdict(ma <= 1.05)}")
+    big = [(k, row) for k, row in layer_rows if k[3] >= 2048]
+    if big:
+        worst_key, worst = max(big, key=lambda kr: kr[1].seconds["dora"] / kr[1].seconds["lora"])
+        w = worst.seconds["dora"] / worst.seconds["lora"]
+        lines.append(f"- Per layer DoRA/LoRA time ≤ 1.15 at ≥ 2048 tokens on every shape: worst {w:.2f} "
+                     f"({worst.what}) → {verdict(w <= 1.15)}")
+    wide = [(k, row) for k, row in layer_rows if k[0] >= 4096]
+    if wide:
+        slowest = min(row.seconds["peft-dora"] / row.seconds["dora"] for _, row in wide)
+        lines.append(f"- ≥ 2× faster than PEFT-DoRA on the 4096-wide shapes: smallest speed-up {slowest:.2f}× "
+                     f"→ {verdict(slowest >= 2.0)}")
+    if ev is not None:
+        e = ev.seconds["dora"] / ev.seconds["lora"]
+        lines.append(f"- Unmerged eval forward DoRA/LoRA ≤ 1.05: {e:.2f} → {verdict(e <= 1.05)}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="two small shapes, rank 8/64, one repeat, 4-layer model")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per row (default 3; quick 1)")
+    parser.add_argument("--budget", type=float, default=8.0,
+                        help="seconds of timed runs per layer row: cheap rows repeat more (up to 5× --repeats)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--output", default=str(Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"))
+    parser.add_argument("--no-model", action="store_true", help="skip the whole-model rows")
+    parser.add_argument("--no-layers", action="store_true", help="skip the per-layer rows")
+    parser.add_argument("--layers", type=int, default=None, help="model depth (default 30, quick 4)")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=256)
+    args = parser.parse_args(argv)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    repeats = args.repeats or (1 if args.quick else 3)
+    shapes = SHAPES[:2] if args.quick else SHAPES
+    ranks = [8, 64] if args.quick else RANKS
+    depth = args.layers or (4 if args.quick else 30)
+
+    started = time.perf_counter()
+    layer_rows: list[tuple[tuple[int, int, int, int], Row]] = []
+    if not args.no_layers:
+        for in_f, out_f in shapes:
+            for r in ranks:
+                for tokens in TOKENS:
+                    row = bench_layer(in_f, out_f, r, tokens, repeats, device, dtype, args.budget)
+                    layer_rows.append(((in_f, out_f, r, tokens), row))
+                    print("\n".join(table([row])[2:]), flush=True)
+    train_row = eval_row = None
+    if not args.no_model:
+        train_row, eval_row = bench_model(depth, args.batch, args.seq, 32, repeats, device, dtype)
+        print("\n".join(table([train_row, eval_row], total=True)[2:]), flush=True)
+    elapsed = time.perf_counter() - started
+
+    machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
+               else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    import peft
+
+    lines = [
+        "# Benchmarks: DoRA at LoRA's cost",
+        "",
+        f"Written by `{' '.join(['python', 'benchmarks/run.py'] + (argv if argv is not None else sys.argv[1:]))}` "
+        f"in {elapsed / 60:.1f} min. Device: {machine}; dtype {args.dtype}; torch {torch.__version__}; "
+        f"peft {peft.__version__}; medians of {repeats} to {5 * repeats} repeats (cheap rows repeat more) after "
+        "one warm-up, the three methods interleaved in every repeat (rotating order).",
+        "",
+        "- **DoRA**: torchdora's default path (factored norm, cached `||W||²`, fused autograd function).",
+        "- **LoRA**: torchdora with `use_dora=False` (the plain `base(x) + s·B(A(x))` composition, as in PEFT).",
+        "- **PEFT-DoRA**: `peft.get_peft_model(..., LoraConfig(use_dora=True))` on the same module or model.",
+        "",
+        "Time: forward + backward of one layer (the input needs a gradient, as inside a network), or a whole training",
+        "step. Peak memory: " + ("`torch.cuda.max_memory_allocated` during one step, minus what was allocated "
+                                 "before it." if device.type == "cuda" else
+                                 "one extra step under `torch.profiler` with `profile_memory=True`; its allocation "
+                                 "and free events are replayed in time order and the peak of the running sum is the "
+                                 "most the step held on top of what existed before it."),
+        "For the whole model, *total* adds the resident weights, gradients and AdamW state to that peak.",
+        "Random weights (timings do not depend on values); `B` is set to small random values in all methods.",
+        "",
+    ]
+    if layer_rows:
+        lines += ["## One linear layer (in × out), forward + backward", ""] + table([r for _, r in layer_rows]) + [""]
+    if train_row is not None:
+        lines += [f"## SmolLM2-135M architecture (hidden 576, intermediate 1536, 9/3 heads, vocab 49152), "
+                  f"adapters on {', '.join(TARGETS)}", ""] + table([train_row, eval_row], total=True) + [""]
+    if device.type == "cpu" and dtype == torch.float32:
+        lines += ["## Targets (CPU, fp32, medians)", ""] + verdicts(layer_rows, train_row, eval_row) + [""]
+    else:
+        lines += ["## Ratios against the CPU targets (informative: the targets are stated for CPU fp32)", ""]
+        lines += verdicts(layer_rows, train_row, eval_row) + [""]
+    text = "\n".join(lines)
+    print(text)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out, text.encode())
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,232 @@
+"""The cached norms and factor are never stale: after every kind of change the layer gives what a fresh layer
+(same tensors, empty caches) gives, in training and in eval; and the caches are really used when nothing changed."""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+from torchdora import DoraConfig, inject, load_adapter, save_adapter
+from torchdora import functional as DF
+from torchdora.layers import AdapterLayer, ConvAdapter, EmbeddingAdapter, LinearAdapter
+
+# the same fp32 computation, once with caches and once without: only summation order can differ
+FP32 = dict(rtol=1e-5, atol=1e-5)
+
+
+def make(kind: str) -> tuple[AdapterLayer, torch.Tensor]:
+    torch.manual_seed(0)
+    if kind == "linear":
+        layer, x = LinearAdapter(nn.Linear(12, 8), r=3, alpha=6.0), torch.randn(5, 12)
+    elif kind == "conv2d":
+        layer, x = ConvAdapter(nn.Conv2d(3, 4, 3, padding=1), r=2, alpha=4.0), torch.randn(2, 3, 5, 5)
+    else:
+        layer, x = EmbeddingAdapter(nn.Embedding(10, 6), r=2, alpha=4.0), torch.randint(0, 10, (2, 4))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in layer.adapter_parameters().values():
+            p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    return layer, x
+
+
+def fresh_output(layer: AdapterLayer, x: torch.Tensor) -> torch.Tensor:
+    """What a layer with the same tensors and no cache computes."""
+    copy_ = copy.deepcopy(layer)
+    copy_.clear_cache()
+    with torch.no_grad():
+        return copy_(x)
+
+
+def _edit_weight(layer, x):
+    with torch.no_grad():
+        layer.base.weight.mul_(1.3)
+
+
+def _edit_a(layer, x):
+    with torch.no_grad():
+        layer.lora_A.add_(0.2)
+
+
+def _edit_b(layer, x):
+    with torch.no_grad():
+        layer.lora_B.mul_(-2.0)
+
+
+def _edit_m(layer, x):
+    with torch.no_grad():
+        layer.magnitude.mul_(0.5)
+
+
+def _optimizer_step(layer, x):
+    opt = torch.optim.AdamW(layer.parameters(), lr=0.1)
+    layer(x).float().square().sum().backward()
+    opt.step()
+
+
+def _foreach_sgd_step(layer, x):
+    opt = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=0.5, foreach=True)
+    layer(x).float().square().sum().backward()
+    opt.step()
+
+
+def _to_float64_and_back(layer, x):
+    layer.double()
+    with torch.no_grad():
+        layer.base.weight.add_(0.25)  # a change made in the other dtype
+    layer.float()
+
+
+def _replace_parameter(layer, x):
+    layer.lora_B = nn.Parameter(torch.randn_like(layer.lora_B))
+
+
+def _load_state_dict(layer, x):
+    state = {k: v + 0.1 for k, v in layer.state_dict().items()}
+    layer.load_state_dict(state)
+
+
+def _merge_unmerge_then_edit(layer, x):
+    with torch.no_grad():
+        layer.merge()
+        layer.unmerge()
+
+
+def _swap_data(layer, x):
+    layer.lora_A.data = layer.lora_A.data * 3.0  # .data assignment: a new storage
+
+
+def _scaling(layer, x):
+    layer.scaling = layer.scaling * 2.0
+
+
+CHANGES: dict[str, Callable] = {
+    "edit_weight": _edit_weight, "edit_A": _edit_a, "edit_B": _edit_b, "edit_m": _edit_m,
+    "adamw_step": _optimizer_step, "foreach_sgd_step": _foreach_sgd_step, "to_dtype": _to_float64_and_back,
+    "replace_parameter": _replace_parameter, "load_state_dict": _load_state_dict,
+    "merge_unmerge": _merge_unmerge_then_edit, "data_assignment": _swap_data, "scaling": _scaling,
+}
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d", "embedding"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_change_invalidates_cache(kind, mode, change):
+    layer, x = make(kind)
+    layer.train(mode == "train")
+    before = layer(x).detach()
+    with torch.no_grad():
+        layer(x)  # fill the no-grad (eval) caches too
+    CHANGES[change](layer, x)
+    want = fresh_output(layer, x)
+    got_grad = layer(x).detach()
+    with torch.no_grad():
+        got_nograd = layer(x)
+    assert_close(got_grad, want, **FP32)
+    assert_close(got_nograd, want, **FP32)
+    if change != "merge_unmerge":  # guard: the change did change the output (merge/unmerge restores it)
+        assert not torch.allclose(want, before, **FP32)
+
+
+def test_merged_layer_and_unmerged_again_use_the_current_weight():
+    layer, x = make("linear")
+    layer.eval()
+    unmerged = layer(x)
+    layer.merge()
+    assert_close(layer(x), unmerged, **FP32)
+    with torch.no_grad():
+        layer.lora_B.add_(0.5)  # edited while merged; unmerge subtracts the new B·A, so W moves with it
+    layer.unmerge()
+    assert_close(layer(x), fresh_output(layer, x), **FP32)
+
+
+def test_load_adapter_invalidates_cache(tmp_path, make_tiny_llama, input_ids, perturb):
+    source = make_tiny_llama()
+    inject(source, DoraConfig(target_modules=["q_proj", "v_proj"], r=4))
+    perturb(source, seed=3)
+    save_adapter(source, tmp_path / "adapter")
+    model = make_tiny_llama()
+    inject(model, DoraConfig(target_modules=["q_proj", "v_proj"], r=4))
+    perturb(model, seed=4)
+    with torch.no_grad():
+        stale = model(input_ids).logits  # caches filled with the old adapter
+        load_adapter(model, tmp_path / "adapter")
+        got = model(input_ids).logits
+        want = source(input_ids).logits
+    assert_close(got, want, **FP32)
+    assert not torch.allclose(stale, want, **FP32)
+
+
+def test_data_copy_behind_autograd_needs_clear_cache():
+    """Writing through ``.data`` bypasses version counters; clear_cache() is the documented remedy."""
+    layer, x = make("linear")
+    layer.eval()
+    with torch.no_grad():
+        layer(x)
+    layer.lora_B.data.mul_(3.0)  # not tracked
+    layer.clear_cache()
+    with torch.no_grad():
+        assert_close(layer(x), fresh_output(layer, x), **FP32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_device_move_invalidates_cache():
+    layer, x = make("linear")
+    layer.eval()
+    with torch.no_grad():
+        cpu_out = layer(x)
+        layer.cuda()
+        with torch.no_grad():
+            layer.base.weight.mul_(1.5)
+        layer.cpu()
+        assert_close(layer(x), fresh_output(layer, x), **FP32)
+        assert not torch.allclose(layer(x), cpu_out, **FP32)
+
+
+# ---- the caches are used --------------------------------------------------------------------------------------
+def _count_calls(monkeypatch, name: str) -> list[int]:
+    calls = [0]
+    original = getattr(DF, name)
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(DF, name, counted)
+    return calls
+
+
+def test_eval_computes_norm_and_factor_once(monkeypatch):
+    layer, x = make("linear")
+    layer.eval()
+    norms = _count_calls(monkeypatch, "factored_row_norm")
+    scales = _count_calls(monkeypatch, "dora_scale")
+    with torch.no_grad():
+        first = layer(x)
+        for _ in range(3):
+            assert_close(layer(x), first, rtol=0, atol=0)
+    assert norms[0] == 1 and scales[0] == 1
+    with torch.no_grad():
+        layer.magnitude.mul_(2.0)  # m changes: the factor is recomputed, the norm is not
+        layer(x)
+    assert norms[0] == 1 and scales[0] == 2
+
+
+def test_training_recomputes_norm_once_per_step_and_base_norm_never(monkeypatch):
+    layer, x = make("linear")
+    layer.train()
+    norms = _count_calls(monkeypatch, "factored_row_norm")
+    base = _count_calls(monkeypatch, "base_row_sq_norm")
+    layer.clear_cache()
+    opt = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=0.1)
+    for step in range(3):
+        for _ in range(2):  # two gradient-accumulation micro-batches share one norm
+            layer(x).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    assert norms[0] == 3
+    assert base[0] == 1  # ||W||² of the frozen base: once
