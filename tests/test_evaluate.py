@@ -1,0 +1,133 @@
+"""Multiple-choice scoring, accuracy, perplexity and the training loss against plain float64 recomputations."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from test_train import make_tiny_model, one_thread, write_tiny_data  # noqa: F401 (one_thread: autouse fixture)
+from torchdora.data import Collator, Example, tokenize_example, tokenize_examples
+from torchdora.evaluate import EvalConfig, _requests, evaluate_examples, score_options, selected_logits
+from torchdora.train import compute_loss
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tmp_path_factory):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = make_tiny_model(tmp_path_factory.mktemp("tiny-eval") / "model")
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return model, tokenizer
+
+
+EXAMPLES = [
+    Example("Review: good fun film\nIs this review positive or negative? Answer:", " positive", (" positive", " negative")),
+    Example("Review: dull boring plot\nIs this review positive or negative? Answer:", " negative", (" positive", " negative")),
+    # options of different token counts: scored one sequence per option
+    Example("Review: a very good movie", " very good", (" very good", " bad", " quite awful story")),
+    Example("Review: the acting", " was weak", ()),  # free-form: perplexity only
+]
+
+
+def reference_scores(model: nn.Module, tokenizer, examples, max_length: int = 64) -> list[list[float]]:
+    """Each option alone, full logits, float64 log-softmax, summed over the option's tokens."""
+    model64 = type(model)(model.config).double().eval()
+    model64.load_state_dict(model.state_dict())
+    scores = []
+    for example in examples:
+        row = []
+        for option in example.options or (example.completion,):
+            item = tokenize_example(tokenizer, Example(example.prompt, option), max_length, add_eos=False)
+            ids = torch.tensor([item["input_ids"]])
+            with torch.no_grad():
+                log_probs = torch.log_softmax(model64(ids).logits[0], dim=-1)
+            row.append(sum(float(log_probs[p - 1, t]) for p, t in enumerate(item["labels"]) if t != -100))
+        scores.append(row)
+    return scores
+
+
+def test_score_options_matches_float64_reference(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    got = score_options(model, tokenizer, EXAMPLES, max_length=64, batch_size=3)
+    expected = reference_scores(model, tokenizer, EXAMPLES)
+    assert [len(r) for r in got] == [2, 2, 3, 1]
+    # float32 model vs float64 reference, log-probs of order -5 summed over <= 3 tokens
+    torch.testing.assert_close(torch.tensor(sum(got, []), dtype=torch.float64), torch.tensor(sum(expected, []), dtype=torch.float64),
+                               rtol=1e-5, atol=1e-4)
+
+
+def test_single_token_options_share_one_sequence(model_and_tokenizer):
+    _, tokenizer = model_and_tokenizer
+    requests = _requests(tokenizer, EXAMPLES, max_length=64)
+    per_example = [sum(r.example == i for r in requests) for i in range(len(EXAMPLES))]
+    assert per_example == [1, 1, 3, 1]
+
+
+def test_accuracy_and_perplexity_follow_the_scores(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    expected = reference_scores(model, tokenizer, EXAMPLES)
+    result = evaluate_examples(model, tokenizer, EXAMPLES, max_length=64, batch_size=2)
+    gold = [0, 1, 0, 0]
+    correct = sum(max(range(len(s)), key=s.__getitem__) == g for s, g, e in zip(expected, gold, EXAMPLES) if e.options)
+    tokens = sum(sum(t != -100 for t in tokenize_example(tokenizer, e, 64, add_eos=False)["labels"]) for e in EXAMPLES)
+    nll = -sum(s[g] for s, g in zip(expected, gold))
+    assert (result.n_scored, result.n_correct, result.n_tokens) == (3, correct, tokens)
+    assert result.accuracy == pytest.approx(correct / 3)
+    assert result.perplexity == pytest.approx(math.exp(nll / tokens), rel=1e-4)  # float32 vs float64 scores
+
+
+def test_scores_change_when_the_model_changes(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    before = score_options(model, tokenizer, EXAMPLES[:2], max_length=64)
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.5)
+        try:
+            after = score_options(model, tokenizer, EXAMPLES[:2], max_length=64)
+        finally:
+            model.lm_head.weight.sub_(0.5)
+    assert before != after
+
+
+class _NoLogitsToKeep(nn.Module):
+    """A causal LM whose forward does not know ``logits_to_keep`` (older or custom models)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def test_selected_logits_equal_masked_full_logits(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    batch = Collator(tokenizer.pad_token_id)(tokenize_examples(tokenizer, EXAMPLES, 64))
+    keep = batch["labels"] != -100
+    with torch.no_grad():
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[keep]
+        fast = selected_logits(model, batch["input_ids"], batch["attention_mask"], keep)
+        fallback = selected_logits(_NoLogitsToKeep(model), batch["input_ids"], batch["attention_mask"], keep)
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)  # same math, lm_head on fewer rows
+    torch.testing.assert_close(fallback, full, rtol=0, atol=0)
+
+
+def test_training_loss_equals_transformers_loss(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    batch = Collator(tokenizer.pad_token_id)(tokenize_examples(tokenizer, EXAMPLES, 64))
+    with torch.no_grad():
+        ours, n_tokens = compute_loss(model, batch)
+        theirs = model(**batch).loss  # transformers' shifted cross-entropy over labels != -100
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert n_tokens == int((batch["labels"][:, 1:] != -100).sum())
+
+
+def test_eval_config_errors():
+    with pytest.raises(ValueError, match="split must be 'test' or 'validation', got split='train'"):
+        EvalConfig(split="train")
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        EvalConfig(batch_size=0)

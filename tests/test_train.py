@@ -1,0 +1,295 @@
+"""torchdora.train on a tiny random Llama with a word-level tokenizer, all offline in tmp_path.
+
+The helpers here (tiny model folder, tiny sentiment data) are imported by the other training tests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import torchdora
+from torchdora import train as train_mod
+from torchdora.train import TrainConfig, TrainingDiverged, config_differences, lr_factor, train
+
+POSITIVE = "good great fun wonderful brilliant moving superb charming".split()
+NEGATIVE = "bad awful boring dull terrible weak messy tedious".split()
+FILLER = "the film movie story plot acting was is a very quite and but".split()
+N_ROWS = 120
+
+
+# ---- helpers shared with the other training tests ---------------------------------------------------------
+def write_tiny_data(folder: Path, n: int = N_ROWS, seed: int = 0) -> Path:
+    """A JSONL sentiment task whose label is given away by two sentiment words among filler."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "positive" if i % 2 == 0 else "negative"
+        words = rng.sample(FILLER, 4) + rng.sample(POSITIVE if label == "positive" else NEGATIVE, 2)
+        rng.shuffle(words)
+        rows.append({"prompt": f"Review: {' '.join(words)} {i}\nIs this review positive or negative? Answer:",
+                     "completion": f" {label}", "options": [" positive", " negative"]})
+    path = Path(folder) / "tiny.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def make_tiny_model(folder: Path, seed: int = 0) -> Path:
+    """A 2-layer random Llama plus a word-level tokenizer covering the tiny data, saved like save_pretrained."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<s>", "</s>"]
+    words = sorted(set(POSITIVE + NEGATIVE + FILLER + "Review Is this review positive or negative Answer".split()
+                       + [str(i) for i in range(N_ROWS)] + ["?", ":"]))
+    vocab = {token: i for i, token in enumerate(specials + words)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>", unk_token="<unk>")
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"], pad_token_id=vocab["<pad>"])
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return Path(folder)
+
+
+def tiny_config(model: Path, data: Path, out: Path, **overrides) -> TrainConfig:
+    values = dict(model=str(model), data=str(data), output_dir=str(out), steps=8, batch_size=4, lr=1e-2,
+                  warmup_steps=2, rank=4, alpha=8, eval_every=4, checkpoint_every=4, max_eval=16,
+                  targets="q_proj,v_proj,up_proj,down_proj")
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices: one thread is ~10x faster than several threads waiting on each other (2 shared cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return make_tiny_model(root / "model"), write_tiny_data(root / "data")
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---- learning-rate schedule --------------------------------------------------------------------------------
+def test_lr_factor_matches_hand_computed_values():
+    # warm-up: (step + 1) / (warmup + 1); then decay over the remaining total - warmup steps
+    assert lr_factor(0, "linear", 4, 14) == pytest.approx(1 / 5)
+    assert lr_factor(3, "linear", 4, 14) == pytest.approx(4 / 5)
+    assert lr_factor(4, "linear", 4, 14) == pytest.approx(1.0)
+    assert lr_factor(9, "linear", 4, 14) == pytest.approx(0.5)
+    assert lr_factor(14, "linear", 4, 14) == pytest.approx(0.0)
+    assert lr_factor(9, "cosine", 4, 14) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_factor(13, "constant", 4, 14) == 1.0
+
+
+# ---- configuration ------------------------------------------------------------------------------------------
+def test_config_validation_names_the_bad_value():
+    with pytest.raises(ValueError, match="steps or epochs, not both"):
+        TrainConfig(steps=3, epochs=1)
+    with pytest.raises(ValueError, match="method must be one of"):
+        TrainConfig(method="qlora")
+    with pytest.raises(ValueError, match="rank must be an integer >= 1, got rank=0"):
+        TrainConfig(rank=0)
+    with pytest.raises(ValueError, match="needs --method dora"):
+        TrainConfig(method="lora", magnitude_only="o_proj")
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['rnak'\]"):
+        TrainConfig.from_mapping({"rnak": 4})
+
+
+def test_magnitude_only_modules_are_targeted_too():
+    config = TrainConfig(targets="q_proj,v_proj", magnitude_only="o_proj,down_proj").dora_config()
+    assert config.target_modules == ("q_proj", "v_proj", "o_proj", "down_proj")
+    assert config.magnitude_only_modules == ("o_proj", "down_proj")
+
+
+def test_config_differences_lists_only_run_fields():
+    saved = TrainConfig(rank=8, output_dir="a").resolved().to_dict()
+    assert config_differences(TrainConfig(rank=8, output_dir="b", eval_every=3), saved) == {}
+    assert config_differences(TrainConfig(rank=4, lr=1e-3), saved) == {"rank": (8, 4), "lr": (3e-4, 1e-3)}
+
+
+# ---- a whole run --------------------------------------------------------------------------------------------
+def test_train_writes_the_run_folder_and_learns(tiny, tmp_path):
+    model_dir, data = tiny
+    out = tmp_path / "run"
+    result = train(tiny_config(model_dir, data, out, steps=24, save_every=8))
+
+    for name in ("config.json", "metrics.jsonl", "summary.json", "training.png", "adapter", "adapter-peft",
+                 "checkpoint"):
+        assert (out / name).exists(), name
+    assert json.loads((out / "config.json").read_text())["rank"] == 4
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 24 and summary["trainable_params"] == result.trainable_params > 0
+    assert summary["peak_rss_mb"] > 0 and summary["wall_time_s"] > 0
+    assert 0.0 <= summary["accuracy_before"] <= 1.0 and 0.0 <= summary["accuracy_after"] <= 1.0
+    steps = [r for r in read_metrics(out) if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 25))
+    # the label words decide the completion: 24 steps at lr 1e-2 must lower the loss clearly
+    first, last = sum(r["loss"] for r in steps[:4]) / 4, sum(r["loss"] for r in steps[-4:]) / 4
+    assert last < first - 0.3, (first, last)
+    assert sorted(p.name for p in (out / "snapshots").iterdir()) == ["step-000008", "step-000016", "step-000024"]
+
+    # the saved adapter (both formats) reproduces a changed model: it did something and loads back
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[2, 5, 9, 11, 40, 3]])
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    reference = base(ids).logits
+    outputs = []
+    for folder in ("adapter", "adapter-peft", "snapshots/step-000024"):
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        torchdora.load_adapter(model, out / folder)
+        outputs.append(model(ids).logits)
+    assert not torch.allclose(outputs[0], reference, atol=1e-3)
+    # same fp32 tensors in both formats: identical up to kernel round-off
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(outputs[2], outputs[0], rtol=1e-5, atol=1e-6)
+
+
+def test_full_fine_tuning_snapshots_hold_the_state_dict(tiny, tmp_path):
+    model_dir, data = tiny
+    out = tmp_path / "full"
+    train(tiny_config(model_dir, data, out, method="full", steps=2, save_every=2, lr=1e-3, eval_every=0))
+    from transformers import AutoModelForCausalLM
+
+    tensors = load_file(out / "snapshots" / "step-000002" / "model.safetensors")
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert set(tensors) == set(base.state_dict())
+    trained = AutoModelForCausalLM.from_pretrained(out / "model")
+    for key, value in trained.state_dict().items():
+        torch.testing.assert_close(tensors[key], value, rtol=0, atol=0)  # the same tensors, saved twice
+    assert not torch.equal(tensors["model.layers.0.self_attn.q_proj.weight"],
+                           base.state_dict()["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_bfloat16_mixed_precision_and_grad_accum_run(tiny, tmp_path):
+    model_dir, data = tiny
+    out = tmp_path / "bf16"
+    result = train(tiny_config(model_dir, data, out, steps=2, grad_accum=2, dtype="bfloat16", method="lora",
+                               eval_every=0))
+    steps = [r for r in read_metrics(out) if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2] and all(math.isfinite(r["loss"]) for r in steps)
+    # grad_accum=2: every optimizer step saw two micro-batches of 4 examples
+    assert result.steps == 2
+
+
+# ---- errors before any long work -------------------------------------------------------------------------------
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Fail the test if the model's weights are loaded: the error must come before."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input error was found")
+
+    monkeypatch.setattr("torchdora.assets.load_model_and_tokenizer", refuse)
+
+
+def test_unknown_model_fails_early(tiny, tmp_path, no_model_loading):
+    _, data = tiny
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train(tiny_config(tmp_path / "no-such-model", data, tmp_path / "run"))
+
+
+def test_missing_and_malformed_data_fail_early(tiny, tmp_path, no_model_loading):
+    model_dir, _ = tiny
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train(tiny_config(model_dir, tmp_path / "missing.jsonl", tmp_path / "run"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": " b"}\n{"prompt": "c", "completion"\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2"):
+        train(tiny_config(model_dir, bad, tmp_path / "run"))
+
+
+def test_empty_split_fails_early(tiny, tmp_path, no_model_loading):
+    model_dir, data = tiny
+    folder = tmp_path / "splits"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text(data.read_text())
+    (folder / "validation.jsonl").write_text(data.read_text().splitlines()[0] + "\n")
+    (folder / "test.jsonl").write_text("")
+    with pytest.raises(ValueError, match="test split .* is empty"):
+        train(tiny_config(model_dir, folder, tmp_path / "run"))
+
+
+def test_targets_that_match_nothing_fail_before_loading(tiny, tmp_path, no_model_loading):
+    model_dir, data = tiny
+    with pytest.raises(ValueError, match=r"matches no module.*Closest module names that exist: \[.*q_proj"):
+        train(tiny_config(model_dir, data, tmp_path / "run", targets="q_prj"))
+
+
+def test_output_dir_with_a_run_is_not_overwritten(tiny, tmp_path, no_model_loading):
+    model_dir, data = tiny
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "summary.json").write_text("{}")
+    with pytest.raises(ValueError, match="already holds a run.*--resume"):
+        train(tiny_config(model_dir, data, tmp_path / "run"))
+
+
+def test_resume_refuses_a_different_config(tiny, tmp_path):
+    model_dir, data = tiny
+    out = tmp_path / "run"
+    train(tiny_config(model_dir, data, out, steps=2, eval_every=0))
+    with pytest.raises(ValueError, match=r"different configuration \(rank: checkpoint 4, now 8; lr: checkpoint"):
+        train(tiny_config(model_dir, data, out, steps=2, rank=8, lr=1e-3, resume=str(out)))
+    with pytest.raises(FileNotFoundError, match="holds no complete checkpoint"):
+        train(tiny_config(model_dir, data, tmp_path / "x", resume=str(tmp_path)))
+
+
+def test_nan_loss_stops_with_advice_and_keeps_the_checkpoint(tiny, tmp_path, monkeypatch):
+    model_dir, data = tiny
+    real = train_mod.compute_loss
+    calls = {"n": 0}
+
+    def nan_at_third_step(model, batch):
+        calls["n"] += 1
+        loss, n = real(model, batch)
+        return (loss * float("nan") if calls["n"] == 3 else loss), n
+
+    monkeypatch.setattr(train_mod, "compute_loss", nan_at_third_step)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match=r"nan at step 3 .*checkpoint.* was kept.*lower --lr.*float32"):
+        train(tiny_config(model_dir, data, out, steps=6, checkpoint_every=2, eval_every=0))
+    state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 2
+    assert not (out / "summary.json").exists()
+
+
+def test_epochs_with_grad_accum_count_a_short_last_step(tiny, tmp_path):
+    model_dir, data = tiny
+    out = tmp_path / "epochs"
+    # 96 training examples / batch 4 = 24 micro-batches; groups of 5 give 5 optimizer steps, the last of 4
+    result = train(tiny_config(model_dir, data, out, steps=None, epochs=1, grad_accum=5, eval_every=0))
+    steps = [r for r in read_metrics(out) if "loss" in r]
+    assert result.steps == 5 and [r["step"] for r in steps] == [1, 2, 3, 4, 5]
+    assert sum(r["tokens"] for r in steps) == sum(
+        len(ids) for ids in _tokenized_train_lengths(model_dir, data))
+
+
+def _tokenized_train_lengths(model_dir: Path, data: Path) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    from torchdora.data import load_dataset, tokenize_examples
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    items = tokenize_examples(tokenizer, load_dataset(data, seed=0, max_eval=16).train, 96)
+    return [item["input_ids"] for item in items]
