@@ -16,9 +16,11 @@ evaluates held-out test accuracy before and after, and writes a run folder::
                                     weight-decomposition analysis (``torchdora analyze``)
 
 The loop runs on Hugging Face ``accelerate``: mixed precision (``--dtype bfloat16``) and several processes
-(``torchrun`` / ``accelerate launch``, DDP) come from it. Data is sharded per process, so the global batch
-is ``batch_size × grad_accum × number of processes``; logging, the progress bar and every file are written
-by the main process only.
+(``torchrun`` / ``accelerate launch``, DDP) come from it. ``batch_size`` counts the examples of one
+micro-batch over all processes (each process takes ``batch_size / processes`` of them), so the global batch
+``batch_size × grad_accum`` and the data order do not depend on the number of processes: a run gives the
+same losses on 1 or N processes (to round-off), and a checkpoint written by N processes resumes on M.
+Logging, the progress bar and every file are written by the main process only.
 """
 
 from __future__ import annotations
@@ -98,8 +100,8 @@ class TrainConfig:
         lr, schedule, warmup_steps: AdamW learning rate, its decay after a linear warm-up.
         steps / epochs: optimizer steps to run, or full passes over the training data (not both);
             neither means :data:`DEFAULT_STEPS` steps.
-        batch_size, grad_accum: examples per process per micro-batch, micro-batches per optimizer step.
-            Global batch = ``batch_size × grad_accum × processes``.
+        batch_size, grad_accum: examples per micro-batch over all processes (divisible by the number of
+            processes), micro-batches per optimizer step. Global batch = ``batch_size × grad_accum``.
         max_length: token budget per example (prompts are cut from the left, completions kept).
         dtype: ``"float32"`` or ``"bfloat16"`` (mixed precision through accelerate; weights stay fp32).
         seed: seeds the data split, the data order and the adapter initialisation.
@@ -538,10 +540,9 @@ class _Run:
         """Load weights, optimizer, scheduler, RNG and metrics of a checkpoint; returns where it stopped."""
         acc = self.accelerator
         if saved.get("num_processes", 1) != acc.num_processes:
-            raise ValueError(
-                f"--resume {self.config.resume} was written with {saved.get('num_processes')} process(es), this "
-                f"run has {acc.num_processes}; the data sharding would differ. Resume with the same count"
-            )
+            # The data position counts micro-batches, the same on any number of processes; only the RNG
+            # streams of processes the checkpoint did not have start afresh (dropout masks differ from there).
+            self.say(f"resuming a {saved.get('num_processes')}-process checkpoint on {acc.num_processes} process(es)")
         if self.config.method == "full":
             from safetensors.torch import load_file
 
@@ -614,7 +615,10 @@ def train(config: TrainConfig) -> TrainResult:
     _check_model_before_loading(source, config)
 
     _shared_state_reset()
-    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum,
+    # accelerate treats a multi-process launch without CUDA as distributed only when told it runs on the CPU
+    # (then it uses gloo); without this each torchrun process would train alone on the full batch.
+    cpu_processes = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, cpu=cpu_processes,
                               mixed_precision="bf16" if config.dtype == "bfloat16" else "no")
     accelerator.wait_for_everyone()  # every process checked the output folder before the main one fills it
     if accelerator.is_main_process:
@@ -635,7 +639,15 @@ def train(config: TrainConfig) -> TrainResult:
     sampler = EpochSampler(len(train_items), config.seed)
     # Its own generator: starting a loader iteration (also when resuming mid-epoch) then leaves the global
     # RNG, which drives dropout, untouched, so a resumed run draws the same dropout masks.
-    loader = torch.utils.data.DataLoader(train_items, batch_size=config.batch_size, sampler=sampler,
+    if config.batch_size % accelerator.num_processes:
+        raise ValueError(
+            f"--batch-size {config.batch_size} does not split over {accelerator.num_processes} processes; "
+            f"use a multiple of {accelerator.num_processes} (it counts the examples of all processes together)"
+        )
+    # accelerate hands process p the batches p, p + N, ... of this loader: with batch_size / N examples each,
+    # the N processes together see the same consecutive examples a single process would.
+    loader = torch.utils.data.DataLoader(train_items, batch_size=config.batch_size // accelerator.num_processes,
+                                         sampler=sampler,
                                          collate_fn=Collator(tokenizer.pad_token_id),
                                          generator=torch.Generator().manual_seed(config.seed))
     names = {p: n for n, p in _named_trainable(model).items()}
@@ -651,8 +663,9 @@ def train(config: TrainConfig) -> TrainResult:
     run = _Run(config, accelerator, model, accelerator.unwrap_model(model), tokenizer, optimizer, scheduler, names,
                output_dir, total_steps, len(loader), _Metrics(output_dir / "metrics.jsonl"))
     run.say(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f} %)\n"
-            f"steps: {total_steps}, global batch {config.batch_size} x {config.grad_accum} x "
-            f"{accelerator.num_processes} process(es), {len(train_items)} training examples "
+            f"steps: {total_steps}, global batch {config.batch_size} x {config.grad_accum} "
+            f"({config.batch_size // accelerator.num_processes} per process per micro-batch on "
+            f"{accelerator.num_processes} process(es)), {len(train_items)} training examples "
             f"({steps_per_epoch} steps per epoch)")
 
     position, before = _Position(), None
