@@ -822,8 +822,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="torchdora train", argument_default=S,
         description="Fine-tune a causal LM with DoRA, LoRA or full fine-tuning (defaults: DoRA on the embedded "
-                    "SmolLM2-135M-Instruct, Rotten Tomatoes sentiment). Global batch = batch-size x grad-accum x "
-                    "processes (torchrun / accelerate launch).",
+                    "SmolLM2-135M-Instruct, Rotten Tomatoes sentiment). Global batch = batch-size x grad-accum, "
+                    "split over the processes of torchrun / accelerate launch.",
     )
     p.add_argument("--config", help="YAML or JSON file of options; command-line options override it")
     p.add_argument("--method", choices=METHODS, help="dora (default), lora or full")
@@ -839,7 +839,7 @@ def _parser() -> argparse.ArgumentParser:
     steps = p.add_mutually_exclusive_group()
     steps.add_argument("--steps", type=int, help=f"optimizer steps (default {DEFAULT_STEPS})")
     steps.add_argument("--epochs", type=int, help="passes over the training data instead of --steps")
-    p.add_argument("--batch-size", dest="batch_size", type=int, help="examples per process per micro-batch (default 8)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, help="examples per micro-batch, all processes together (default 8)")
     p.add_argument("--grad-accum", dest="grad_accum", type=int, help="micro-batches per optimizer step (default 1)")
     p.add_argument("--max-length", dest="max_length", type=int, help="tokens per example (default 96)")
     p.add_argument("--dtype", choices=DTYPES, help="float32 (default) or bfloat16 mixed precision")
