@@ -446,3 +446,21 @@ def test_triton_kernels_match_torch(dtype, n_rows, n_cols, r):
     assert colsum.dtype == torch.float32
     # fp32 sums of (nearly) exact products over <= 512 rows: relative round-off well below 1e-4
     assert_rel(colsum, (g.double() * (y.double() - bias.double())).sum(0), 1e-4)
+
+
+def test_autocast_bf16_matches_fp32_within_bf16_resolution():
+    # Under autocast the fused path must step aside (its in-place GEMM accumulate cannot mix dtypes); the
+    # result must still be DoRA's. bf16 keeps 8 mantissa bits: rtol/atol 3e-2 on outputs of size ~1.
+    torch.manual_seed(0)
+    layer = LinearAdapter(nn.Linear(32, 24), r=4, alpha=8)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.3)
+        layer.magnitude.mul_(1.2)
+    x = torch.randn(6, 32, requires_grad=True)
+    reference = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert not torch.equal(out.float(), reference)  # the matmuls really ran in bf16
+    torch.testing.assert_close(out.float(), reference.detach(), rtol=3e-2, atol=3e-2)
+    out.float().sum().backward()
+    assert torch.isfinite(layer.lora_B.grad).all() and torch.isfinite(layer.magnitude.grad).all()

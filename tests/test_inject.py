@@ -290,7 +290,7 @@ def test_magnitude_only_must_be_targeted(tiny_llama):
 
 
 def test_modules_to_save_matching_nothing(tiny_llama):
-    with pytest.raises(ValueError, match=r"modules_to_save=\['lm_hed'\].*'lm_head'"):
+    with pytest.raises(ValueError, match=r"modules_to_save entries \['lm_hed'\] match no module.*'lm_head'"):
         inject(tiny_llama, DoraConfig(target_modules=["q_proj"], modules_to_save=["lm_hed"]))
 
 
@@ -324,3 +324,12 @@ def test_ungrouped_conv_is_injected():
 def test_public_api_is_explicit():
     for name in torchdora.__all__:
         assert hasattr(torchdora, name), name
+
+
+def test_each_target_entry_must_match_something(tiny_llama):
+    # One good entry must not hide a typo in another: "v_prj" would otherwise be silently ignored.
+    with pytest.raises(ValueError, match=r"target_modules entries \['v_prj'\] match no module.*'v_proj'"):
+        inject(tiny_llama, DoraConfig(target_modules=["q_proj", "v_prj"]))
+    assert not adapter_layers(tiny_llama)
+    with pytest.raises(ValueError, match=r"magnitude_only_modules entries \['o_projx'\] match none"):
+        inject(tiny_llama, DoraConfig(target_modules=["q_proj", "o_proj"], magnitude_only_modules=["o_proj", "o_projx"]))

@@ -492,3 +492,11 @@ def test_grouped_conv_is_refused():
 def test_wrong_base_type_is_a_type_error(cls, module):
     with pytest.raises(TypeError, match=type(module).__name__):
         cls(module)
+
+
+def test_non_floating_point_linear_weight_is_refused():
+    # A quantized (integer) weight would give a meaningless norm and merge: refuse it with the fix named.
+    linear = nn.Linear(8, 4)
+    linear.weight = nn.Parameter(torch.zeros(4, 8, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(TypeError, match="int8 weight.*exclude_modules"):
+        LinearAdapter(linear)

@@ -183,10 +183,11 @@ def test_full_fine_tuning_snapshots_hold_the_state_dict(tiny, tmp_path):
                            base.state_dict()["model.layers.0.self_attn.q_proj.weight"])
 
 
-def test_bfloat16_mixed_precision_and_grad_accum_run(tiny, tmp_path):
+@pytest.mark.parametrize("method", ["dora", "lora"])
+def test_bfloat16_mixed_precision_and_grad_accum_run(method, tiny, tmp_path):
     model_dir, data = tiny
     out = tmp_path / "bf16"
-    result = train(tiny_config(model_dir, data, out, steps=2, grad_accum=2, dtype="bfloat16", method="lora",
+    result = train(tiny_config(model_dir, data, out, steps=2, grad_accum=2, dtype="bfloat16", method=method,
                                eval_every=0))
     steps = [r for r in read_metrics(out) if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2] and all(math.isfinite(r["loss"]) for r in steps)

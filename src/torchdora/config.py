@@ -71,7 +71,7 @@ class DoraConfig:
         use_rslora: rank-stabilised scaling ``alpha / sqrt(r)``.
         detach_norm: treat ``||W + s·B·A||`` as a constant in back-propagation (paper §4.3, the default);
             ``False`` keeps it in the graph (exact gradient, the ablation).
-        init: ``"kaiming"`` (A Kaiming-uniform, B zero) or ``"gaussian"`` (A ~ N(0, 1/r), B zero).
+        init: ``"kaiming"`` (A Kaiming-uniform, B zero) or ``"gaussian"`` (A normal with std ``1/r``, B zero).
         modules_to_save: modules (exact names or suffixes) kept fully trainable and saved with the adapter,
             e.g. a classifier head.
         dtype: dtype of the adapter parameters (``"float32"`` default; ``None`` follows the base weight).

@@ -50,6 +50,18 @@ def _closest_names(model: nn.Module, patterns: str | tuple[str, ...], limit: int
     return close[:limit] or suffixes[:limit]
 
 
+def _check_each_entry(model: nn.Module, field: str, patterns: str | tuple[str, ...], names: list[str]) -> None:
+    """Every entry of a name list must select something: a typo must not pass because another entry matched."""
+    if isinstance(patterns, str):
+        return
+    unmatched = [p for p in patterns if not any(module_matches(n, (p,)) for n in names)]
+    if unmatched:
+        raise ValueError(
+            f"{field} entries {unmatched} match no module of {type(model).__name__}. "
+            f"Closest module names that exist: {_closest_names(model, tuple(unmatched))}"
+        )
+
+
 def find_targets(model: nn.Module, config: DoraConfig) -> list[str]:
     """Dotted names of the modules ``config`` selects, in model order; errors if it selects nothing."""
     heads = _output_head_names(model)
@@ -70,6 +82,8 @@ def find_targets(model: nn.Module, config: DoraConfig) -> list[str]:
             f"target_modules={config.target_modules!r} matches no module of {type(model).__name__}. "
             f"Closest module names that exist: {_closest_names(model, config.target_modules)}"
         )
+    if config.target_modules != ALL_LINEAR:
+        _check_each_entry(model, "target_modules", config.target_modules, [n for n, _ in model.named_modules() if n])
     return selected
 
 
@@ -114,9 +128,10 @@ def inject(model: nn.Module, config: DoraConfig) -> dict[str, nn.Module]:
             "merge_and_unload(model) first to start from plain modules"
         )
     targets = find_targets(model, config)
-    if config.magnitude_only_modules and not any(config.is_magnitude_only(n) for n in targets):
+    unmatched = [p for p in config.magnitude_only_modules if not any(module_matches(n, (p,)) for n in targets)]
+    if unmatched:
         raise ValueError(
-            f"magnitude_only_modules={list(config.magnitude_only_modules)} matches none of the targeted modules "
+            f"magnitude_only_modules entries {unmatched} match none of the targeted modules "
             f"{targets[:8]}; they must also be listed in target_modules"
         )
     unsupported = [(n, type(model.get_submodule(n)).__name__) for n in targets
@@ -128,11 +143,7 @@ def inject(model: nn.Module, config: DoraConfig) -> dict[str, nn.Module]:
         )
     save_names = [n for n, _ in model.named_modules() if n and config.modules_to_save
                   and module_matches(n, config.modules_to_save)]
-    if config.modules_to_save and not save_names:
-        raise ValueError(
-            f"modules_to_save={list(config.modules_to_save)} matches no module. "
-            f"Closest module names that exist: {_closest_names(model, config.modules_to_save)}"
-        )
+    _check_each_entry(model, "modules_to_save", config.modules_to_save, [n for n, _ in model.named_modules() if n])
 
     # A layer can still refuse its module (e.g. a grouped conv): remember the trainable flags so that a
     # failure part-way leaves the model exactly as it was.

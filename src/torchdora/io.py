@@ -8,7 +8,8 @@ torchdora format (a folder):
 
 PEFT format (REFERENCE §5): ``adapter_config.json`` + ``adapter_model.safetensors`` with keys
 ``base_model.model.<module>.lora_A.weight`` etc. Every file is written to a temporary name and renamed,
-so an interrupted save never leaves a half-written adapter.
+so an interrupted save never leaves a half-written file. The torchdora config also records the weights'
+SHA-256, so weights and config from two different saves are detected on load (PEFT's config has no such field).
 """
 
 from __future__ import annotations
@@ -83,6 +84,8 @@ def atomic_save_safetensors(tensors: Mapping[str, Tensor], path: str | os.PathLi
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=dict(metadata or {}))
+        with open(tmp, "rb") as f:  # on disk before the rename makes it visible
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -217,6 +220,8 @@ def read_adapter(path: str | os.PathLike) -> tuple[DoraConfig, dict[str, Tensor]
                 f"{folder} was written in adapter format version {version!r}, newer than this torchdora "
                 f"supports ({FORMAT_VERSION}); upgrade torchdora to load it"
             )
+        if not isinstance(header.get("config"), dict):
+            raise ValueError(f"{folder / TORCHDORA_CONFIG} has no 'config' object; the adapter folder is corrupt, save it again")
         config = DoraConfig.from_dict(header["config"])
         tensors = _read_safetensors(folder / TORCHDORA_WEIGHTS)
         expected_sha = header.get("weights_sha256")

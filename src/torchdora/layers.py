@@ -167,7 +167,7 @@ class AdapterLayer(nn.Module):
         return None if self.lora_B is None else self.lora_B.reshape(self.lora_B.shape[0], self.r)
 
     def reset_lora_parameters(self, init: str = "kaiming") -> None:
-        """``B = 0`` so the adapter starts as the identity; ``A`` Kaiming-uniform or ``N(0, 1/r)``."""
+        """``B = 0`` so the adapter starts as the identity; ``A`` Kaiming-uniform or normal with std ``1/r`` (as PEFT)."""
         if self.lora_A is None or self.lora_B is None:
             return
         with torch.no_grad():
@@ -180,9 +180,9 @@ class AdapterLayer(nn.Module):
     def base_sq_norm(self) -> Tensor:
         """``||W||²`` per row, cached until the base weight changes (in place or replaced)."""
         weight = self.weight_2d()
-        key = _tensor_key(weight, trained=False)  # the frozen base weight
         if torch.compiler.is_compiling():  # version counters are not traceable; recompute in graph
             return DF.base_row_sq_norm(weight.detach())
+        key = _tensor_key(weight, trained=False)  # the frozen base weight
         if self._sq_norm_cache is None or self._sq_norm_cache[0] != key:
             with torch.no_grad():
                 self._sq_norm_cache = (key, DF.base_row_sq_norm(weight))
@@ -336,6 +336,11 @@ class LinearAdapter(AdapterLayer):
         self.fan_in_fan_out = is_conv1d(base)
         if not (isinstance(base, nn.Linear) or self.fan_in_fan_out):
             raise TypeError(f"LinearAdapter wraps nn.Linear or transformers Conv1D, got {type(base).__name__}")
+        if not base.weight.is_floating_point():  # e.g. a packed 4/8-bit weight: its norm would be meaningless
+            raise TypeError(
+                f"{type(base).__name__} holds a {base.weight.dtype} weight; torchdora adapts floating-point "
+                "weights only. Load the model unquantized or exclude this module via exclude_modules"
+            )
         super().__init__(base, **kwargs)
 
     @property
@@ -372,6 +377,7 @@ class LinearAdapter(AdapterLayer):
         dropout = self._dropout_active() and self.lora_A is not None
         if (
             x.dtype != weight.dtype
+            or torch.is_autocast_enabled(x.device.type)  # autocast would recast the fused matmuls mid-way
             or weight.requires_grad
             or (bias is not None and bias.requires_grad)
             or (dropout and type(self.lora_dropout) is not nn.Dropout)  # a custom dropout module: reference path

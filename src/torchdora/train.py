@@ -18,8 +18,9 @@ evaluates held-out test accuracy before and after, and writes a run folder::
 The loop runs on Hugging Face ``accelerate``: mixed precision (``--dtype bfloat16``) and several processes
 (``torchrun`` / ``accelerate launch``, DDP) come from it. ``batch_size`` counts the examples of one
 micro-batch over all processes (each process takes ``batch_size / processes`` of them), so the global batch
-``batch_size × grad_accum`` and the data order do not depend on the number of processes: a run gives the
-same losses on 1 or N processes (to round-off), and a checkpoint written by N processes resumes on M.
+``batch_size × grad_accum`` and the data order do not depend on the number of processes, and a checkpoint
+written by N processes resumes on M. Each process averages the loss over its own completion tokens, so 1 and N
+processes give the same losses (to round-off) when completions have equal lengths (e.g. one-token labels).
 Logging, the progress bar and every file are written by the main process only.
 """
 
