@@ -218,7 +218,9 @@ def test_weights_from_another_save_are_detected(tmp_path, make_tiny_llama, pertu
     # A save interrupted between its two files leaves new weights beside the old config: the checksum in the
     # config (written last) must catch it rather than load weights the config does not describe.
     _, folder = _saved_adapter(make_tiny_llama, tmp_path / "a", "torchdora", DoraConfig(target_modules=["q_proj"]), perturb)
-    _, other = _saved_adapter(make_tiny_llama, tmp_path / "b", "torchdora", DoraConfig(target_modules=["q_proj"]), perturb)
+    _, other = _saved_adapter(make_tiny_llama, tmp_path / "b", "torchdora", DoraConfig(target_modules=["q_proj"]), perturb,
+                              seed=1)
+    assert (other / TORCHDORA_WEIGHTS).read_bytes() != (folder / TORCHDORA_WEIGHTS).read_bytes()
     (folder / TORCHDORA_WEIGHTS).write_bytes((other / TORCHDORA_WEIGHTS).read_bytes())
     with pytest.raises(ValueError, match="checksum differs.*save the adapter again"):
         read_adapter(folder)
