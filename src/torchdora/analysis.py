@@ -24,7 +24,6 @@ A PEFT adapter folder (``adapter_config.json``) is read as well.
 from __future__ import annotations
 
 import csv
-import difflib
 import io
 import json
 import math
@@ -40,6 +39,7 @@ from torch import Tensor
 
 from torchdora.config import DoraConfig
 from torchdora.functional import lora_scaling, merged_weight
+from torchdora.inject import closest_names
 from torchdora.io import atomic_write_bytes, read_adapter
 
 __all__ = [
@@ -203,17 +203,6 @@ def _rows(weight: Tensor, kind: str) -> Tensor:
     return weight.reshape(weight.shape[0], -1)
 
 
-def _closest(wanted: str, names: Sequence[str], limit: int = 8) -> list[str]:
-    suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
-    probe = re.sub(r"[^A-Za-z0-9_]+", " ", wanted).split() or [wanted]
-    close: list[str] = []
-    for word in probe:
-        for hit in difflib.get_close_matches(word, suffixes, n=limit, cutoff=0.4):
-            if hit not in close:
-                close.append(hit)
-    return close[:limit] or suffixes[:limit]
-
-
 class BaseWeights:
     """The pre-trained weights of the selected modules, read one tensor at a time.
 
@@ -258,7 +247,7 @@ class BaseWeights:
         if not selected:
             raise ValueError(
                 f"--modules {pattern!r} matches no weight of {self.source}. Closest module names that exist: "
-                f"{_closest(pattern, self.modules)} (e.g. {self.modules[:3]}); the pattern must match the whole "
+                f"{closest_names(pattern, self.modules)} (e.g. {self.modules[:3]}); the pattern must match the whole "
                 r"dotted name, e.g. '.*\.(q_proj|v_proj)$'"
             )
         return sorted(selected, key=lambda m: (layer_index(m) is None, layer_index(m) or 0, m))

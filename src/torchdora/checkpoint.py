@@ -34,6 +34,7 @@ from torchdora.io import atomic_save_safetensors, atomic_write_json
 
 __all__ = [
     "CHECKPOINT_DIR",
+    "TMP_CHECKPOINT_DIR",
     "TRAINER_STATE",
     "optimizer_state_to_flat",
     "optimizer_state_from_flat",
@@ -49,7 +50,7 @@ __all__ = [
 
 CHECKPOINT_DIR = "checkpoint"
 TRAINER_STATE = "trainer_state.json"
-_TMP_DIR = ".checkpoint.tmp"
+TMP_CHECKPOINT_DIR = ".checkpoint.tmp"
 _OLD_DIR = ".checkpoint.old"
 
 
@@ -172,7 +173,7 @@ def load_rng_state(folder: Path, rank: int = 0) -> None:
 # ---- the folder swap -----------------------------------------------------------------------------------------
 def begin_checkpoint(output_dir: str | os.PathLike) -> Path:
     """A fresh, empty temporary folder to write the next checkpoint into (main process only)."""
-    tmp = Path(output_dir) / _TMP_DIR
+    tmp = Path(output_dir) / TMP_CHECKPOINT_DIR
     shutil.rmtree(tmp, ignore_errors=True)  # left over from a run killed mid-write
     tmp.mkdir(parents=True)
     return tmp

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["is_distributed", "rank", "world_size", "is_main_process", "shard_model", "full_tensor", "backend_for"]
+__all__ = ["is_distributed", "rank", "world_size", "is_main_process", "shard_model", "full_tensor"]
 
 
 def is_distributed() -> bool:
@@ -32,11 +32,6 @@ def world_size() -> int:
 
 def is_main_process() -> bool:
     return rank() == 0
-
-
-def backend_for(device: torch.device | str) -> str:
-    """``nccl`` for CUDA devices, ``gloo`` for CPU."""
-    return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
 def full_tensor(tensor: Tensor) -> Tensor:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-from typing import Iterator
+import re
+from typing import Iterator, Sequence
 
 from torch import nn
 
@@ -22,6 +23,7 @@ __all__ = [
     "disable_adapters",
     "trainable_parameter_count",
     "find_targets",
+    "closest_names",
 ]
 
 _CONFIG_ATTR = "torchdora_config"
@@ -38,16 +40,24 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
-def _closest_names(model: nn.Module, patterns: str | tuple[str, ...], limit: int = 8) -> list[str]:
-    names = [name for name, _ in model.named_modules() if name]
+def closest_names(patterns: str | Sequence[str], names: Sequence[str], limit: int = 8) -> list[str]:
+    """Module names (last parts or whole dotted names) that look like ``patterns``, for error messages.
+
+    A regex pattern is split into its words first (``".*\\.(q_prj|v_proj)$"`` → ``q_prj``, ``v_proj``).
+    """
     wanted = [patterns] if isinstance(patterns, str) else list(patterns)
+    words = [w for p in wanted for w in (re.sub(r"[^A-Za-z0-9_]+", " ", p).split() or [p])]
     suffixes = sorted({name.rsplit(".", 1)[-1] for name in names})
     close: list[str] = []
-    for pattern in wanted:
-        for candidate in difflib.get_close_matches(pattern, suffixes + names, n=limit, cutoff=0.4):
+    for word in words:
+        for candidate in difflib.get_close_matches(word, suffixes + list(names), n=limit, cutoff=0.4):
             if candidate not in close:
                 close.append(candidate)
     return close[:limit] or suffixes[:limit]
+
+
+def _closest_names(model: nn.Module, patterns: str | tuple[str, ...]) -> list[str]:
+    return closest_names(patterns, [name for name, _ in model.named_modules() if name])
 
 
 def _check_each_entry(model: nn.Module, field: str, patterns: str | tuple[str, ...], names: list[str]) -> None:

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from torchdora.checkpoint import (
+    TMP_CHECKPOINT_DIR,
     begin_checkpoint,
     commit_checkpoint,
     find_checkpoint,
@@ -521,7 +522,7 @@ class _Run:
         }
         tmp = begin_checkpoint(self.output_dir) if self.main_process else None
         acc.wait_for_everyone()
-        tmp = tmp or self.output_dir / ".checkpoint.tmp"
+        tmp = tmp or self.output_dir / TMP_CHECKPOINT_DIR
         save_rng_state(tmp, acc.process_index)
         acc.wait_for_everyone()
         if self.main_process:
