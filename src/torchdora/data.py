@@ -579,7 +579,8 @@ def load_bigbench_task(
     if tasks is None:
         raise ModuleNotFoundError(
             f"BIG-bench task {task!r} needs the package 'bigbench': "
-            "`pip install --no-deps bigbench` (its JSON tasks need nothing else)."
+            "`pip install --no-deps bigbench` (its JSON tasks need nothing else; pip >= 25 refuses the PyPI "
+            "sdist, so download it with pip 24 (`pip download --no-deps bigbench`) and install the tarball)."
         )
     path = tasks / task / "task.json"
     if not path.is_file():
