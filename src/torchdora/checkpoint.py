@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from torchdora.io import atomic_save_safetensors, atomic_write_json
+from torchdora.io import atomic_save_safetensors, atomic_write_json, replace_dir
 
 __all__ = [
     "CHECKPOINT_DIR",
@@ -51,7 +51,7 @@ __all__ = [
 CHECKPOINT_DIR = "checkpoint"
 TRAINER_STATE = "trainer_state.json"
 TMP_CHECKPOINT_DIR = ".checkpoint.tmp"
-_OLD_DIR = ".checkpoint.old"
+_OLD_DIR = ".checkpoint.old"  # the name io.replace_dir gives the previous checkpoint while swapping
 
 
 # ---- optimizer -----------------------------------------------------------------------------------------------
@@ -187,13 +187,7 @@ def commit_checkpoint(output_dir: str | os.PathLike, tmp: Path, trainer_state: M
     """
     output_dir = Path(output_dir)
     atomic_write_json(tmp / TRAINER_STATE, dict(trainer_state))
-    final, old = output_dir / CHECKPOINT_DIR, output_dir / _OLD_DIR
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
+    return replace_dir(tmp, output_dir / CHECKPOINT_DIR)  # the previous one is kept as .checkpoint.old meanwhile
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:

@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Literal, Mapping
@@ -41,6 +42,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_save_safetensors",
+    "replace_dir",
 ]
 
 FORMAT_VERSION = 1
@@ -90,6 +92,22 @@ def atomic_save_safetensors(tensors: Mapping[str, Tensor], path: str | os.PathLi
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def replace_dir(tmp: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Swap the finished folder ``tmp`` in as ``target``.
+
+    The previous ``target`` moves to ``.<name>.old`` first and is deleted last, so at every instant one
+    complete folder exists under one of the two names (a directory cannot be renamed over a non-empty one).
+    """
+    tmp, target = Path(tmp), Path(target)
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+    return target
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -11,7 +11,6 @@ model with the adapter unmerged (to float32 round-off). The folder loads with
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import tempfile
@@ -47,7 +46,7 @@ def merge_to_folder(config: MergeConfig) -> Path:
     """
     from torchdora.assets import load_model_and_tokenizer, resolve_model
     from torchdora.inject import merge_and_unload
-    from torchdora.io import load_adapter, read_adapter
+    from torchdora.io import load_adapter, read_adapter, replace_dir
 
     output = Path(config.output)
     if output.exists() and not config.overwrite:
@@ -62,9 +61,7 @@ def merge_to_folder(config: MergeConfig) -> Path:
     try:
         model.save_pretrained(tmp)  # safetensors by default
         tokenizer.save_pretrained(tmp)
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(tmp, output)
+        replace_dir(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return output

@@ -56,7 +56,7 @@ from torchdora.checkpoint import (
 )
 from torchdora.config import ALL_LINEAR, DoraConfig
 from torchdora.evaluate import EvalResult, evaluate_examples, selected_logits
-from torchdora.io import atomic_save_safetensors, atomic_write_bytes, atomic_write_json
+from torchdora.io import atomic_save_safetensors, atomic_write_bytes, atomic_write_json, replace_dir
 
 __all__ = [
     "TrainConfig",
@@ -457,9 +457,7 @@ def _save_snapshot(model: nn.Module, config: TrainConfig, output_dir: Path, step
         _save_model_tensors(model, tmp / "model.safetensors")
     else:
         save_adapter(model, tmp, base_model_name_or_path=config.resolved().model)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    return final
+    return replace_dir(tmp, final)
 
 
 # ---- the run ---------------------------------------------------------------------------------------------------
@@ -782,8 +780,7 @@ def _write_outputs(model: nn.Module, tokenizer: Any, config: TrainConfig, result
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        shutil.rmtree(output_dir / "model", ignore_errors=True)
-        os.replace(tmp, output_dir / "model")
+        replace_dir(tmp, output_dir / "model")
     else:
         save_adapter(model, output_dir / "adapter", base_model_name_or_path=config.model)
         if config.magnitude_only:
