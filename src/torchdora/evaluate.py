@@ -91,7 +91,7 @@ def selected_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
     if _accepts_logits_to_keep(model):
         try:
             logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
-        except (IndexError, RuntimeError, TypeError):  # an older model that takes only an int
+        except (IndexError, TypeError):  # an older model that takes only an int (a RuntimeError, e.g. OOM, is real)
             logits = None
         if logits is not None and logits.dim() == 2 and logits.shape[0] == int(keep.sum()):
             return logits
