@@ -184,12 +184,13 @@ def _convert_once(gguf: Path, target: Path, label: str) -> Path:
     return target
 
 
-def _looks_like_path(name: str) -> bool:
+def looks_like_path(name: str, suffixes: tuple[str, ...] = (".gguf",)) -> bool:
+    """Whether ``name`` is meant as a local path rather than a Hugging Face hub id (those have at most one slash)."""
     return (
         name.startswith((".", "/", "~"))
-        or name.endswith(".gguf")
+        or name.lower().endswith(suffixes)
         or "\\" in name  # a Windows-style path
-        or name.count("/") > 1  # hub ids have at most one slash
+        or name.count("/") > 1
     )
 
 
@@ -255,7 +256,7 @@ def resolve_model(name_or_path: str | os.PathLike[str] | None) -> Path | str:
                 f"a .gguf file, or {DEFAULT_MODEL!r}."
             )
         return _convert_once(path, cache_dir() / "models" / path.stem, str(path))
-    if _looks_like_path(name):
+    if looks_like_path(name):
         raise FileNotFoundError(
             f"Model path {name!r} does not exist. Pass an existing model folder or .gguf "
             f"file, or {DEFAULT_MODEL!r} for the embedded SmolLM2-135M-Instruct."

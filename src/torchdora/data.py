@@ -40,6 +40,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from torchdora.assets import looks_like_path
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -625,11 +627,6 @@ def _load_hf(name: str, seed: int, max_train: int | None, max_eval: int | None) 
     return _finish(parts["train"], parts["validation"], parts["test"], where, max_train, max_eval)
 
 
-def _looks_like_path(name: str) -> bool:
-    # Hugging Face dataset names have at most one slash ("org/name").
-    return name.startswith((".", "/", "~")) or name.lower().endswith(_SUFFIXES) or name.count("/") > 1 or "\\" in name
-
-
 def load_dataset(
     name_or_path: str | os.PathLike[str] | None = None,
     seed: int = 0,
@@ -664,7 +661,7 @@ def load_dataset(
     path = Path(name).expanduser()
     if path.exists():
         return _load_path(path, seed, max_train, max_eval)
-    if _looks_like_path(name):
+    if looks_like_path(name, _SUFFIXES):
         raise FileNotFoundError(f"Dataset path {name!r} does not exist")
     tasks = _bigbench_dir()
     if tasks is not None and (tasks / name / "task.json").is_file():
