@@ -56,6 +56,7 @@ def test_json_round_trip(config):
     (dict(exclude_modules="[a"), r"exclude_modules='\[a' is not a valid regular expression"),
     (dict(target_modules=[]), "target_modules is empty"),
     (dict(magnitude_only_modules=["o_proj"], use_dora=False), "needs use_dora=True"),
+    (dict(recompute_modules=["q_proj"], use_dora=False), r"recompute_modules=\['q_proj'\] needs use_dora=True"),
     (dict(rank_pattern={"q_proj": 0}), r"rank_pattern\['q_proj'\] must be a positive number, got 0"),
     (dict(rank_pattern={"q_proj": 2.5}), r"rank_pattern\['q_proj'\]"),
     (dict(alpha_pattern={"v_proj": -1}), r"alpha_pattern\['v_proj'\] must be a positive number, got -1"),

@@ -162,8 +162,9 @@ SHAPES = [(32, 48, 4, 16), (48, 32, 8, 7), (64, 64, 16, 33), (5, 70, 1, 3)]
 @pytest.mark.parametrize("in_f, out_f, r, tokens", SHAPES)
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("detach", [True, False])
-def test_fast_matches_reference_path_fp32(in_f, out_f, r, tokens, dropout, detach):
-    layer = make_layer(in_f, out_f, r, dropout=dropout, detach_norm=detach).train()
+@pytest.mark.parametrize("recompute", [False, True])
+def test_fast_matches_reference_path_fp32(in_f, out_f, r, tokens, dropout, detach, recompute):
+    layer = make_layer(in_f, out_f, r, dropout=dropout, detach_norm=detach, recompute_output=recompute).train()
     ref = reference_layer(layer)
     x = torch.randn(3, tokens, in_f)
     g = torch.randn(3, tokens, out_f)
@@ -181,9 +182,11 @@ def test_fast_matches_reference_path_fp32(in_f, out_f, r, tokens, dropout, detac
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("detach", [True, False])
-def test_fast_matches_float64_reference_bf16(in_f, out_f, r, tokens, dropout, bias, detach):
+@pytest.mark.parametrize("recompute", [False, True])
+def test_fast_matches_float64_reference_bf16(in_f, out_f, r, tokens, dropout, bias, detach, recompute):
     """bf16 base and bf16 adapter: the fast path is as close to float64 as the bf16 reference path is."""
-    layer = make_layer(in_f, out_f, r, bias=bias, dtype=torch.bfloat16, dropout=dropout, detach_norm=detach).train()
+    layer = make_layer(in_f, out_f, r, bias=bias, dtype=torch.bfloat16, dropout=dropout, detach_norm=detach,
+                       recompute_output=recompute).train()
     exact = make_layer(in_f, out_f, r, bias=bias, dtype=torch.float64, dropout=dropout, detach_norm=detach).train()
     exact.load_state_dict({k: v.double() for k, v in layer.state_dict().items()})
     exact.use_fast_path, exact.norm_method = False, "dense"
@@ -319,6 +322,29 @@ def test_saves_no_more_than_lora(keep_output):
     # guard: the plain composition saves z besides what the next op keeps, so it saves more whenever y is kept
     plain = _saved_bytes(reference_layer(dora), x, keep_output)
     assert plain > dora_bytes if keep_output else plain >= dora_bytes
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("bias", [True, False])
+def test_recompute_saves_what_lora_saves(dropout, bias):
+    """``recompute_output``: nothing of size (tokens, out) is kept, even when the next op drops the output; with
+    dropout only the boolean mask comes on top of LoRA's tensors. The gradients stay those of the saving path."""
+    tokens, in_f, out_f = 64, 32, 48
+    x = torch.randn(tokens, in_f, requires_grad=True)
+    dora = make_layer(in_f, out_f, 4, bias=bias, dropout=dropout, recompute_output=True).train()
+    lora = LinearAdapter(copy.deepcopy(dora.base), r=4, use_dora=False, dropout=dropout).train()
+    mask = tokens * in_f if dropout else 0  # torch.bool: one byte per input element
+    for keep_output in (False, True):
+        assert _saved_bytes(dora, x, keep_output) <= _saved_bytes(lora, x, keep_output) + mask + 4 * out_f * 4
+    saving = copy.deepcopy(dora)
+    saving.recompute_output = False
+    assert _saved_bytes(saving, x, False) >= _saved_bytes(dora, x, False) + tokens * out_f * 4
+    g = torch.randn(tokens, out_f)
+    y, grads = run(dora, x.detach(), g, seed=3)
+    y_saving, grads_saving = run(saving, x.detach(), g, seed=3)
+    assert_close(y, y_saving, rtol=0, atol=0)  # the forward is the same computation
+    for name in grads_saving:  # backward differs only in where z comes from (recomputed vs (y − b) / f)
+        assert_close(grads[name], grads_saving[name], **FP32, msg=name)
 
 
 def test_dropout_saves_no_more_than_lora():

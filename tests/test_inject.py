@@ -149,6 +149,38 @@ def test_magnitude_only_modules(tiny_llama, input_ids, perturb):
     assert not torch.allclose(_logits(tiny_llama, input_ids), base, **LOGITS)
 
 
+def test_recompute_modules_train_like_the_default(make_tiny_llama, input_ids, perturb):
+    """The selected layers recompute x Wᵀ in backward; logits and every adapter gradient equal the default's."""
+    targets = ["q_proj", "k_proj", "v_proj", "down_proj"]
+    models = {}
+    for recompute in ((), ("q_proj", "down_proj")):
+        model = make_tiny_llama()
+        inject(model, DoraConfig(target_modules=targets, recompute_modules=recompute))
+        perturb(model, seed=1)
+        for name, layer in adapter_layers(model).items():
+            assert layer.recompute_output == (bool(recompute) and name.endswith(("q_proj", "down_proj")))
+        model(input_ids=input_ids, labels=input_ids).loss.backward()
+        models[recompute] = model
+    default, lean = models.values()
+    grads = {n: p.grad for n, p in default.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None for g in grads.values())
+    for name, p in lean.named_parameters():
+        if p.requires_grad:
+            assert_close(p.grad, grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(target_modules=["q_proj"], recompute_modules=["v_proj"]),
+     r"recompute_modules entries \['v_proj'\] match none of the targeted modules"),
+    (dict(target_modules=["q_proj", "embed_tokens"], recompute_modules=["embed_tokens"]),
+     "not Linear/Conv1D layers"),
+])
+def test_recompute_modules_errors(tiny_llama, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        inject(tiny_llama, DoraConfig(**kwargs))
+    assert not adapter_layers(tiny_llama)
+
+
 def test_embedding_and_head_can_be_targeted(tiny_llama, input_ids, perturb):
     inject(tiny_llama, DoraConfig(target_modules=["embed_tokens", "lm_head"]))
     layers = adapter_layers(tiny_llama)

@@ -113,8 +113,15 @@ def test_config_validation_names_the_bad_value():
         TrainConfig(rank=0)
     with pytest.raises(ValueError, match="needs --method dora"):
         TrainConfig(method="lora", magnitude_only="o_proj")
+    with pytest.raises(ValueError, match="recompute='q_proj' needs --method dora"):
+        TrainConfig(method="lora", recompute="q_proj")
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['rnak'\]"):
         TrainConfig.from_mapping({"rnak": 4})
+
+
+def test_recompute_reaches_the_adapter_config():
+    config = TrainConfig(targets="q_proj,v_proj", recompute=["q_proj"]).dora_config()
+    assert config.recompute_modules == ("q_proj",)
 
 
 def test_magnitude_only_modules_are_targeted_too():

@@ -67,6 +67,11 @@ class DoraConfig:
         rank_pattern / alpha_pattern: ``{regex: value}`` per-module overrides of ``r`` / ``alpha``.
         magnitude_only_modules: modules (same forms as a list target) that train only the magnitude ``m``
             (paper §5.6); they must also be targeted.
+        recompute_modules: DoRA Linear/Conv1D modules (same forms as ``magnitude_only_modules``) that keep only
+            what LoRA keeps for backward (the input and ``x Aᵀ``) and multiply ``x Wᵀ`` again there for the
+            magnitude's gradient, instead of keeping their ``(tokens, out)`` output. Less activation memory where
+            nothing downstream keeps the output anyway (e.g. ``q_proj``/``k_proj`` before a rotary embedding,
+            ``down_proj``/``o_proj`` before a residual add), for one more ``(tokens, in) × (in, out)`` product.
         use_dora: ``False`` gives plain LoRA with the same code, for like-for-like comparisons.
         use_rslora: rank-stabilised scaling ``alpha / sqrt(r)``.
         detach_norm: treat ``||W + s·B·A||`` as a constant in back-propagation (paper §4.3, the default);
@@ -85,6 +90,7 @@ class DoraConfig:
     rank_pattern: Mapping[str, int] = field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = field(default_factory=dict)
     magnitude_only_modules: tuple[str, ...] = ()
+    recompute_modules: tuple[str, ...] = ()
     use_dora: bool = True
     use_rslora: bool = False
     detach_norm: bool = True
@@ -115,12 +121,13 @@ class DoraConfig:
         if self.target_modules == ():
             raise ValueError("target_modules is empty: name at least one module, e.g. target_modules=['q_proj', 'v_proj']")
         set_("magnitude_only_modules", _as_tuple(self.magnitude_only_modules, "magnitude_only_modules"))
+        set_("recompute_modules", _as_tuple(self.recompute_modules, "recompute_modules"))
         set_("modules_to_save", _as_tuple(self.modules_to_save, "modules_to_save"))
-        if self.magnitude_only_modules and not self.use_dora:
-            raise ValueError(
-                f"magnitude_only_modules={list(self.magnitude_only_modules)} needs use_dora=True: "
-                "plain LoRA has no magnitude to train"
-            )
+        for name in ("magnitude_only_modules", "recompute_modules"):
+            if getattr(self, name) and not self.use_dora:
+                raise ValueError(
+                    f"{name}={list(getattr(self, name))} needs use_dora=True: plain LoRA has no magnitude"
+                )
         for name, kind in (("rank_pattern", int), ("alpha_pattern", (int, float))):
             mapping = dict(getattr(self, name))
             for key, value in mapping.items():
@@ -148,6 +155,9 @@ class DoraConfig:
 
     def is_magnitude_only(self, name: str) -> bool:
         return bool(self.magnitude_only_modules) and module_matches(name, self.magnitude_only_modules)
+
+    def recomputes(self, name: str) -> bool:
+        return bool(self.recompute_modules) and module_matches(name, self.recompute_modules)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict; :meth:`from_dict` inverts it."""

@@ -83,6 +83,11 @@ def _safe_inverse(factor: Tensor) -> Tensor:
     return factor.to(_acc_dtype(factor.dtype)).reciprocal().nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
 
+def _keep(mask: Tensor, dtype: torch.dtype, p: float) -> Tensor:
+    """The dropout multiplier ``mask / (1 − p)`` as ``dtype``: ``x~ = x ⊙ keep``."""
+    return mask.to(dtype).mul_(1.0 / (1.0 - p))
+
+
 def dora_linear_forward(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor | None, lora_B: Tensor | None,
     factor: Tensor, scaling: float, dropout_p: float = 0.0,
@@ -118,7 +123,7 @@ class DoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor | None,
                 lora_B: Tensor | None, factor: Tensor, scaling: float, dropout_p: float,
-                save_output: bool) -> Tensor:
+                save_output: bool, recompute: bool = False) -> Tensor:
         cdt = x.dtype
         out_features, in_features = weight.shape
         x2 = x.reshape(-1, in_features)  # (N, in), a view of x when x is contiguous
@@ -138,10 +143,15 @@ class DoraLinearFunction(torch.autograd.Function):
             y.addcmul_(d, f)
             out = y.view(*x.shape[:-1], out_features)
             ctx.mode = "dropout"
-            ctx.save_for_backward(x, weight, a, b, f, h, d, mask)
+            ctx.save_for_backward(x, weight, a, b, f, h, None if recompute else d, mask)
             return out
         h = None if a is None else torch.mm(x2, a.T)  # (N, r)
         z = torch.mm(x2, weight.T)  # (N, out)
+        if recompute:  # keep what LoRA keeps; backward multiplies x Wᵀ again
+            out = _combine_(z, h, b, f, bias, scaling).view(*x.shape[:-1], out_features)
+            ctx.mode = "recompute"
+            ctx.save_for_backward(x, weight, a, b, f, h, None, None)
+            return out
         if save_output:
             out = _combine_(z, h, b, f, bias, scaling).view(*x.shape[:-1], out_features)
             ctx.mode = "output"
@@ -163,6 +173,11 @@ class DoraLinearFunction(torch.autograd.Function):
         need_x, _, _, need_a, need_b, need_f = ctx.needs_input_grad[:6]
         g = grad_out.reshape(-1, out_features)
         x2 = x.reshape(-1, in_features)
+        if saved is None and ctx.mode != "output":  # recomputed: z (no dropout) or d (dropout)
+            rows = x2 if ctx.mode == "recompute" else x2 * _keep(extra, x2.dtype, ctx.dropout_p)
+            saved = torch.mm(rows, weight.T)
+            if h is not None:
+                saved.addmm_(h, b.T, alpha=s)
         if ctx.mode == "output":  # saved = y, extra = bias: Σ g ⊙ z = Σ g ⊙ (y − b) / f
             dz, colsum = _scale_and_colsum(g, saved.reshape(-1, out_features), f, extra)
             grad_f = colsum * _safe_inverse(f)
@@ -175,7 +190,7 @@ class DoraLinearFunction(torch.autograd.Function):
             dh = torch.mm(dz, b).mul_(s)  # (N, r)
         if ctx.mode == "dropout":
             mask, d = extra, saved
-            keep = mask.to(x.dtype).mul_(1.0 / (1.0 - ctx.dropout_p))  # (N, in): x~ = x ⊙ keep
+            keep = _keep(mask, x.dtype, ctx.dropout_p)  # (N, in): x~ = x ⊙ keep
             if need_a:
                 grad_a = torch.mm(dh.T, x2 * keep)
             grad_x = None
@@ -199,12 +214,13 @@ class DoraLinearFunction(torch.autograd.Function):
         if grad_b is not None:
             grad_b = grad_b.to(a_dtype)
         grad_factor = grad_f.to(f_dtype) if need_f else None
-        return grad_x, None, None, grad_a, grad_b, grad_factor, None, None, None
+        return grad_x, None, None, grad_a, grad_b, grad_factor, None, None, None, None
 
 
 def dora_linear(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor | None, lora_B: Tensor | None,
     factor: Tensor, scaling: float, dropout_p: float = 0.0, save_output: bool | None = None,
+    recompute: bool = False,
 ) -> Tensor:
     """DoRA linear forward ``f ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + b`` (dropout form when ``dropout_p > 0``), fused.
 
@@ -216,6 +232,11 @@ def dora_linear(
     or the pre-scale product ``z``. Recovering ``z`` from ``y`` divides by ``f``, so it needs every factor
     non-zero, and in bf16/fp16 with a bias the subtraction ``y − b`` would cancel bits; ``None`` decides from
     these (reading ``factor`` on the host, a device sync on CUDA: pass it when known).
+
+    ``recompute=True`` keeps neither: backward multiplies ``x Wᵀ`` (``x~ Wᵀ`` with dropout) again, so the layer
+    keeps exactly what LoRA keeps (``x`` and ``x Aᵀ``) at the cost of one more ``(N, in) × (in, out)`` product.
+    Worth it where nothing downstream keeps the output anyway (a projection followed by a rotary embedding or a
+    residual add) and activation memory is the limit.
     """
     if dropout_p > 0 and lora_A is None:
         dropout_p = 0.0  # a magnitude-only layer has no LoRA input to drop (the reference form does the same)
@@ -226,4 +247,5 @@ def dora_linear(
         return dora_linear_forward(x, weight, bias, lora_A, lora_B, factor, scaling, dropout_p)
     if save_output is None:
         save_output = (bias is None or x.dtype in _FULL_PRECISION) and bool((factor != 0).all())
-    return DoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, factor, scaling, dropout_p, save_output)
+    return DoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, factor, scaling, dropout_p, save_output,
+                                    recompute)

@@ -10,7 +10,7 @@ from typing import Iterator, Sequence
 from torch import nn
 
 from torchdora.config import ALL_LINEAR, DoraConfig, module_matches
-from torchdora.layers import AdapterLayer, adapter_class_for, is_conv1d
+from torchdora.layers import AdapterLayer, LinearAdapter, adapter_class_for, is_conv1d
 
 __all__ = [
     "inject",
@@ -138,11 +138,19 @@ def inject(model: nn.Module, config: DoraConfig) -> dict[str, nn.Module]:
             "merge_and_unload(model) first to start from plain modules"
         )
     targets = find_targets(model, config)
-    unmatched = [p for p in config.magnitude_only_modules if not any(module_matches(n, (p,)) for n in targets)]
-    if unmatched:
+    for field in ("magnitude_only_modules", "recompute_modules"):
+        unmatched = [p for p in getattr(config, field) if not any(module_matches(n, (p,)) for n in targets)]
+        if unmatched:
+            raise ValueError(
+                f"{field} entries {unmatched} match none of the targeted modules "
+                f"{targets[:8]}; they must also be listed in target_modules"
+            )
+    not_linear = [n for n in targets if config.recomputes(n) and adapter_class_for(model.get_submodule(n))
+                  not in (LinearAdapter, None)]
+    if not_linear:
         raise ValueError(
-            f"magnitude_only_modules entries {unmatched} match none of the targeted modules "
-            f"{targets[:8]}; they must also be listed in target_modules"
+            f"recompute_modules selects {not_linear[:8]}, which are not Linear/Conv1D layers; only those have "
+            "the fused DoRA backward that can recompute its product. Narrow recompute_modules"
         )
     unsupported = [(n, type(model.get_submodule(n)).__name__) for n in targets
                    if adapter_class_for(model.get_submodule(n)) is None]
@@ -175,6 +183,7 @@ def inject(model: nn.Module, config: DoraConfig) -> dict[str, nn.Module]:
                 use_rslora=config.use_rslora,
                 detach_norm=config.detach_norm,
                 magnitude_only=config.is_magnitude_only(name),
+                recompute_output=config.recomputes(name),
                 init=config.init,
                 dtype=config.torch_dtype,
             )

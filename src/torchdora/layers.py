@@ -91,6 +91,7 @@ class AdapterLayer(nn.Module):
         magnitude_only: bool = False,
         init: str = "kaiming",
         dtype: torch.dtype | None = torch.float32,
+        recompute_output: bool = False,
     ) -> None:
         super().__init__()
         _count_optimizer_steps()
@@ -108,6 +109,9 @@ class AdapterLayer(nn.Module):
         self.use_dora = use_dora
         self.detach_norm = detach_norm
         self.magnitude_only = magnitude_only
+        #: fused path: keep what LoRA keeps and recompute ``x Wᵀ`` in backward for the magnitude's gradient,
+        #: rather than keep the ``(N, out)`` output (see :func:`torchdora.fast.dora_linear`)
+        self.recompute_output = recompute_output
         self.dropout_p = float(dropout)
         self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         weight = self.base.weight
@@ -388,7 +392,7 @@ class LinearAdapter(AdapterLayer):
         save_output = (bias is None or x.dtype in (torch.float32, torch.float64)) and not self._magnitude_has_zero()
         return dora_linear(
             x, weight, bias, self.lora_A, self.lora_B, self.dora_factor(), self.scaling,
-            self.dropout_p if dropout else 0.0, save_output=save_output,
+            self.dropout_p if dropout else 0.0, save_output=save_output, recompute=self.recompute_output,
         )
 
 

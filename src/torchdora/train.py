@@ -117,6 +117,8 @@ class TrainConfig:
         magnitude_only: comma-separated modules that train only the magnitude (paper §5.6); they are added
             to ``targets``. DoRA only.
         detach_norm: treat ``||W + s·B·A||`` as a constant in back-propagation (paper §4.3).
+        recompute: comma-separated DoRA modules that recompute ``x Wᵀ`` in backward rather than keep their
+            output (:attr:`torchdora.DoraConfig.recompute_modules`): less memory, a little more time.
         max_grad_norm: gradient clipping (0: off). weight_decay: AdamW weight decay.
         eval_batch_size: sequences per forward pass when scoring.
         val_examples: validation examples scored at each periodic evaluation (a prefix of the split, at most
@@ -149,6 +151,7 @@ class TrainConfig:
     max_eval: int | None = 200
     magnitude_only: str = ""
     detach_norm: bool = True
+    recompute: str = ""
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
     eval_batch_size: int = 16
@@ -156,7 +159,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
-        for name in ("targets", "magnitude_only"):  # YAML/JSON lists are welcome too
+        for name in ("targets", "magnitude_only", "recompute"):  # YAML/JSON lists are welcome too
             value = getattr(self, name)
             if isinstance(value, (list, tuple)):
                 set_(name, ",".join(str(v).strip() for v in value))
@@ -191,8 +194,9 @@ class TrainConfig:
             raise TypeError(f"detach_norm must be true or false, got detach_norm={self.detach_norm!r}")
         if not self.target_list and self.method != "full":
             raise ValueError("targets is empty: name modules, e.g. --targets q_proj,v_proj, or 'all-linear'")
-        if self.magnitude_only and self.method != "dora":
-            raise ValueError(f"magnitude_only={self.magnitude_only!r} needs --method dora: {self.method} has no magnitude")
+        for name in ("magnitude_only", "recompute"):
+            if getattr(self, name) and self.method != "dora":
+                raise ValueError(f"{name}={getattr(self, name)!r} needs --method dora: {self.method} has no magnitude")
         set_("model", None if self.model in (None, "") else str(self.model))
         set_("data", None if self.data in (None, "") else str(self.data))
 
@@ -203,6 +207,10 @@ class TrainConfig:
     @property
     def magnitude_only_list(self) -> list[str]:
         return [t.strip() for t in self.magnitude_only.split(",") if t.strip()]
+
+    @property
+    def recompute_list(self) -> list[str]:
+        return [t.strip() for t in self.recompute.split(",") if t.strip()]
 
     def dora_config(self) -> DoraConfig:
         """The adapter configuration of a ``dora``/``lora`` run; magnitude-only modules are targeted too."""
@@ -216,7 +224,7 @@ class TrainConfig:
         return DoraConfig(
             r=self.rank, alpha=self.alpha, dropout=self.dropout, target_modules=targets,
             magnitude_only_modules=tuple(self.magnitude_only_list), use_dora=self.method == "dora",
-            detach_norm=self.detach_norm,
+            detach_norm=self.detach_norm, recompute_modules=tuple(self.recompute_list),
         )
 
     def resolved(self) -> "TrainConfig":
@@ -856,6 +864,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="comma-separated modules that train only the magnitude (paper section 5.6)")
     p.add_argument("--no-detach-norm", dest="detach_norm", action="store_const", const=False,
                    help="keep ||W + sBA|| in the backward pass (exact gradient; paper section 4.3 ablation)")
+    p.add_argument("--recompute", help="comma-separated DoRA modules that recompute x·Wᵀ in backward instead of "
+                   "keeping their output: less memory, one more matrix product each (e.g. q_proj,k_proj,v_proj,down_proj)")
     p.add_argument("--max-grad-norm", dest="max_grad_norm", type=float, help="gradient clipping, 0: off (default 1)")
     p.add_argument("--weight-decay", dest="weight_decay", type=float, help="AdamW weight decay (default 0)")
     p.add_argument("--eval-batch-size", dest="eval_batch_size", type=int, help="sequences per scoring pass (default 16)")
