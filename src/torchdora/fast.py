@@ -11,13 +11,15 @@ each way. :class:`DoraLinearFunction` instead
 - adds the LoRA product into the base product inside the matrix multiply (``addmm``) and applies ``f`` and the
   bias in one more pass, in place;
 - saves ``x``, ``h = x Aᵀ`` (what LoRA saves) and the layer's *output* ``y``: without dropout
-  ``∂L/∂f = Σ_tokens ∂L/∂y ⊙ (y − b) / f``, and ``y`` is usually kept by the next op anyway, so it costs no
-  extra memory there (a bf16/fp16 layer with a bias, or a zero factor, saves ``z`` instead: see
-  :func:`dora_linear`);
+  ``∂L/∂f = Σ_tokens ∂L/∂y ⊙ (y − b) / f``, and where the next op keeps ``y`` anyway (one that multiplies by
+  it, as a gated MLP does with its up projection) it costs no extra memory (a bf16/fp16 layer with a bias, or a
+  zero factor, saves ``z`` instead: see :func:`dora_linear`);
 - with dropout ``x~ = dropout(x)`` it evaluates
   ``y = x Wᵀ + b + (f − 1) ⊙ (x~ Wᵀ) + f ⊙ s·(x~ Aᵀ) Bᵀ = (x − x~) Wᵀ + f ⊙ d + b`` with
   ``d = x~ Wᵀ + s·(x~ Aᵀ) Bᵀ``, and saves ``x`` (shared by every layer that reads it) and the boolean mask rather
-  than a per-layer copy of ``x~``.
+  than a per-layer copy of ``x~``;
+- with ``recompute=True`` keeps only what LoRA keeps and multiplies ``x Wᵀ`` (``x~ Wᵀ``) again in backward: for
+  layers whose output nothing downstream keeps, where memory matters more than one more product.
 
 The factor ``f`` is an input, so the same function serves the detached norm (``f`` built from a detached norm)
 and the exact gradient (``f`` built from a norm that is in the graph): autograd takes ``∂L/∂f`` on from here.
@@ -173,9 +175,9 @@ class DoraLinearFunction(torch.autograd.Function):
         need_x, _, _, need_a, need_b, need_f = ctx.needs_input_grad[:6]
         g = grad_out.reshape(-1, out_features)
         x2 = x.reshape(-1, in_features)
+        keep = _keep(extra, x.dtype, ctx.dropout_p) if ctx.mode == "dropout" else None  # (N, in): x~ = x ⊙ keep
         if saved is None and ctx.mode != "output":  # recomputed: z (no dropout) or d (dropout)
-            rows = x2 if ctx.mode == "recompute" else x2 * _keep(extra, x2.dtype, ctx.dropout_p)
-            saved = torch.mm(rows, weight.T)
+            saved = torch.mm(x2 if keep is None else x2 * keep, weight.T)
             if h is not None:
                 saved.addmm_(h, b.T, alpha=s)
         if ctx.mode == "output":  # saved = y, extra = bias: Σ g ⊙ z = Σ g ⊙ (y − b) / f
@@ -189,8 +191,6 @@ class DoraLinearFunction(torch.autograd.Function):
                 grad_b = torch.mm(dz.T, h).mul_(s)  # (out, r)
             dh = torch.mm(dz, b).mul_(s)  # (N, r)
         if ctx.mode == "dropout":
-            mask, d = extra, saved
-            keep = _keep(mask, x.dtype, ctx.dropout_p)  # (N, in): x~ = x ⊙ keep
             if need_a:
                 grad_a = torch.mm(dh.T, x2 * keep)
             grad_x = None
