@@ -173,7 +173,7 @@ def layer_models(in_f: int, out_f: int, r: int, device, dtype) -> dict[str, nn.M
                     p.copy_(dora.proj.lora_B)
                 elif "lora_magnitude_vector" in name:
                     p.copy_(dora.proj.magnitude)
-    return {"dora": dora, "dora-recompute": lean, "lora": lora, "peft-dora": peft}
+    return {"dora": dora, "lora": lora, "peft-dora": peft}
 
 
 def bench_layer(in_f: int, out_f: int, r: int, tokens: int, repeats: int, device, dtype,
