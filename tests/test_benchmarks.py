@@ -1,0 +1,32 @@
+"""The benchmark script runs end to end (tiny sizes) and writes every table and verdict; it measures nothing here."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location("torchdora_benchmark_run", REPO / "benchmarks" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_benchmark_writes_layer_model_and_target_rows(tmp_path):
+    bench = _load_benchmark()
+    out = tmp_path / "bench.md"
+    assert bench.main(["--quick", "--layers", "1", "--batch", "1", "--seq", "8", "--budget", "0",
+                       "--output", str(out)]) == 0
+    text = out.read_text()
+    layer_rows = [line for line in text.splitlines() if line.startswith("| 576×")]
+    assert len(layer_rows) == 8  # two shapes × ranks 8, 64 × 512, 2048 tokens
+    assert "| training step, 1 layers, 1×8 tokens, r=32 |" in text
+    assert f"DoRA with recompute_modules={','.join(bench.RECOMPUTE)} |" in text
+    assert "| unmerged eval forward, 1 layers" in text
+    verdicts = [line for line in text.splitlines() if line.startswith("- ") and "→ **" in line]
+    assert len(verdicts) == 4  # whole model ×2, per layer, eval (no 4096-wide rows in --quick)
