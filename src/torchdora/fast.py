@@ -176,7 +176,7 @@ class DoraLinearFunction(torch.autograd.Function):
         g = grad_out.reshape(-1, out_features)
         x2 = x.reshape(-1, in_features)
         keep = _keep(extra, x.dtype, ctx.dropout_p) if ctx.mode == "dropout" else None  # (N, in): x~ = x ⊙ keep
-        if saved is None and ctx.mode != "output":  # recomputed: z (no dropout) or d (dropout)
+        if saved is None:  # recompute: z (no dropout) or d (dropout)
             saved = torch.mm(x2 if keep is None else x2 * keep, weight.T)
             if h is not None:
                 saved.addmm_(h, b.T, alpha=s)

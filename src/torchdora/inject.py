@@ -60,11 +60,16 @@ def _closest_names(model: nn.Module, patterns: str | tuple[str, ...]) -> list[st
     return closest_names(patterns, [name for name, _ in model.named_modules() if name])
 
 
+def _unmatched(patterns: tuple[str, ...], names: Sequence[str]) -> list[str]:
+    """The entries of a name list that select none of ``names``."""
+    return [p for p in patterns if not any(module_matches(n, (p,)) for n in names)]
+
+
 def _check_each_entry(model: nn.Module, field: str, patterns: str | tuple[str, ...], names: list[str]) -> None:
     """Every entry of a name list must select something: a typo must not pass because another entry matched."""
     if isinstance(patterns, str):
         return
-    unmatched = [p for p in patterns if not any(module_matches(n, (p,)) for n in names)]
+    unmatched = _unmatched(patterns, names)
     if unmatched:
         raise ValueError(
             f"{field} entries {unmatched} match no module of {type(model).__name__}. "
@@ -139,7 +144,7 @@ def inject(model: nn.Module, config: DoraConfig) -> dict[str, nn.Module]:
         )
     targets = find_targets(model, config)
     for field in ("magnitude_only_modules", "recompute_modules"):
-        unmatched = [p for p in getattr(config, field) if not any(module_matches(n, (p,)) for n in targets)]
+        unmatched = _unmatched(getattr(config, field), targets)
         if unmatched:
             raise ValueError(
                 f"{field} entries {unmatched} match none of the targeted modules "

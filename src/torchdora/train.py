@@ -88,6 +88,11 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the run stopped without writing a checkpoint after it."""
 
 
+def _names(text: str) -> list[str]:
+    """The non-empty entries of a comma-separated list of module names."""
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything ``torchdora train`` does, as one validated, JSON-ready dataclass.
@@ -202,15 +207,15 @@ class TrainConfig:
 
     @property
     def target_list(self) -> list[str]:
-        return [t.strip() for t in self.targets.split(",") if t.strip()]
+        return _names(self.targets)
 
     @property
     def magnitude_only_list(self) -> list[str]:
-        return [t.strip() for t in self.magnitude_only.split(",") if t.strip()]
+        return _names(self.magnitude_only)
 
     @property
     def recompute_list(self) -> list[str]:
-        return [t.strip() for t in self.recompute.split(",") if t.strip()]
+        return _names(self.recompute)
 
     def dora_config(self) -> DoraConfig:
         """The adapter configuration of a ``dora``/``lora`` run; magnitude-only modules are targeted too."""
@@ -865,7 +870,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-detach-norm", dest="detach_norm", action="store_const", const=False,
                    help="keep ||W + sBA|| in the backward pass (exact gradient; paper section 4.3 ablation)")
     p.add_argument("--recompute", help="comma-separated DoRA modules that recompute x·Wᵀ in backward instead of "
-                   "keeping their output: less memory, one more matrix product each (e.g. q_proj,k_proj,v_proj,down_proj)")
+                   "keeping their output: less memory, one more matrix product each (e.g. q_proj,k_proj,v_proj)")
     p.add_argument("--max-grad-norm", dest="max_grad_norm", type=float, help="gradient clipping, 0: off (default 1)")
     p.add_argument("--weight-decay", dest="weight_decay", type=float, help="AdamW weight decay (default 0)")
     p.add_argument("--eval-batch-size", dest="eval_batch_size", type=int, help="sequences per scoring pass (default 16)")
