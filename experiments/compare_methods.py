@@ -32,7 +32,7 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
     summary = out / "summary.json"
     if summary.is_file():
         return json.loads(summary.read_text())
-    command = [sys.executable, "-m", "torchdora.cli", "train", "--method", method, "--seed", str(seed),
+    command = [sys.executable, "-m", "torchdora", "train", "--method", method, "--seed", str(seed),
                "--steps", str(args.steps), "--lr", str(LEARNING_RATES[method]), "--max-eval", str(args.max_eval),
                "--warmup-steps", str(max(1, args.steps // 10)), "--eval-every", "0", "--checkpoint-every", "0",
                "--output-dir", str(out)]

@@ -129,7 +129,7 @@ def planned_runs(s: Settings) -> list[Run]:
 
 
 def train_command(s: Settings, run: Run, folder: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "torchdora.cli", "train", "--method", run.method, "--model", s.model,
+    cmd = [sys.executable, "-m", "torchdora", "train", "--method", run.method, "--model", s.model,
            "--data", run.task, "--targets", "q_proj,v_proj", "--rank", str(run.rank), "--alpha", str(run.alpha),
            "--lr", str(s.lr), "--steps", str(s.steps), "--batch-size", str(s.batch_size),
            "--max-length", str(s.max_length), "--seed", str(run.seed), "--output-dir", str(folder)]

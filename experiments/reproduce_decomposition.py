@@ -89,7 +89,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
 
 def train_command(s: Settings, method: str, run_dir: Path) -> list[str]:
     """The ``torchdora train`` command line for one method."""
-    cmd = [sys.executable, "-m", "torchdora.cli", "train", "--method", method, "--model", s.model, "--data", s.data,
+    cmd = [sys.executable, "-m", "torchdora", "train", "--method", method, "--model", s.model, "--data", s.data,
            "--lr", str(s.lr_full if method == "full" else s.lr_adapter), "--steps", str(s.steps),
            "--batch-size", str(s.batch_size), "--max-length", str(s.max_length), "--seed", str(s.seed),
            "--save-every", str(s.save_every), "--output-dir", str(run_dir)]

@@ -7,7 +7,7 @@ import torch
 
 import torchdora
 from test_train import make_tiny_model, one_thread, write_tiny_data  # noqa: F401 (one_thread: autouse fixture)
-from torchdora.data import Collator, load_dataset, tokenize_examples
+from torchdora.app.data import Collator, load_dataset, tokenize_examples
 
 
 def test_trainer_trains_injected_adapters_and_lowers_the_loss(tmp_path):

@@ -267,7 +267,7 @@ def resolve_model(name_or_path: str | os.PathLike[str] | None) -> Path | str:
 def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     """Give ``tokenizer`` a pad token and right padding.
 
-    Right padding matches :func:`torchdora.data.collate` and is exact for the
+    Right padding matches :func:`torchdora.app.data.collate` and is exact for the
     plain forward passes used in training and log-likelihood scoring (a
     causal model's positions then do not depend on padding).  Batched
     ``model.generate`` needs left padding instead: set
@@ -334,7 +334,7 @@ def load_model_and_tokenizer(
     Returns:
         ``(model, tokenizer)``.  The model is in eval mode on the CPU.  The
         tokenizer always has a pad token (its eos token if it had none) and
-        pads on the **right**, matching :func:`torchdora.data.collate`; switch
+        pads on the **right**, matching :func:`torchdora.app.data.collate`; switch
         ``tokenizer.padding_side`` to ``"left"`` for batched generation.
     """
     source = resolve_model(name_or_path)

@@ -47,7 +47,7 @@ class GenerateConfig:
 
 def generate_text(config: GenerateConfig) -> str:
     """The generated continuation of ``config.prompt`` (without the prompt)."""
-    from torchdora.assets import load_model_and_tokenizer, resolve_model
+    from torchdora.app.assets import load_model_and_tokenizer, resolve_model
     from torchdora.inject import merge_and_unload
     from torchdora.io import load_adapter, read_adapter
 

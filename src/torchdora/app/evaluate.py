@@ -5,7 +5,7 @@ example, every candidate completion (``Example.options``) is scored by ``sum log
 and the highest-scoring option is the prediction. Perplexity is ``exp`` of the mean negative log-likelihood
 per token of the gold completions (without the end-of-sequence token, exactly the tokens that are scored).
 
-Prompt and option are tokenized separately, the way :func:`torchdora.data.tokenize_example` builds the
+Prompt and option are tokenized separately, the way :func:`torchdora.app.data.tokenize_example` builds the
 training sequences, so a model is scored on exactly the token sequences it was trained on.
 
 ``torchdora eval --model M [--adapter DIR] [--data D] [--split test|validation] [--max-eval N]``
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Callable, ContextManager, Sequence
 import torch
 from torch import Tensor, nn
 
-from torchdora.data import IGNORE_INDEX, Example, tokenize_example
+from torchdora.app.data import IGNORE_INDEX, Example, tokenize_example
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -214,10 +214,10 @@ class EvalConfig:
     """Options of ``torchdora eval``.
 
     Args:
-        model: model name or local folder (see :func:`torchdora.assets.resolve_model`); ``None``: the embedded
+        model: model name or local folder (see :func:`torchdora.app.assets.resolve_model`); ``None``: the embedded
             SmolLM2-135M-Instruct.
         adapter: optional adapter folder (torchdora or PEFT format) loaded on top of the model.
-        data: dataset name or path (see :func:`torchdora.data.load_dataset`); ``None``: Rotten Tomatoes.
+        data: dataset name or path (see :func:`torchdora.app.data.load_dataset`); ``None``: Rotten Tomatoes.
         split: ``"test"`` or ``"validation"``.
         max_eval: evaluate at most this many examples of the split (a prefix, so results are comparable).
         max_length: token budget per sequence (prompts are cut from the left).
@@ -251,8 +251,8 @@ class EvalConfig:
 
 def run_eval(config: EvalConfig) -> EvalResult:
     """Load data, model and adapter (cheap checks first), then evaluate one split."""
-    from torchdora.assets import load_model_and_tokenizer, resolve_model
-    from torchdora.data import load_dataset
+    from torchdora.app.assets import load_model_and_tokenizer, resolve_model
+    from torchdora.app.data import load_dataset
     from torchdora.io import load_adapter, read_adapter
 
     examples = getattr(load_dataset(config.data, seed=config.seed, max_eval=config.max_eval), config.split)

@@ -1,4 +1,4 @@
-"""torchdora.train on a tiny random Llama with a word-level tokenizer, all offline in tmp_path.
+"""torchdora.app.train on a tiny random Llama with a word-level tokenizer, all offline in tmp_path.
 
 The helpers here (tiny model folder, tiny sentiment data) are imported by the other training tests.
 """
@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 import torchdora
-from torchdora import train as train_mod
-from torchdora.train import TrainConfig, TrainingDiverged, config_differences, lr_factor, train
+from torchdora.app import train as train_mod
+from torchdora.app.train import TrainConfig, TrainingDiverged, config_differences, lr_factor, train
 
 POSITIVE = "good great fun wonderful brilliant moving superb charming".split()
 NEGATIVE = "bad awful boring dull terrible weak messy tedious".split()
@@ -209,7 +209,7 @@ def no_model_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the input error was found")
 
-    monkeypatch.setattr("torchdora.assets.load_model_and_tokenizer", refuse)
+    monkeypatch.setattr("torchdora.app.assets.load_model_and_tokenizer", refuse)
 
 
 def test_unknown_model_fails_early(tiny, tmp_path, no_model_loading):
@@ -273,7 +273,7 @@ def test_nan_loss_stops_with_advice_and_keeps_the_checkpoint(tiny, tmp_path, mon
         loss, n = real(model, batch)
         return (loss * float("nan") if calls["n"] == 3 else loss), n
 
-    monkeypatch.setattr(train_mod, "compute_loss", nan_at_third_step)
+    monkeypatch.setattr(train_mod.run, "compute_loss", nan_at_third_step)
     out = tmp_path / "run"
     with pytest.raises(TrainingDiverged, match=r"nan at step 3 .*checkpoint.* was kept.*lower --lr.*float32"):
         train(tiny_config(model_dir, data, out, steps=6, checkpoint_every=2, eval_every=0))
@@ -296,7 +296,7 @@ def test_epochs_with_grad_accum_count_a_short_last_step(tiny, tmp_path):
 def _tokenized_train_lengths(model_dir: Path, data: Path) -> list[list[int]]:
     from transformers import AutoTokenizer
 
-    from torchdora.data import load_dataset, tokenize_examples
+    from torchdora.app.data import load_dataset, tokenize_examples
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     items = tokenize_examples(tokenizer, load_dataset(data, seed=0, max_eval=16).train, 96)

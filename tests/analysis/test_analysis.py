@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 import torchdora
 from torchdora import analysis as A
-from torchdora.analysis_cli import main as analyze_main
+from torchdora.analysis.cli import main as analyze_main
 
 transformers = pytest.importorskip("transformers")
 

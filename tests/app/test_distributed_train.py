@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from test_train import make_tiny_model, read_metrics, write_tiny_data
-from torchdora.checkpoint import find_checkpoint, read_trainer_state
+from torchdora.app.checkpoint import find_checkpoint, read_trainer_state
 
 TOL = {"rtol": 1e-5, "atol": 1e-6}
 STEPS = 8
@@ -46,13 +46,13 @@ def _env() -> dict[str, str]:
 
 
 def _single(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "torchdora.cli", *args], env=_env(), capture_output=True,
+    return subprocess.run([sys.executable, "-m", "torchdora", *args], env=_env(), capture_output=True,
                           text=True, timeout=300)
 
 
 def _torchrun(nproc: int, args: list[str]) -> subprocess.Popen:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "torchdora.cli", *args]
+               "-m", "torchdora", *args]
     return subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 

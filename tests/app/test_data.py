@@ -1,4 +1,4 @@
-"""Tests for torchdora.data: loaders, splits, errors, tokenization, collation."""
+"""Tests for torchdora.app.data: loaders, splits, errors, tokenization, collation."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import torch
 
-from torchdora import data
-from torchdora.data import (
+from torchdora.app import data
+from torchdora.app.data import (
     IGNORE_INDEX,
     Collator,
     DatasetSplits,
@@ -412,7 +412,7 @@ def test_huggingface_fallback(monkeypatch: pytest.MonkeyPatch, hide_packages) ->
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory: pytest.TempPathFactory):
     """The SmolLM2 tokenizer, read straight from the embedded GGUF (~3 s)."""
-    from torchdora.assets import load_tokenizer
+    from torchdora.app.assets import load_tokenizer
 
     with pytest.MonkeyPatch.context() as patch:
         # An empty cache: no model conversion, and the user's cache is untouched.

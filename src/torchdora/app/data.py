@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from torchdora.assets import looks_like_path
+from torchdora.app.assets import looks_like_path
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from test_train import make_tiny_model, one_thread, read_metrics, tiny_config, write_tiny_data  # noqa: F401
-from torchdora.checkpoint import (
+from torchdora.app.checkpoint import (
     begin_checkpoint,
     commit_checkpoint,
     find_checkpoint,
@@ -26,7 +26,7 @@ from torchdora.checkpoint import (
     save_optimizer,
     save_rng_state,
 )
-from torchdora.train import train
+from torchdora.app.train import train
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_loss_sequence(tiny, tmp_pat
     reference = train(tiny_config(model_dir, data, tmp_path / "straight", **common))
 
     run = tmp_path / "killed"
-    args = [sys.executable, "-m", "torchdora.cli", "train", "--model", str(model_dir), "--data", str(data),
+    args = [sys.executable, "-m", "torchdora", "train", "--model", str(model_dir), "--data", str(data),
             "--output-dir", str(run), "--steps", str(steps), "--checkpoint-every", "2", "--eval-every", "0",
             "--dropout", "0.1", "--lr", "5e-3", "--batch-size", "4", "--warmup-steps", "2", "--rank", "4",
             "--alpha", "8", "--max-eval", "16", "--targets", "q_proj,v_proj,up_proj,down_proj"]
@@ -154,13 +154,13 @@ def test_sigkill_then_resume_gives_the_uninterrupted_loss_sequence(tiny, tmp_pat
 
 def test_full_fine_tuning_resumes_exactly(tiny, tmp_path, monkeypatch):
     """Interrupted in-process (an exception at step 5, after the step-3 checkpoint), then resumed."""
-    import torchdora.train as train_mod
+    import torchdora.app.train as train_mod
 
     model_dir, data = tiny
     common = dict(method="full", steps=6, checkpoint_every=3, eval_every=0, lr=1e-3)
     reference = train(tiny_config(model_dir, data, tmp_path / "straight", **common))
 
-    real, calls = train_mod.compute_loss, {"n": 0}
+    real, calls = train_mod.run.compute_loss, {"n": 0}
 
     def interrupt_at_fifth_step(model, batch):
         calls["n"] += 1
@@ -168,11 +168,11 @@ def test_full_fine_tuning_resumes_exactly(tiny, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(model, batch)
 
-    monkeypatch.setattr(train_mod, "compute_loss", interrupt_at_fifth_step)
+    monkeypatch.setattr(train_mod.run, "compute_loss", interrupt_at_fifth_step)
     run = tmp_path / "interrupted"
     with pytest.raises(KeyboardInterrupt):
         train(tiny_config(model_dir, data, run, **common))
-    monkeypatch.setattr(train_mod, "compute_loss", real)
+    monkeypatch.setattr(train_mod.run, "compute_loss", real)
     assert read_trainer_state(find_checkpoint(run))["step"] == 3
     assert sorted(p.name for p in (run / "checkpoint").iterdir()) == [
         "model.safetensors", "optimizer.json", "optimizer.safetensors", "rng-rank0.json", "rng-rank0.safetensors",

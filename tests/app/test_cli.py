@@ -14,7 +14,7 @@ import torch
 
 import torchdora
 from test_train import make_tiny_model, one_thread, write_tiny_data  # noqa: F401 (one_thread: autouse fixture)
-from torchdora import cli
+from torchdora.app import cli
 
 TINY_ARGS = ["--steps", "6", "--batch-size", "4", "--lr", "1e-2", "--rank", "4", "--alpha", "8",
              "--warmup-steps", "1", "--max-eval", "16", "--eval-every", "3", "--checkpoint-every", "3"]
@@ -121,7 +121,7 @@ def test_generate_cli_with_and_without_adapter(tiny_run, capsys):
 def test_console_entry_point_runs_in_a_fresh_process(tiny_run, tmp_path):
     model, data, _ = tiny_run
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torchdora.cli", "train", "--model", str(model), "--data", str(data),
+    done = subprocess.run([sys.executable, "-m", "torchdora", "train", "--model", str(model), "--data", str(data),
                            "--output-dir", str(tmp_path / "run"), "--steps", "2", "--batch-size", "4",
                            "--max-eval", "8", "--eval-every", "0", "--targets", "all-linear", "--method", "lora"],
                           capture_output=True, text=True, env=env, timeout=300)

@@ -25,7 +25,7 @@ class MergeConfig:
     """Options of ``torchdora merge``.
 
     Args:
-        model: base model name or folder (:func:`torchdora.assets.resolve_model`); ``None``: SmolLM2-135M-Instruct.
+        model: base model name or folder (:func:`torchdora.app.assets.resolve_model`); ``None``: SmolLM2-135M-Instruct.
         adapter: adapter folder (torchdora or PEFT format) trained on that base model.
         output: folder to write; it must not exist yet unless ``overwrite``.
         overwrite: replace an existing ``output`` folder.
@@ -44,7 +44,7 @@ def merge_to_folder(config: MergeConfig) -> Path:
         FileNotFoundError: the adapter folder or model path does not exist.
         ValueError: ``output`` exists (without ``overwrite``), or the adapter does not fit the model.
     """
-    from torchdora.assets import load_model_and_tokenizer, resolve_model
+    from torchdora.app.assets import load_model_and_tokenizer, resolve_model
     from torchdora.inject import merge_and_unload
     from torchdora.io import load_adapter, read_adapter, replace_dir
 

@@ -1,4 +1,4 @@
-"""Tests for torchdora.assets: cache location, name resolution, offline conversion.
+"""Tests for torchdora.app.assets: cache location, name resolution, offline conversion.
 
 Only one test module fixture converts the real embedded GGUF (~20-40 s on a
 small CPU); everything else uses fake converters or empty temporary caches, so
@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import torch
 
-from torchdora import assets
-from torchdora.assets import (
+from torchdora.app import assets
+from torchdora.app.assets import (
     DEFAULT_MODEL,
     cache_dir,
     load_model_and_tokenizer,

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from test_train import make_tiny_model, one_thread, write_tiny_data  # noqa: F401 (one_thread: autouse fixture)
-from torchdora.data import Collator, Example, tokenize_example, tokenize_examples
-from torchdora.evaluate import EvalConfig, _requests, evaluate_examples, score_options, selected_logits
-from torchdora.train import compute_loss
+from torchdora.app.data import Collator, Example, tokenize_example, tokenize_examples
+from torchdora.app.evaluate import EvalConfig, _requests, evaluate_examples, score_options, selected_logits
+from torchdora.app.train import compute_loss
 
 
 @pytest.fixture(scope="module")

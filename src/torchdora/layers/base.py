@@ -1,26 +1,20 @@
-"""Adapter layers: DoRA (and plain LoRA, same code) around a frozen base module.
+"""The shared adapter base: DoRA (and plain LoRA, same code) around a frozen base module.
 
-Each layer wraps its base module by composition (``self.base``) and sees the base weight as a 2-D matrix of
-output-feature rows, ``(out, in)``; the equations live in :mod:`torchdora.functional`.
-
-- :class:`LinearAdapter`: ``nn.Linear`` and transformers' ``Conv1D`` (weight stored ``(in, out)``).
-- :class:`ConvAdapter`: ``nn.Conv1d/2d/3d`` with ``groups == 1``; ``A`` is a conv ``in → r`` with the base
-  kernel, stride, padding and dilation, ``B`` a 1×1 conv ``r → out``.
-- :class:`EmbeddingAdapter`: ``nn.Embedding``; the output feature is the embedding dimension ``d``.
+:class:`AdapterLayer` wraps its base module by composition (``self.base``) and sees the base weight as a 2-D
+matrix of output-feature rows, ``(out, in)``; the equations live in :mod:`torchdora.functional`. A layer kind
+(one file each in this package) says only how its base weight is viewed as rows and how ``A``/``B`` are applied.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torchdora import functional as DF
 
-__all__ = ["AdapterLayer", "LinearAdapter", "ConvAdapter", "EmbeddingAdapter", "adapter_class_for", "is_conv1d"]
+__all__ = ["AdapterLayer", "is_conv1d"]
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -331,158 +325,3 @@ class AdapterLayer(nn.Module):
         kind = "dora" if self.use_dora else "lora"
         extra = ", magnitude_only" if self.magnitude_only else ""
         return f"{kind}, r={self.r}, alpha={self.lora_alpha:g}, scaling={self.scaling:g}, dropout={self.dropout_p:g}{extra}"
-
-
-class LinearAdapter(AdapterLayer):
-    """``nn.Linear`` (weight ``(out, in)``) or transformers ``Conv1D`` (weight ``(in, out)``, ``fan_in_fan_out``)."""
-
-    def __init__(self, base: nn.Module, **kwargs) -> None:
-        self.fan_in_fan_out = is_conv1d(base)
-        if not (isinstance(base, nn.Linear) or self.fan_in_fan_out):
-            raise TypeError(f"LinearAdapter wraps nn.Linear or transformers Conv1D, got {type(base).__name__}")
-        if not base.weight.is_floating_point():  # e.g. a packed 4/8-bit weight: its norm would be meaningless
-            raise TypeError(
-                f"{type(base).__name__} holds a {base.weight.dtype} weight; torchdora adapts floating-point "
-                "weights only. Load the model unquantized or exclude this module via exclude_modules"
-            )
-        super().__init__(base, **kwargs)
-
-    @property
-    def in_features(self) -> int:
-        w = self.base.weight
-        return w.shape[0] if self.fan_in_fan_out else w.shape[1]
-
-    @property
-    def out_features(self) -> int:
-        w = self.base.weight
-        return w.shape[1] if self.fan_in_fan_out else w.shape[0]
-
-    def _lora_A_shape(self, r: int) -> tuple[int, ...]:
-        return (r, self.in_features)
-
-    def _lora_B_shape(self, r: int) -> tuple[int, ...]:
-        return (self.out_features, r)
-
-    def weight_2d(self) -> Tensor:
-        w = self.base.weight
-        return w.T if self.fan_in_fan_out else w
-
-    def _base_product(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight_2d())
-
-    def _lora_product(self, x: Tensor) -> Tensor:
-        a = self.lora_A
-        return F.linear(F.linear(x.to(a.dtype), a), self.lora_B).to(x.dtype)
-
-    def _fast_forward(self, x: Tensor) -> Tensor | None:
-        from torchdora.fast import dora_linear
-
-        weight, bias = self.weight_2d(), self._bias()
-        dropout = self._dropout_active() and self.lora_A is not None
-        if (
-            x.dtype != weight.dtype
-            or torch.is_autocast_enabled(x.device.type)  # autocast would recast the fused matmuls mid-way
-            or weight.requires_grad
-            or (bias is not None and bias.requires_grad)
-            or (dropout and type(self.lora_dropout) is not nn.Dropout)  # a custom dropout module: reference path
-        ):
-            return None
-        # Backward recovers x Wᵀ + s·(x Aᵀ) Bᵀ from the output by dividing by m / n: exact unless m has a zero,
-        # or a low-precision output holds a bias that the subtraction y − b would cancel against.
-        save_output = (bias is None or x.dtype in (torch.float32, torch.float64)) and not self._magnitude_has_zero()
-        return dora_linear(
-            x, weight, bias, self.lora_A, self.lora_B, self.dora_factor(), self.scaling,
-            self.dropout_p if dropout else 0.0, save_output=save_output, recompute=self.recompute_output,
-        )
-
-
-class ConvAdapter(AdapterLayer):
-    """``nn.Conv1d/2d/3d`` (``groups == 1``): ``A`` a conv ``in → r`` with the base geometry, ``B`` 1×1 ``r → out``.
-
-    ``ΔW = (B.view(out, r) @ A.view(r, -1)).view_as(W)``; the norm runs over every dim but the first.
-    """
-
-    feature_dim = 1
-
-    def __init__(self, base: nn.Module, **kwargs) -> None:
-        if not isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            raise TypeError(f"ConvAdapter wraps nn.Conv1d/2d/3d, got {type(base).__name__}")
-        if base.groups != 1:
-            raise ValueError(
-                f"grouped convolutions are not supported (groups={base.groups}): a rank-r update of a grouped "
-                "weight is not a low-rank product of the full weight. Exclude this module via exclude_modules."
-            )
-        self._conv: Callable[..., Tensor] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[base.weight.dim() - 2]
-        super().__init__(base, **kwargs)
-
-    def _lora_A_shape(self, r: int) -> tuple[int, ...]:
-        w = self.base.weight
-        return (r, w.shape[1], *w.shape[2:])
-
-    def _lora_B_shape(self, r: int) -> tuple[int, ...]:
-        w = self.base.weight
-        return (w.shape[0], r, *([1] * (w.dim() - 2)))
-
-    def weight_2d(self) -> Tensor:
-        w = self.base.weight
-        return w.view(w.shape[0], -1)
-
-    def _base_product(self, x: Tensor) -> Tensor:
-        # _conv_forward applies the base's stride, padding (and padding_mode), dilation and groups.
-        return self.base._conv_forward(x, self.base.weight, None)
-
-    def _lora_product(self, x: Tensor) -> Tensor:
-        a = self.lora_A
-        hidden = self.base._conv_forward(x.to(a.dtype), a, None)  # same geometry as the base, in → r
-        return self._conv(hidden, self.lora_B).to(x.dtype)
-
-
-class EmbeddingAdapter(AdapterLayer):
-    """``nn.Embedding`` (weight ``(V, d)``): ``A`` ``(r, V)``, ``B`` ``(d, r)``, norm of ``Wᵀ + s·B·A`` over ``V``.
-
-    Initialisation follows PEFT's embedding convention (``A = 0``, ``B ~ N(0, 1)``): ``B·A`` still starts at
-    zero, and ``B`` gets a gradient from the first step. Dropout is not applied to token ids.
-    """
-
-    def __init__(self, base: nn.Module, **kwargs) -> None:
-        if not isinstance(base, nn.Embedding):
-            raise TypeError(f"EmbeddingAdapter wraps nn.Embedding, got {type(base).__name__}")
-        kwargs = {**kwargs, "dropout": 0.0}
-        super().__init__(base, **kwargs)
-
-    def _lora_A_shape(self, r: int) -> tuple[int, ...]:
-        return (r, self.base.num_embeddings)
-
-    def _lora_B_shape(self, r: int) -> tuple[int, ...]:
-        return (self.base.embedding_dim, r)
-
-    def reset_lora_parameters(self, init: str = "kaiming") -> None:
-        if self.lora_A is None or self.lora_B is None:
-            return
-        with torch.no_grad():
-            nn.init.zeros_(self.lora_A)
-            nn.init.normal_(self.lora_B)
-
-    def weight_2d(self) -> Tensor:
-        return self.base.weight.T  # (d, V)
-
-    def _embed(self, ids: Tensor, table: Tensor) -> Tensor:
-        b = self.base
-        return F.embedding(ids, table, b.padding_idx, b.max_norm, b.norm_type, b.scale_grad_by_freq, b.sparse)
-
-    def _base_product(self, x: Tensor) -> Tensor:
-        return self._embed(x, self.base.weight)
-
-    def _lora_product(self, x: Tensor) -> Tensor:
-        return self._embed(x, self.lora_A.T) @ self.lora_B.T  # (..., r) @ (r, d)
-
-
-def adapter_class_for(module: nn.Module) -> type[AdapterLayer] | None:
-    """The adapter class that wraps ``module``, or ``None`` if its type is not supported."""
-    if isinstance(module, nn.Linear) or is_conv1d(module):
-        return LinearAdapter
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return ConvAdapter
-    if isinstance(module, nn.Embedding):
-        return EmbeddingAdapter
-    return None

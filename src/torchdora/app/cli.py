@@ -1,0 +1,51 @@
+"""The ``torchdora`` command: ``torchdora <command> [options]``.
+
+Each command lives in its own module with a ``main(argv) -> int`` that parses its options into a dataclass
+and calls an importable, typed function; only the chosen command's module is imported.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+__all__ = ["main", "COMMANDS"]
+
+#: command -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("torchdora.app.train", "fine-tune a model with DoRA, LoRA or full fine-tuning"),
+    "eval": ("torchdora.app.evaluate", "multiple-choice accuracy and perplexity of a model (+ adapter)"),
+    "merge": ("torchdora.app.merging", "merge an adapter into its base model and save a plain model folder"),
+    "generate": ("torchdora.app.generate", "generate text from a model (+ adapter)"),
+    "analyze": ("torchdora.analysis.cli", "magnitude/direction weight-decomposition analysis (paper section 3)"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: torchdora <command> [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run `torchdora <command> --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from torchdora import __version__
+
+        print(__version__)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"torchdora: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,67 @@
+"""``torchdora train``: fine-tune a causal LM with DoRA, LoRA or full fine-tuning, offline, on CPU or GPU.
+
+With no arguments it fine-tunes the embedded SmolLM2-135M-Instruct with DoRA (rank 16, alpha 32) on
+q/k/v/up/down projections (the paper's recipe at half rank, REFERENCE §3) on Rotten Tomatoes sentiment,
+evaluates held-out test accuracy before and after, and writes a run folder::
+
+    <output_dir>/config.json        the resolved configuration
+    <output_dir>/metrics.jsonl      one JSON object per step (loss, lr, tokens/s) and per evaluation
+    <output_dir>/summary.json       accuracy before/after, wall time, peak memory (RSS), trainable parameters
+    <output_dir>/training.png       loss and validation accuracy curves
+    <output_dir>/adapter/           the adapter in torchdora format (``torchdora.load_adapter``)
+    <output_dir>/adapter-peft/      the same adapter in PEFT's format (``PeftModel.from_pretrained``)
+    <output_dir>/model/             full fine-tuning only: the whole model (``save_pretrained``)
+    <output_dir>/checkpoint/        the latest resume checkpoint (see :mod:`torchdora.app.checkpoint`)
+    <output_dir>/snapshots/step-NNNNNN/   with ``--save-every N``: adapters (or ``model.safetensors``) for the
+                                    weight-decomposition analysis (``torchdora analyze``)
+
+The loop runs on Hugging Face ``accelerate``: mixed precision (``--dtype bfloat16``) and several processes
+(``torchrun`` / ``accelerate launch``, DDP) come from it. ``batch_size`` counts the examples of one
+micro-batch over all processes (each process takes ``batch_size / processes`` of them), so the global batch
+``batch_size × grad_accum`` and the data order do not depend on the number of processes, and a checkpoint
+written by N processes resumes on M. Each process averages the loss over its own completion tokens, so 1 and N
+processes give the same losses (to round-off) when completions have equal lengths (e.g. one-token labels).
+Logging, the progress bar and every file are written by the main process only.
+
+The pieces: ``config.py`` (:class:`TrainConfig`, config files, the parser), ``run.py`` (one run's moving parts:
+evaluation, checkpoints, schedule, data order), ``loop.py`` (:func:`train`), ``outputs.py`` (the run folder's files).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from torchdora.app.train.config import DEFAULT_STEPS, RUN_FIELDS, TrainConfig, config_differences, config_from_args, load_config_file
+from torchdora.app.train.loop import train
+from torchdora.app.train.outputs import TrainResult
+from torchdora.app.train.run import TrainingDiverged, compute_loss, lr_factor
+
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "TrainingDiverged",
+    "DEFAULT_STEPS",
+    "RUN_FIELDS",
+    "lr_factor",
+    "compute_loss",
+    "load_config_file",
+    "config_differences",
+    "config_from_args",
+    "train",
+    "main",
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = config_from_args(argv)
+        train(config)
+    except TrainingDiverged as err:
+        print(f"torchdora train: stopped: {err}", file=sys.stderr)
+        return 1
+    except (ValueError, TypeError, FileNotFoundError, ModuleNotFoundError) as err:
+        print(f"torchdora train: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+

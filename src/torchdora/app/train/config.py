@@ -1,0 +1,316 @@
+"""The configuration of ``torchdora train``: :class:`TrainConfig`, config files, and the command-line parser.
+
+Sources, later ones winning: defaults, the ``--resume`` run's saved config, a ``--config`` file, options given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from torchdora.app.checkpoint import find_checkpoint, read_trainer_state
+from torchdora.config import ALL_LINEAR, DoraConfig
+
+__all__ = ["TrainConfig", "DEFAULT_STEPS", "RUN_FIELDS", "load_config_file", "config_differences", "config_from_args"]
+
+DEFAULT_STEPS = 120
+DEFAULT_TARGETS = "q_proj,k_proj,v_proj,up_proj,down_proj"
+METHODS = ("dora", "lora", "full")
+SCHEDULES = ("linear", "cosine", "constant")
+DTYPES = ("float32", "bfloat16")
+#: fields that define what a run computes; a checkpoint only resumes a run that agrees on all of them
+RUN_FIELDS = (
+    "method", "model", "data", "targets", "rank", "alpha", "dropout", "lr", "schedule", "warmup_steps",
+    "steps", "epochs", "batch_size", "grad_accum", "max_length", "dtype", "seed", "max_train",
+    "magnitude_only", "detach_norm", "max_grad_norm", "weight_decay",
+)
+
+
+def _names(text: str) -> list[str]:
+    """The non-empty entries of a comma-separated list of module names."""
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything ``torchdora train`` does, as one validated, JSON-ready dataclass.
+
+    Args:
+        method: ``"dora"`` (paper), ``"lora"`` (same code, no magnitude) or ``"full"`` (every parameter trains).
+        model: model name or local folder (:func:`torchdora.app.assets.resolve_model`); ``None``: SmolLM2-135M-Instruct.
+        data: dataset name or path (:func:`torchdora.app.data.load_dataset`); ``None``: Rotten Tomatoes.
+        targets: comma-separated module names/suffixes, or ``"all-linear"``.
+        rank, alpha, dropout: the adapter's ``r``, ``alpha`` (scale ``alpha / r``) and input dropout (the paper
+            uses 0.05; the default 0 keeps DoRA's single base product, REFERENCE §1, which matters on a CPU).
+        lr, schedule, warmup_steps: AdamW learning rate, its decay after a linear warm-up.
+        steps / epochs: optimizer steps to run, or full passes over the training data (not both);
+            neither means :data:`DEFAULT_STEPS` steps.
+        batch_size, grad_accum: examples per micro-batch over all processes (divisible by the number of
+            processes), micro-batches per optimizer step. Global batch = ``batch_size × grad_accum``.
+        max_length: token budget per example (prompts are cut from the left, completions kept).
+        dtype: ``"float32"`` or ``"bfloat16"`` (mixed precision through accelerate; weights stay fp32).
+        seed: seeds the data split, the data order and the adapter initialisation.
+        eval_every: validation accuracy every N steps (0: never; the test split is scored at the end).
+        save_every: snapshot the adapter (full: the model) every N steps (0: never), for ``torchdora analyze``.
+        checkpoint_every: resume checkpoint every N steps (0: only at the end).
+        output_dir: run folder; ``None``: ``runs/<method>-<timestamp>`` (or the ``resume`` run's folder).
+        resume: an earlier run's folder (or its ``checkpoint/``) to continue from; it must have the same
+            :data:`RUN_FIELDS`.
+        max_train, max_eval: keep at most this many training / validation and test examples.
+        magnitude_only: comma-separated modules that train only the magnitude (paper §5.6); they are added
+            to ``targets``. DoRA only.
+        detach_norm: treat ``||W + s·B·A||`` as a constant in back-propagation (paper §4.3).
+        recompute: comma-separated DoRA modules that recompute ``x Wᵀ`` in backward rather than keep their
+            output (:attr:`torchdora.DoraConfig.recompute_modules`): less memory, a little more time.
+        max_grad_norm: gradient clipping (0: off). weight_decay: AdamW weight decay.
+        eval_batch_size: sequences per forward pass when scoring.
+        val_examples: validation examples scored at each periodic evaluation (a prefix of the split, at most
+            ``max_eval``); the test split is scored in full (``max_eval``) before and after training.
+    """
+
+    method: str = "dora"
+    model: str | None = None
+    data: str | None = None
+    targets: str = DEFAULT_TARGETS
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    lr: float = 3e-4
+    schedule: str = "linear"
+    warmup_steps: int = 20
+    steps: int | None = None
+    epochs: int | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 96
+    dtype: str = "float32"
+    seed: int = 0
+    eval_every: int = 60
+    save_every: int = 0
+    checkpoint_every: int = 50
+    output_dir: str | None = None
+    resume: str | None = None
+    max_train: int | None = None
+    max_eval: int | None = 200
+    magnitude_only: str = ""
+    detach_norm: bool = True
+    recompute: str = ""
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    eval_batch_size: int = 16
+    val_examples: int = 100
+
+    def __post_init__(self) -> None:
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
+        for name in ("targets", "magnitude_only", "recompute"):  # YAML/JSON lists are welcome too
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                set_(name, ",".join(str(v).strip() for v in value))
+            elif not isinstance(value, str):
+                raise TypeError(f"{name} must be a comma-separated string or a list, got {name}={value!r}")
+        _choice("method", self.method, METHODS)
+        _choice("schedule", self.schedule, SCHEDULES)
+        _choice("dtype", self.dtype, DTYPES)
+        for name in ("rank", "batch_size", "grad_accum", "max_length", "eval_batch_size", "val_examples"):
+            _integer(name, getattr(self, name), minimum=1)
+        for name in ("warmup_steps", "eval_every", "save_every", "checkpoint_every", "seed"):
+            _integer(name, getattr(self, name), minimum=0)
+        for name in ("steps", "epochs", "max_train", "max_eval"):
+            if getattr(self, name) is not None:
+                _integer(name, getattr(self, name), minimum=1)
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError(f"give steps or epochs, not both (steps={self.steps}, epochs={self.epochs})")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be at least 2, got max_length={self.max_length}")
+        for name, low in (("alpha", 0.0), ("lr", 0.0)):
+            value = _number(name, getattr(self, name))
+            if value <= low:
+                raise ValueError(f"{name} must be positive, got {name}={value!r}")
+            set_(name, value)
+        for name in ("dropout", "max_grad_norm", "weight_decay"):
+            set_(name, _number(name, getattr(self, name)))
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got dropout={self.dropout!r}")
+        if self.max_grad_norm < 0 or self.weight_decay < 0:
+            raise ValueError(f"max_grad_norm and weight_decay must be >= 0, got {self.max_grad_norm}, {self.weight_decay}")
+        if not isinstance(self.detach_norm, bool):
+            raise TypeError(f"detach_norm must be true or false, got detach_norm={self.detach_norm!r}")
+        if not self.target_list and self.method != "full":
+            raise ValueError("targets is empty: name modules, e.g. --targets q_proj,v_proj, or 'all-linear'")
+        for name in ("magnitude_only", "recompute"):
+            if getattr(self, name) and self.method != "dora":
+                raise ValueError(f"{name}={getattr(self, name)!r} needs --method dora: {self.method} has no magnitude")
+        set_("model", None if self.model in (None, "") else str(self.model))
+        set_("data", None if self.data in (None, "") else str(self.data))
+
+    @property
+    def target_list(self) -> list[str]:
+        return _names(self.targets)
+
+    @property
+    def magnitude_only_list(self) -> list[str]:
+        return _names(self.magnitude_only)
+
+    @property
+    def recompute_list(self) -> list[str]:
+        return _names(self.recompute)
+
+    def dora_config(self) -> DoraConfig:
+        """The adapter configuration of a ``dora``/``lora`` run; magnitude-only modules are targeted too."""
+        if self.method == "full":
+            raise ValueError("method='full' trains every parameter and has no adapter config")
+        targets: str | tuple[str, ...]
+        if self.targets.strip() == ALL_LINEAR:
+            targets = ALL_LINEAR
+        else:
+            targets = tuple(dict.fromkeys(self.target_list + self.magnitude_only_list))
+        return DoraConfig(
+            r=self.rank, alpha=self.alpha, dropout=self.dropout, target_modules=targets,
+            magnitude_only_modules=tuple(self.magnitude_only_list), use_dora=self.method == "dora",
+            detach_norm=self.detach_norm, recompute_modules=tuple(self.recompute_list),
+        )
+
+    def resolved(self) -> "TrainConfig":
+        """Defaults filled in: model and data names, step count when neither steps nor epochs is given."""
+        from torchdora.app.assets import DEFAULT_MODEL
+        from torchdora.app.data import DEFAULT_DATASET
+
+        steps = self.steps if (self.steps is not None or self.epochs is not None) else DEFAULT_STEPS
+        return dataclasses.replace(self, model=self.model or DEFAULT_MODEL, data=self.data or DEFAULT_DATASET,
+                                   steps=steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], source: str = "config") -> "TrainConfig":
+        """Build from a dict (a config file or saved ``config.json``); keys may use ``-`` or ``_``."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        normalized = {str(k).replace("-", "_"): v for k, v in values.items()}
+        unknown = sorted(set(normalized) - known)
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown} in {source}; known keys are {sorted(known)}")
+        return cls(**normalized)
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {name}={value!r}")
+
+
+def _integer(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {name}={value!r}")
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {name}={value!r}")
+    return float(value)
+
+
+# ---- configuration sources -------------------------------------------------------------------------------
+def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A YAML (``.yaml``/``.yml``) or JSON config file as a dict of :class:`TrainConfig` fields."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as err:  # yaml.YAMLError / json.JSONDecodeError: both say where
+        raise ValueError(f"config file {path} could not be parsed: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of options, got {type(data).__name__}")
+    TrainConfig.from_mapping(data, source=str(path))  # unknown keys and bad values fail here, early
+    return data
+
+
+def config_differences(current: TrainConfig, saved: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{field: (checkpoint value, this run's value)}`` for every :data:`RUN_FIELDS` entry that differs."""
+    ours = current.resolved().to_dict()
+    theirs = TrainConfig.from_mapping(saved, source="checkpoint config").resolved().to_dict()
+    return {k: (theirs[k], ours[k]) for k in RUN_FIELDS if theirs[k] != ours[k]}
+
+
+# ---- command line --------------------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    S = argparse.SUPPRESS  # only options the user gives override the config file / resumed run
+    p = argparse.ArgumentParser(
+        prog="torchdora train", argument_default=S,
+        description="Fine-tune a causal LM with DoRA, LoRA or full fine-tuning (defaults: DoRA on the embedded "
+                    "SmolLM2-135M-Instruct, Rotten Tomatoes sentiment). Global batch = batch-size x grad-accum, "
+                    "split over the processes of torchrun / accelerate launch.",
+    )
+    p.add_argument("--config", help="YAML or JSON file of options; command-line options override it")
+    p.add_argument("--method", choices=METHODS, help="dora (default), lora or full")
+    p.add_argument("--model", help="model name or local folder (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--data", help="dataset name, file or folder (default: rotten_tomatoes)")
+    p.add_argument("--targets", help=f"comma-separated module names, or all-linear (default: {DEFAULT_TARGETS})")
+    p.add_argument("--rank", type=int, help="adapter rank r (default 16)")
+    p.add_argument("--alpha", type=float, help="adapter alpha, scale alpha/r (default 32)")
+    p.add_argument("--dropout", type=float, help="adapter input dropout (default 0)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 3e-4)")
+    p.add_argument("--schedule", choices=SCHEDULES, help="learning-rate decay after warm-up (default linear)")
+    p.add_argument("--warmup-steps", dest="warmup_steps", type=int, help="linear warm-up steps (default 20)")
+    steps = p.add_mutually_exclusive_group()
+    steps.add_argument("--steps", type=int, help=f"optimizer steps (default {DEFAULT_STEPS})")
+    steps.add_argument("--epochs", type=int, help="passes over the training data instead of --steps")
+    p.add_argument("--batch-size", dest="batch_size", type=int, help="examples per micro-batch, all processes together (default 8)")
+    p.add_argument("--grad-accum", dest="grad_accum", type=int, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--max-length", dest="max_length", type=int, help="tokens per example (default 96)")
+    p.add_argument("--dtype", choices=DTYPES, help="float32 (default) or bfloat16 mixed precision")
+    p.add_argument("--seed", type=int, help="data split, order and initialisation seed (default 0)")
+    p.add_argument("--eval-every", dest="eval_every", type=int, help="validation accuracy every N steps, 0: never (default 60)")
+    p.add_argument("--save-every", dest="save_every", type=int,
+                   help="snapshot to snapshots/step-NNNNNN every N steps for torchdora analyze (default 0: off)")
+    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int,
+                   help="resume checkpoint every N steps, 0: at the end only (default 50)")
+    p.add_argument("--output-dir", dest="output_dir", help="run folder (default runs/<method>-<time>)")
+    p.add_argument("--resume", help="continue the run in this folder (same settings required)")
+    p.add_argument("--max-train", dest="max_train", type=int, help="use at most N training examples")
+    p.add_argument("--max-eval", dest="max_eval", type=int, help="use at most N validation and test examples (default 200)")
+    p.add_argument("--magnitude-only", dest="magnitude_only",
+                   help="comma-separated modules that train only the magnitude (paper section 5.6)")
+    p.add_argument("--no-detach-norm", dest="detach_norm", action="store_const", const=False,
+                   help="keep ||W + sBA|| in the backward pass (exact gradient; paper section 4.3 ablation)")
+    p.add_argument("--recompute", help="comma-separated DoRA modules that recompute x·Wᵀ in backward instead of "
+                   "keeping their output: less memory, one more matrix product each (e.g. q_proj,k_proj,v_proj)")
+    p.add_argument("--max-grad-norm", dest="max_grad_norm", type=float, help="gradient clipping, 0: off (default 1)")
+    p.add_argument("--weight-decay", dest="weight_decay", type=float, help="AdamW weight decay (default 0)")
+    p.add_argument("--eval-batch-size", dest="eval_batch_size", type=int, help="sequences per scoring pass (default 16)")
+    p.add_argument("--val-examples", dest="val_examples", type=int,
+                   help="validation examples per periodic evaluation (default 100)")
+    return p
+
+
+def config_from_args(argv: list[str] | None) -> TrainConfig:
+    """Defaults ← the ``--resume`` run's saved config ← ``--config`` file ← command-line options.
+
+    So ``--resume DIR`` alone continues a run as it was configured; an option given that changes one of
+    :data:`RUN_FIELDS` is refused by :func:`train`.
+    """
+    given = vars(_parser().parse_args(argv))
+    values: dict[str, Any] = {}
+    config_file = given.pop("config", None)
+    if config_file is not None:
+        values.update({k.replace("-", "_"): v for k, v in load_config_file(config_file).items()})
+    values.update(given)
+    if values.get("resume"):
+        saved = read_trainer_state(find_checkpoint(values["resume"]))["config"]
+        base = {k: v for k, v in saved.items() if k not in ("resume", "output_dir")}
+        values = {**base, **values}
+    return TrainConfig.from_mapping(values, source=config_file or "the command line")

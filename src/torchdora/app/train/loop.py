@@ -1,0 +1,222 @@
+"""The training loop: :func:`train` sets a run up, steps the optimizer, evaluates, checkpoints, writes outputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from torchdora.app.evaluate import EvalResult
+from torchdora.app.train import run as run_module
+from torchdora.app.train.config import TrainConfig
+from torchdora.app.train.outputs import (
+    Metrics,
+    TrainResult,
+    named_trainable,
+    peak_rss_mb,
+    print_summary,
+    save_snapshot,
+    write_outputs,
+)
+from torchdora.app.train.run import (
+    EpochSampler,
+    Position,
+    Run,
+    check_model_before_loading,
+    check_output_dir,
+    check_resume,
+    default_output_dir,
+    lr_factor,
+    run_folder_of,
+    shared_state_reset,
+)
+from torchdora.io import atomic_write_json
+
+__all__ = ["train"]
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Run one fine-tuning job as ``config`` says and write its run folder; see the module docstring.
+
+    Cheap checks come first (config, resume compatibility, output folder, data, model name, targets on a
+    weightless model), so bad input fails before the model loads.
+
+    Raises:
+        ValueError / FileNotFoundError / TypeError: bad input, with the value and the fix.
+        TrainingDiverged: the loss became NaN or infinite (the last good checkpoint is kept).
+    """
+    start_wall = time.perf_counter()
+    from accelerate import Accelerator
+
+    from torchdora.app.assets import load_model_and_tokenizer, resolve_model
+    from torchdora.app.data import Collator, load_dataset, tokenize_examples
+    from torchdora.inject import inject, trainable_parameter_count
+
+    checkpoint_dir, saved_state = check_resume(config)
+    output_dir = Path(config.output_dir or (run_folder_of(checkpoint_dir) if checkpoint_dir else
+                                            default_output_dir(config.method)))
+    check_output_dir(output_dir, resuming=checkpoint_dir is not None)
+    config = dataclasses.replace(config.resolved(), output_dir=str(output_dir))
+    splits = load_dataset(config.data, seed=config.seed, max_train=config.max_train, max_eval=config.max_eval)
+    source = resolve_model(config.model)
+    check_model_before_loading(source, config)
+
+    shared_state_reset()
+    # accelerate treats a multi-process launch without CUDA as distributed only when told it runs on the CPU
+    # (then it uses gloo); without this each torchrun process would train alone on the full batch.
+    cpu_processes = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, cpu=cpu_processes,
+                              mixed_precision="bf16" if config.dtype == "bfloat16" else "no")
+    accelerator.wait_for_everyone()  # every process checked the output folder before the main one fills it
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(output_dir / "config.json", config.to_dict())
+        print("torchdora train: resolved config\n" + json.dumps(config.to_dict(), indent=2), flush=True)
+
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)  # the adapter's A initialisation
+    model, tokenizer = load_model_and_tokenizer(source)
+    if config.method == "full":
+        model.requires_grad_(True)
+    else:
+        inject(model, config.dora_config())
+    trainable, total = trainable_parameter_count(model)
+
+    train_items = tokenize_examples(tokenizer, splits.train, config.max_length)
+    sampler = EpochSampler(len(train_items), config.seed)
+    # Its own generator: starting a loader iteration (also when resuming mid-epoch) then leaves the global
+    # RNG, which drives dropout, untouched, so a resumed run draws the same dropout masks.
+    if config.batch_size % accelerator.num_processes:
+        raise ValueError(
+            f"--batch-size {config.batch_size} does not split over {accelerator.num_processes} processes; "
+            f"use a multiple of {accelerator.num_processes} (it counts the examples of all processes together)"
+        )
+    # accelerate hands process p the batches p, p + N, ... of this loader: with batch_size / N examples each,
+    # the N processes together see the same consecutive examples a single process would.
+    loader = torch.utils.data.DataLoader(train_items, batch_size=config.batch_size // accelerator.num_processes,
+                                         sampler=sampler,
+                                         collate_fn=Collator(tokenizer.pad_token_id),
+                                         generator=torch.Generator().manual_seed(config.seed))
+    names = {p: n for n, p in named_trainable(model).items()}
+    optimizer = torch.optim.AdamW(list(names), lr=config.lr, weight_decay=config.weight_decay)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    steps_per_epoch = math.ceil(len(loader) / config.grad_accum)
+    total_steps = config.steps if config.steps is not None else config.epochs * steps_per_epoch
+    # Stepped once per optimizer step by the loop (not prepared: accelerate would step it once per process).
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        getattr(optimizer, "optimizer", optimizer),
+        lambda step: lr_factor(step, config.schedule, config.warmup_steps, total_steps),
+    )
+    run = Run(config, accelerator, model, accelerator.unwrap_model(model), tokenizer, optimizer, scheduler, names,
+               output_dir, total_steps, len(loader), Metrics(output_dir / "metrics.jsonl"))
+    run.say(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f} %)\n"
+            f"steps: {total_steps}, global batch {config.batch_size} x {config.grad_accum} "
+            f"({config.batch_size // accelerator.num_processes} per process per micro-batch on "
+            f"{accelerator.num_processes} process(es)), {len(train_items)} training examples "
+            f"({steps_per_epoch} steps per epoch)")
+
+    position, before = Position(), None
+    if checkpoint_dir is not None and saved_state is not None:
+        position, before = run.restore(checkpoint_dir, saved_state)
+    if before is None:
+        before = run.evaluate(splits.test)
+        run.metrics.add({"step": 0, "split": "test", "accuracy": before.accuracy, "perplexity": before.perplexity})
+        run.say(f"test accuracy before training: {before.accuracy:.4f} (perplexity {before.perplexity:.3f}, "
+                f"{before.n_scored} examples)")
+
+    train_start = time.perf_counter()
+    train_loop(run, sampler, loader, position, before, splits.validation[: config.val_examples])
+    train_time = time.perf_counter() - train_start
+
+    after = run.evaluate(splits.test)
+    run.metrics.add({"step": position.step, "split": "test", "accuracy": after.accuracy,
+                     "perplexity": after.perplexity})
+    losses = [r["loss"] for r in run.metrics.records if "loss" in r]
+    result = TrainResult(
+        output_dir=output_dir, steps=position.step, accuracy_before=before.accuracy, accuracy_after=after.accuracy,
+        perplexity_before=before.perplexity, perplexity_after=after.perplexity,
+        final_loss=losses[-1] if losses else float("nan"), wall_time_s=time.perf_counter() - start_wall,
+        train_time_s=train_time, peak_rss_mb=peak_rss_mb(), trainable_params=trainable, total_params=total,
+        losses=losses,
+    )
+    if run.main_process:
+        write_outputs(run.raw_model, tokenizer, config, result, run.metrics, after)
+        print_summary(config, result, after)
+    accelerator.wait_for_everyone()
+    return result
+
+
+def train_loop(run: Run, sampler: EpochSampler, loader: Any, position: Position, before: EvalResult,
+                validation: list) -> None:
+    """Optimizer steps from ``position`` to ``run.total_steps``; logs, validates, snapshots and checkpoints."""
+    from tqdm.auto import tqdm
+
+    acc, config, model = run.accelerator, run.config, run.model
+    trainable = list(run.names)
+    progress = tqdm(total=run.total_steps, initial=position.step, desc="train", disable=not run.main_process,
+                    dynamic_ncols=True)
+    micro_losses: list[float] = []
+    tokens = 0
+    step_start = time.perf_counter()
+    model.train()
+    while position.step < run.total_steps:
+        sampler.start_epoch(position.epoch)
+        skip = position.micro_in_epoch
+        for batch in (loader if skip == 0 else acc.skip_first_batches(loader, skip)):
+            with acc.accumulate(model):
+                loss, _ = run_module.compute_loss(model, batch)
+                if not bool(acc.gather(torch.isfinite(loss.detach()).float().reshape(1)).all()):  # all stop together
+                    progress.close()
+                    raise run.diverged(loss, position.step + 1)
+                acc.backward(loss)  # divided by grad_accum by accelerate
+                if acc.sync_gradients and config.max_grad_norm > 0:
+                    acc.clip_grad_norm_(trainable, config.max_grad_norm)
+                run.optimizer.step()  # a no-op until the last micro-batch of the step
+                run.optimizer.zero_grad(set_to_none=True)
+            position.micro_in_epoch += 1
+            micro_losses.append(loss.item())
+            tokens += int(batch["attention_mask"].sum())
+            if not acc.sync_gradients:
+                continue
+            lr = run.scheduler.get_last_lr()[0]
+            run.scheduler.step()
+            position.step += 1
+            numbers = acc.gather(torch.tensor([[sum(micro_losses) / len(micro_losses), tokens]],
+                                              dtype=torch.float64, device=acc.device))
+            step_loss, step_tokens = float(numbers[:, 0].mean()), int(numbers[:, 1].sum())
+            speed = step_tokens / max(time.perf_counter() - step_start, 1e-9)
+            run.metrics.add({"step": position.step, "epoch": position.epoch, "loss": step_loss, "lr": lr,
+                             "tokens": step_tokens, "tokens_per_s": speed})
+            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}")
+            progress.update(1)
+            micro_losses, tokens = [], 0
+            after_step(run, position, before, validation, progress)
+            step_start = time.perf_counter()
+            if position.step >= run.total_steps:
+                break
+        else:
+            position.epoch, position.micro_in_epoch = position.epoch + 1, 0
+    progress.close()
+
+
+def after_step(run: Run, position: Position, before: EvalResult, validation: list, progress: Any) -> None:
+    """Periodic validation, snapshot and checkpoint after optimizer step ``position.step``."""
+    config, step = run.config, position.step
+    if config.eval_every and step % config.eval_every == 0:
+        result = run.evaluate(validation)
+        run.metrics.add({"step": step, "split": "validation", "accuracy": result.accuracy,
+                         "perplexity": result.perplexity})
+        if run.main_process:
+            progress.write(f"step {step}: validation accuracy {result.accuracy:.4f}")
+        run.model.train()
+    if config.save_every and step % config.save_every == 0 and run.main_process:
+        save_snapshot(run.raw_model, config, run.output_dir, step)
+    if (config.checkpoint_every and step % config.checkpoint_every == 0) or step == run.total_steps:
+        run.save_checkpoint(position, before)

@@ -1,0 +1,270 @@
+"""The moving parts of one run (:class:`Run`): evaluation, checkpoint save and restore, the loss, the data
+order and the learning-rate schedule, and the checks made before anything loads."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from torchdora.app.checkpoint import (
+    TMP_CHECKPOINT_DIR,
+    begin_checkpoint,
+    commit_checkpoint,
+    find_checkpoint,
+    load_optimizer,
+    load_rng_state,
+    read_trainer_state,
+    save_optimizer,
+    save_rng_state,
+)
+from torchdora.app.evaluate import EvalResult, evaluate_examples, selected_logits
+from torchdora.app.train.config import TrainConfig, config_differences
+from torchdora.app.train.outputs import Metrics, named_trainable
+from torchdora.io import atomic_save_safetensors, atomic_write_json
+
+__all__ = ["Run", "Position", "TrainingDiverged", "lr_factor", "EpochSampler", "compute_loss", "check_resume"]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the run stopped without writing a checkpoint after it."""
+
+
+# ---- learning rate ------------------------------------------------------------------------------------------
+def lr_factor(step: int, schedule: str, warmup_steps: int, total_steps: int) -> float:
+    """Multiplier of the peak learning rate for optimizer step ``step`` (0-based).
+
+    Linear warm-up over ``warmup_steps`` (never exactly 0, so no step is wasted), then ``constant``,
+    ``linear`` decay to 0 at ``total_steps`` or half a ``cosine``.
+    """
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress = min(1.0, progress)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ---- data order ---------------------------------------------------------------------------------------------
+class EpochSampler(torch.utils.data.Sampler[int]):
+    """A permutation per epoch that depends only on ``(seed, epoch)``, so a resumed run sees the same order.
+
+    The epoch is chosen with :meth:`start_epoch` (deliberately not ``set_epoch``, which accelerate calls
+    with its own per-loader iteration count).
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+# ---- the loss ------------------------------------------------------------------------------------------------
+def compute_loss(model: nn.Module, batch: Mapping[str, Tensor]) -> tuple[Tensor, int]:
+    """Mean cross-entropy over the completion tokens of a batch, and their number.
+
+    Logits are computed only where a completion token follows (see :func:`selected_logits`).
+    """
+    labels = batch["labels"]  # (B, T), -100 on prompt and padding
+    targets_follow = labels[:, 1:] != -100  # position t predicts token t + 1
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = targets_follow
+    logits = selected_logits(model, batch["input_ids"], batch["attention_mask"], keep)  # (N, V)
+    targets = labels[:, 1:][targets_follow]  # (N,)
+    return torch.nn.functional.cross_entropy(logits.float(), targets), int(targets.numel())
+
+
+
+
+def default_output_dir(method: str) -> str:
+    return str(Path("runs") / f"{method}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def run_folder_of(checkpoint: Path) -> Path:
+    return checkpoint.parent if checkpoint.name in ("checkpoint", ".checkpoint.old") else checkpoint
+
+
+def check_output_dir(path: Path, resuming: bool) -> None:
+    if resuming or not path.exists():
+        return
+    if not path.is_dir():
+        raise ValueError(f"--output-dir {path} is a file; pass a folder")
+    markers = [n for n in ("checkpoint", "summary.json", "config.json") if (path / n).exists()]
+    if markers:
+        raise ValueError(
+            f"--output-dir {path} already holds a run ({', '.join(markers)}); pass --resume {path} to continue "
+            "it, or choose another --output-dir"
+        )
+
+
+def check_model_before_loading(source: Path | str, config: TrainConfig) -> None:
+    """Inject the adapters into a weightless (meta-device) copy: bad targets fail before any weight loads."""
+    if config.method == "full":
+        return
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from torchdora.inject import inject
+
+    try:
+        model_config = AutoConfig.from_pretrained(source)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(model_config)
+    except (OSError, ValueError, KeyError):  # an unusual model: the real injection below will check
+        return
+    inject(skeleton, config.dora_config())
+
+
+def shared_state_reset() -> None:
+    """Let several runs share one process (tests, notebooks) unless a distributed group is up."""
+    import torch.distributed as dist
+    from accelerate.state import AcceleratorState, GradientState
+
+    if not (dist.is_available() and dist.is_initialized()):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+# ---- the run ---------------------------------------------------------------------------------------------------
+@dataclass
+class Position:
+    """Where training stands: optimizer steps done, and the data position (epoch, micro-batches into it)."""
+
+    step: int = 0
+    epoch: int = 0
+    micro_in_epoch: int = 0
+
+
+@dataclass
+class Run:
+    """The moving parts of one run, shared by the loop, evaluation and checkpointing."""
+
+    config: TrainConfig
+    accelerator: Any
+    model: nn.Module  # as prepared by accelerate (DDP-wrapped with several processes)
+    raw_model: nn.Module
+    tokenizer: Any
+    optimizer: Any
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    names: dict[nn.Parameter, str]
+    output_dir: Path
+    total_steps: int
+    micro_per_epoch: int
+    metrics: Metrics
+
+    @property
+    def main_process(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def say(self, text: str) -> None:
+        if self.main_process:
+            print(text, flush=True)
+
+    def evaluate(self, examples: list) -> EvalResult:
+        """Accuracy/perplexity sums over ``examples``, each process scoring its own shard."""
+        acc = self.accelerator
+        shard = examples[acc.process_index :: acc.num_processes]
+        local = evaluate_examples(self.raw_model, self.tokenizer, shard, self.config.max_length,
+                                  self.config.eval_batch_size, acc.autocast)
+        sums = torch.tensor([local.n_correct, local.n_scored, local.nll_sum, local.n_tokens],
+                            dtype=torch.float64, device=acc.device)
+        if acc.num_processes > 1:
+            sums = acc.reduce(sums, reduction="sum")
+        n_correct, n_scored, nll, n_tokens = sums.tolist()
+        return EvalResult(int(n_correct), int(n_scored), nll, int(n_tokens))
+
+    def save_checkpoint(self, position: Position, before: EvalResult) -> None:
+        """Every process writes its RNG state, the main process the rest; then the folder is swapped in."""
+        acc, config = self.accelerator, self.config
+        at_epoch_end = position.micro_in_epoch >= self.micro_per_epoch
+        state = {
+            "step": position.step, "epoch": position.epoch + int(at_epoch_end),
+            "micro_in_epoch": 0 if at_epoch_end else position.micro_in_epoch, "seed": config.seed,
+            "num_processes": acc.num_processes, "total_steps": self.total_steps, "config": config.to_dict(),
+            "metrics": self.metrics.records, "before": dataclasses.asdict(before),
+        }
+        tmp = begin_checkpoint(self.output_dir) if self.main_process else None
+        acc.wait_for_everyone()
+        tmp = tmp or self.output_dir / TMP_CHECKPOINT_DIR
+        save_rng_state(tmp, acc.process_index)
+        acc.wait_for_everyone()
+        if self.main_process:
+            if config.method == "full":
+                atomic_save_safetensors(named_trainable(self.raw_model), tmp / "model.safetensors")
+            else:
+                from torchdora.io import save_adapter
+
+                save_adapter(self.raw_model, tmp / "adapter", base_model_name_or_path=config.model)
+            save_optimizer(tmp, self.optimizer, self.names)
+            atomic_write_json(tmp / "scheduler.json", self.scheduler.state_dict())
+            commit_checkpoint(self.output_dir, tmp, state)
+            self.metrics.flush()
+        acc.wait_for_everyone()
+
+    def restore(self, checkpoint_dir: Path, saved: Mapping[str, Any]) -> tuple[Position, EvalResult | None]:
+        """Load weights, optimizer, scheduler, RNG and metrics of a checkpoint; returns where it stopped."""
+        acc = self.accelerator
+        if saved.get("num_processes", 1) != acc.num_processes:
+            # The data position counts micro-batches, the same on any number of processes; only the RNG
+            # streams of processes the checkpoint did not have start afresh (dropout masks differ from there).
+            self.say(f"resuming a {saved.get('num_processes')}-process checkpoint on {acc.num_processes} process(es)")
+        if self.config.method == "full":
+            from safetensors.torch import load_file
+
+            stored = load_file(checkpoint_dir / "model.safetensors")
+            with torch.no_grad():
+                for name, param in named_trainable(self.raw_model).items():
+                    param.copy_(stored[name])
+        else:
+            from torchdora.io import load_adapter
+
+            load_adapter(self.raw_model, checkpoint_dir / "adapter")
+        load_optimizer(checkpoint_dir, self.optimizer, self.names)
+        self.scheduler.load_state_dict(json.loads((checkpoint_dir / "scheduler.json").read_text()))
+        load_rng_state(checkpoint_dir, acc.process_index)
+        position = Position(saved["step"], saved["epoch"], saved["micro_in_epoch"])
+        self.metrics.records = [r for r in saved.get("metrics", []) if r.get("step", 0) <= position.step]
+        before = EvalResult(**saved["before"]) if saved.get("before") is not None else None
+        self.say(f"resumed from {checkpoint_dir} at step {position.step}")
+        return position, before
+
+    def diverged(self, loss: Tensor, step: int) -> TrainingDiverged:
+        last = find_checkpoint(self.output_dir) if (self.output_dir / "checkpoint").exists() else None
+        return TrainingDiverged(
+            f"the loss became {loss.item()} at step {step} (lr {self.scheduler.get_last_lr()[0]:.3g}). "
+            f"The last good checkpoint is {last or 'not written yet'} and was kept. Try a lower --lr "
+            f"(now {self.config.lr:g}), more --warmup-steps, --dtype float32, or --max-grad-norm 1"
+        )
+
+
+def check_resume(config: TrainConfig) -> tuple[Path | None, dict[str, Any] | None]:
+    """The checkpoint folder and trainer state of ``config.resume``, refused if its run fields differ."""
+    if config.resume is None:
+        return None, None
+    checkpoint_dir = find_checkpoint(config.resume)
+    saved = read_trainer_state(checkpoint_dir)
+    differences = config_differences(config, saved["config"])
+    if differences:
+        listed = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in differences.items())
+        raise ValueError(
+            f"--resume {config.resume} was written by a different configuration ({listed}). Resume with the "
+            "same settings, or start a new run with another --output-dir"
+        )
+    return checkpoint_dir, saved

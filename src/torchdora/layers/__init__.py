@@ -1,0 +1,32 @@
+"""Adapter layers, one file per kind of base module, all sharing :class:`~torchdora.layers.base.AdapterLayer`.
+
+- :class:`LinearAdapter` (``linear.py``): ``nn.Linear`` and transformers' ``Conv1D`` (weight stored ``(in, out)``).
+- :class:`ConvAdapter` (``conv.py``): ``nn.Conv1d/2d/3d`` with ``groups == 1``; ``A`` is a conv ``in → r`` with the
+  base kernel, stride, padding and dilation, ``B`` a 1×1 conv ``r → out``.
+- :class:`EmbeddingAdapter` (``embedding.py``): ``nn.Embedding``; the output feature is the embedding dimension.
+
+A new kind of base (a quantized linear layer, another adapter method) is a new file here that subclasses
+:class:`AdapterLayer` and is listed in :func:`adapter_class_for`.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from torchdora.layers.base import AdapterLayer, is_conv1d
+from torchdora.layers.conv import ConvAdapter
+from torchdora.layers.embedding import EmbeddingAdapter
+from torchdora.layers.linear import LinearAdapter
+
+__all__ = ["AdapterLayer", "LinearAdapter", "ConvAdapter", "EmbeddingAdapter", "adapter_class_for", "is_conv1d"]
+
+
+def adapter_class_for(module: nn.Module) -> type[AdapterLayer] | None:
+    """The adapter class that wraps ``module``, or ``None`` if its type is not supported."""
+    if isinstance(module, nn.Linear) or is_conv1d(module):
+        return LinearAdapter
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return ConvAdapter
+    if isinstance(module, nn.Embedding):
+        return EmbeddingAdapter
+    return None
