@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One short GPU check (under 8 minutes): the CUDA tests, then the benchmark in bf16 on the GPU.
+# One short GPU check (under 8 minutes): the CUDA tests, then benchmarks/gpu.py (training sizes, bf16).
 # Usage: bash benchmarks/gpu_check.sh   (tables and logs go to $OUT if set, else benchmarks/gpu_out/)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,8 +25,7 @@ status=0
 # CUDA tests (the CPU ones in these files run too: they take seconds)
 timeout 150 "$PY" -m pytest tests/test_fast.py tests/test_cache.py -q -rs 2>&1 | tee "$DEST/gpu_tests.log"
 status=$(( status | ${PIPESTATUS[0]} ))
-# The benchmark in bf16 on the GPU: a bigger batch for the whole model, a short time budget per layer row
-timeout 240 "$PY" benchmarks/run.py --device cuda --dtype bfloat16 --budget 1 --repeats 5 --batch 8 --seq 512 \
-    --output "$DEST/benchmarks_gpu.md" 2>&1 | tee "$DEST/gpu_bench.log"
+# Training sizes in bf16: per layer at 8k/32k tokens, a 1B Llama training step (DoRA, LoRA, PEFT-DoRA, NF4 base)
+timeout 300 "$PY" benchmarks/gpu.py --output "$DEST/gpu.md" 2>&1 | tee "$DEST/gpu_bench.log"
 status=$(( status | ${PIPESTATUS[0]} ))
 exit $status

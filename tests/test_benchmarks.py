@@ -30,3 +30,19 @@ def test_quick_benchmark_writes_layer_model_and_target_rows(tmp_path):
     assert "| unmerged eval forward, 1 layers" in text
     verdicts = [line for line in text.splitlines() if line.startswith("- ") and "→ **" in line]
     assert len(verdicts) == 4  # whole model ×2, per layer, eval (no 4096-wide rows in --quick)
+
+
+def test_gpu_benchmark_runs_at_tiny_sizes_on_cpu(tmp_path):
+    """benchmarks/gpu.py (the device run's script) at tiny sizes: every row and target line is written."""
+    spec = importlib.util.spec_from_file_location("torchdora_benchmark_gpu", REPO / "benchmarks" / "gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    out = tmp_path / "gpu.md"
+    assert module.main(["--quick", "--device", "cpu", "--dtype", "float32", "--no-nf4", "--output", str(out)]) == 0
+    text = out.read_text()
+    assert sum(line.startswith("| 64×") for line in text.splitlines()) == 4  # 2 shapes × 2 token counts
+    for method in ("dora", "lora", "peft-dora"):
+        assert f"| {method} | " in text
+    targets = [line for line in text.splitlines() if line.startswith("- ") and "→ **" in line]
+    assert len(targets) == 4 + 4  # whole-model checks + one per layer row
