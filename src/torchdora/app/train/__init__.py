@@ -31,7 +31,16 @@ from __future__ import annotations
 
 import sys
 
-from torchdora.app.train.config import DEFAULT_STEPS, RUN_FIELDS, TrainConfig, config_differences, config_from_args, load_config_file
+from torchdora.app.train.config import (
+    DEFAULT_STEPS,
+    RUN_FIELDS,
+    TrainConfig,
+    command_from_args,
+    config_differences,
+    config_from_args,
+    config_to_yaml,
+    load_config_file,
+)
 from torchdora.app.train.loop import train
 from torchdora.app.train.outputs import TrainResult
 from torchdora.app.train.run import TrainingDiverged, compute_loss, lr_factor
@@ -53,13 +62,25 @@ __all__ = [
 
 
 def main(argv: list[str] | None = None) -> int:
+    from torchdora.app.extras import install_hint, missing_assets
+
     try:
-        config = config_from_args(argv)
+        config, print_only = command_from_args(argv)
+        if print_only:
+            print(config_to_yaml(config.resolved()), end="")
+            return 0
+        missing = missing_assets(config.model, config.data)
+        if missing is not None:
+            print(f"torchdora train: {missing}", file=sys.stderr)
+            return 2
         train(config)
     except TrainingDiverged as err:
         print(f"torchdora train: stopped: {err}", file=sys.stderr)
         return 1
-    except (ValueError, TypeError, FileNotFoundError, ModuleNotFoundError) as err:
+    except ImportError as err:  # ModuleNotFoundError too: a missing extra gets its pip command
+        print(f"torchdora train: error: {install_hint(err) or err}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, FileNotFoundError) as err:
         print(f"torchdora train: error: {err}", file=sys.stderr)
         return 2
     return 0

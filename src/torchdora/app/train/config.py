@@ -1,6 +1,8 @@
 """The configuration of ``torchdora train``: :class:`TrainConfig`, config files, and the command-line parser.
 
-Sources, later ones winning: defaults, the ``--resume`` run's saved config, a ``--config`` file, options given.
+Sources, later ones winning: defaults, the ``--resume`` run's saved config, a ``--config`` file (a path, or the
+name of a config shipped in ``torchdora/app/configs/``, e.g. ``--config default``), options given, then
+``key=value`` overrides. ``--print-config`` prints the result as YAML (a valid ``--config`` file) and exits.
 """
 
 from __future__ import annotations
@@ -17,18 +19,22 @@ from typing import Any, Mapping
 from torchdora.app.checkpoint import find_checkpoint, read_trainer_state
 from torchdora.config import ALL_LINEAR, DoraConfig
 
-__all__ = ["TrainConfig", "DEFAULT_STEPS", "RUN_FIELDS", "load_config_file", "config_differences", "config_from_args"]
+__all__ = ["TrainConfig", "DEFAULT_STEPS", "RUN_FIELDS", "load_config_file", "config_differences", "config_from_args",
+           "command_from_args", "shipped_configs", "config_to_yaml"]
 
 DEFAULT_STEPS = 120
 DEFAULT_TARGETS = "q_proj,k_proj,v_proj,up_proj,down_proj"
 METHODS = ("dora", "lora", "full")
 SCHEDULES = ("linear", "cosine", "constant")
 DTYPES = ("float32", "bfloat16")
+REPORT_TO = ("none", "tensorboard", "wandb")
+#: the configs installed with the package, nameable as ``--config <name>``
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 #: fields that define what a run computes; a checkpoint only resumes a run that agrees on all of them
 RUN_FIELDS = (
     "method", "model", "data", "targets", "rank", "alpha", "dropout", "lr", "schedule", "warmup_steps",
     "steps", "epochs", "batch_size", "grad_accum", "max_length", "dtype", "seed", "max_train",
-    "magnitude_only", "detach_norm", "max_grad_norm", "weight_decay",
+    "magnitude_only", "detach_norm", "max_grad_norm", "weight_decay", "packing",
 )
 
 
@@ -72,6 +78,12 @@ class TrainConfig:
         eval_batch_size: sequences per forward pass when scoring.
         val_examples: validation examples scored at each periodic evaluation (a prefix of the split, at most
             ``max_eval``); the test split is scored in full (``max_eval``) before and after training.
+        packing: concatenate short training examples into rows of ``max_length`` tokens, with position ids
+            restarting at each example so attention stays inside it (:mod:`torchdora.app.data.packing`).
+        report_to: ``"none"``, ``"tensorboard"`` or ``"wandb"`` (comma-separated for several): accelerate trackers
+            that receive every ``metrics.jsonl`` record; files go to ``<output_dir>/trackers``.
+        log_every: a non-terminal log gets one line every N steps (and at least one a minute); a terminal
+            gets a progress bar. ``metrics.jsonl`` has a record for every step regardless.
     """
 
     method: str = "dora"
@@ -105,6 +117,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     eval_batch_size: int = 16
     val_examples: int = 100
+    packing: bool = False
+    report_to: str = "none"
+    log_every: int = 10
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -117,13 +132,13 @@ class TrainConfig:
         _choice("method", self.method, METHODS)
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("dtype", self.dtype, DTYPES)
-        for name in ("rank", "batch_size", "grad_accum", "max_length", "eval_batch_size", "val_examples"):
-            _integer(name, getattr(self, name), minimum=1)
+        for name in ("rank", "batch_size", "grad_accum", "max_length", "eval_batch_size", "val_examples", "log_every"):
+            set_(name, _integer(name, getattr(self, name), minimum=1))
         for name in ("warmup_steps", "eval_every", "save_every", "checkpoint_every", "seed"):
-            _integer(name, getattr(self, name), minimum=0)
+            set_(name, _integer(name, getattr(self, name), minimum=0))
         for name in ("steps", "epochs", "max_train", "max_eval"):
             if getattr(self, name) is not None:
-                _integer(name, getattr(self, name), minimum=1)
+                set_(name, _integer(name, getattr(self, name), minimum=1))
         if self.steps is not None and self.epochs is not None:
             raise ValueError(f"give steps or epochs, not both (steps={self.steps}, epochs={self.epochs})")
         if self.max_length < 2:
@@ -139,8 +154,13 @@ class TrainConfig:
             raise ValueError(f"dropout must be in [0, 1), got dropout={self.dropout!r}")
         if self.max_grad_norm < 0 or self.weight_decay < 0:
             raise ValueError(f"max_grad_norm and weight_decay must be >= 0, got {self.max_grad_norm}, {self.weight_decay}")
-        if not isinstance(self.detach_norm, bool):
-            raise TypeError(f"detach_norm must be true or false, got detach_norm={self.detach_norm!r}")
+        for name in ("detach_norm", "packing"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be true or false, got {name}={getattr(self, name)!r}")
+        for tracker in _names(self.report_to):
+            _choice("report_to", tracker, REPORT_TO)
+        if "none" in _names(self.report_to) and len(_names(self.report_to)) > 1:
+            raise ValueError(f"report_to={self.report_to!r} lists 'none' with trackers; give one or the other")
         if not self.target_list and self.method != "full":
             raise ValueError("targets is empty: name modules, e.g. --targets q_proj,v_proj, or 'all-linear'")
         for name in ("magnitude_only", "recompute"):
@@ -160,6 +180,11 @@ class TrainConfig:
     @property
     def recompute_list(self) -> list[str]:
         return _names(self.recompute)
+
+    @property
+    def trackers(self) -> list[str]:
+        """The accelerate trackers of ``report_to`` (empty for ``"none"``)."""
+        return [t for t in _names(self.report_to) if t != "none"]
 
     def dora_config(self) -> DoraConfig:
         """The adapter configuration of a ``dora``/``lora`` run; magnitude-only modules are targeted too."""
@@ -204,23 +229,51 @@ def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {list(choices)}, got {name}={value!r}")
 
 
-def _integer(name: str, value: Any, minimum: int) -> None:
+def _integer(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, str):  # `key=8` overrides and quoted YAML values arrive as text
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {name}={value!r}") from None
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {name}={value!r}")
+    return value
 
 
 def _number(name: str, value: Any) -> float:
+    if isinstance(value, str):
+        # PyYAML follows YAML 1.1, where `1e-4` (no dot) is a string, not a float; accept what float() reads.
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise ValueError(f"{name} must be a finite number such as 1.0e-4, got {name}={value!r}") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {name}={value!r}")
     return float(value)
 
 
 # ---- configuration sources -------------------------------------------------------------------------------
+def shipped_configs() -> dict[str, Path]:
+    """``{name: path}`` of the configs installed with the package (``--config <name>``)."""
+    return {p.stem: p for p in sorted(CONFIG_DIR.glob("*.yaml"))}
+
+
+def _config_path(name_or_path: str | os.PathLike) -> Path:
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    shipped = shipped_configs()
+    if str(name_or_path) in shipped:
+        return shipped[str(name_or_path)]
+    raise FileNotFoundError(
+        f"config file {path} does not exist, and {str(name_or_path)!r} is not one of the shipped configs "
+        f"{sorted(shipped)} (use e.g. --config default)"
+    )
+
+
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """A YAML (``.yaml``/``.yml``) or JSON config file as a dict of :class:`TrainConfig` fields."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
+    """A YAML (``.yaml``/``.yml``) or JSON config file, or a shipped config's name, as a dict of fields."""
+    path = _config_path(path)
     text = path.read_text()
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
@@ -255,7 +308,12 @@ def _parser() -> argparse.ArgumentParser:
                     "SmolLM2-135M-Instruct, Rotten Tomatoes sentiment). Global batch = batch-size x grad-accum, "
                     "split over the processes of torchrun / accelerate launch.",
     )
-    p.add_argument("--config", help="YAML or JSON file of options; command-line options override it")
+    p.add_argument("--config", help="YAML or JSON file of options, or a shipped config's name "
+                   f"({', '.join(shipped_configs()) or 'none installed'}); command-line options override it")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="override any config value, e.g. lr=1e-4 packing=true (applied last)")
+    p.add_argument("--print-config", dest="print_config", action="store_true",
+                   help="print the resolved config as YAML (a valid --config file) and exit")
     p.add_argument("--method", choices=METHODS, help="dora (default), lora or full")
     p.add_argument("--model", help="model name or local folder (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--data", help="dataset name, file or folder (default: rotten_tomatoes)")
@@ -294,7 +352,37 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-batch-size", dest="eval_batch_size", type=int, help="sequences per scoring pass (default 16)")
     p.add_argument("--val-examples", dest="val_examples", type=int,
                    help="validation examples per periodic evaluation (default 100)")
+    p.add_argument("--packing", action="store_const", const=True,
+                   help="pack short training examples into full max-length rows (attention stays per example)")
+    p.add_argument("--report-to", dest="report_to",
+                   help="none (default), tensorboard or wandb: accelerate trackers fed every metrics record")
+    p.add_argument("--log-every", dest="log_every", type=int,
+                   help="without a terminal: one log line every N steps (default 10; a progress bar otherwise)")
     return p
+
+
+def _parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["lr=1e-4", "packing=true"]`` -> ``{"lr": "1e-4", "packing": True}`` (values read as YAML scalars)."""
+    import yaml
+
+    values: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{item!r} is neither an option nor a key=value override (e.g. lr=1e-4)")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        values[key.strip().replace("-", "_")] = value
+    return values
+
+
+def config_to_yaml(config: TrainConfig) -> str:
+    """The config as YAML, in field order, readable back by ``--config``."""
+    import yaml
+
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
 
 
 def config_from_args(argv: list[str] | None) -> TrainConfig:
@@ -303,14 +391,22 @@ def config_from_args(argv: list[str] | None) -> TrainConfig:
     So ``--resume DIR`` alone continues a run as it was configured; an option given that changes one of
     :data:`RUN_FIELDS` is refused by :func:`train`.
     """
-    given = vars(_parser().parse_args(argv))
+    return command_from_args(argv)[0]
+
+
+def command_from_args(argv: list[str] | None) -> tuple[TrainConfig, bool]:
+    """The config of :func:`config_from_args`, and whether ``--print-config`` was given."""
+    given = vars(_parser().parse_intermixed_args(argv))
+    print_config = given.pop("print_config", False)
+    overrides = _parse_overrides(given.pop("overrides", []))
     values: dict[str, Any] = {}
     config_file = given.pop("config", None)
     if config_file is not None:
         values.update({k.replace("-", "_"): v for k, v in load_config_file(config_file).items()})
     values.update(given)
+    values.update(overrides)
     if values.get("resume"):
         saved = read_trainer_state(find_checkpoint(values["resume"]))["config"]
         base = {k: v for k, v in saved.items() if k not in ("resume", "output_dir")}
         values = {**base, **values}
-    return TrainConfig.from_mapping(values, source=config_file or "the command line")
+    return TrainConfig.from_mapping(values, source=config_file or "the command line"), print_config

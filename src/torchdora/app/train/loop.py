@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import random
@@ -18,11 +17,14 @@ from torchdora.app.train import run as run_module
 from torchdora.app.train.config import TrainConfig
 from torchdora.app.train.outputs import (
     Metrics,
+    Progress,
     TrainResult,
     named_trainable,
     peak_rss_mb,
     print_summary,
+    quiet_library_bars,
     save_snapshot,
+    tracker_values,
     write_outputs,
 )
 from torchdora.app.train.run import (
@@ -73,15 +75,21 @@ def train(config: TrainConfig) -> TrainResult:
     # (then it uses gloo); without this each torchrun process would train alone on the full batch.
     cpu_processes = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, cpu=cpu_processes,
-                              mixed_precision="bf16" if config.dtype == "bfloat16" else "no")
+                              mixed_precision="bf16" if config.dtype == "bfloat16" else "no",
+                              log_with=config.trackers or None, project_dir=output_dir / "trackers")
     accelerator.wait_for_everyone()  # every process checked the output folder before the main one fills it
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(output_dir / "config.json", config.to_dict())
-        print("torchdora train: resolved config\n" + json.dumps(config.to_dict(), indent=2), flush=True)
+        # One line, not the whole config: a log stays short; --print-config and config.json have every value.
+        print(f"torchdora train: {config.method} on {config.model} / {config.data}, config in "
+              f"{output_dir / 'config.json'}", flush=True)
+    if config.trackers:
+        accelerator.init_trackers("torchdora", config=config.to_dict())
 
     random.seed(config.seed)
     torch.manual_seed(config.seed)  # the adapter's A initialisation
+    quiet_library_bars()
     model, tokenizer = load_model_and_tokenizer(source)
     if config.method == "full":
         model.requires_grad_(True)
@@ -115,7 +123,10 @@ def train(config: TrainConfig) -> TrainResult:
         lambda step: lr_factor(step, config.schedule, config.warmup_steps, total_steps),
     )
     run = Run(config, accelerator, model, accelerator.unwrap_model(model), tokenizer, optimizer, scheduler, names,
-               output_dir, total_steps, len(loader), Metrics(output_dir / "metrics.jsonl"))
+               output_dir, total_steps, len(loader),
+               Metrics(output_dir / "metrics.jsonl", write=accelerator.is_main_process,
+                       on_record=(lambda r: accelerator.log(tracker_values(r), step=r["step"])) if config.trackers
+                       else None))
     run.say(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f} %)\n"
             f"steps: {total_steps}, global batch {config.batch_size} x {config.grad_accum} "
             f"({config.batch_size // accelerator.num_processes} per process per micro-batch on "
@@ -149,6 +160,8 @@ def train(config: TrainConfig) -> TrainResult:
     if run.main_process:
         write_outputs(run.raw_model, tokenizer, config, result, run.metrics, after)
         print_summary(config, result, after)
+    if config.trackers:
+        accelerator.end_training()
     accelerator.wait_for_everyone()
     return result
 
@@ -156,12 +169,9 @@ def train(config: TrainConfig) -> TrainResult:
 def train_loop(run: Run, sampler: EpochSampler, loader: Any, position: Position, before: EvalResult,
                 validation: list) -> None:
     """Optimizer steps from ``position`` to ``run.total_steps``; logs, validates, snapshots and checkpoints."""
-    from tqdm.auto import tqdm
-
     acc, config, model = run.accelerator, run.config, run.model
     trainable = list(run.names)
-    progress = tqdm(total=run.total_steps, initial=position.step, desc="train", disable=not run.main_process,
-                    dynamic_ncols=True)
+    progress = Progress(run.total_steps, position.step, enabled=run.main_process, every=config.log_every)
     micro_losses: list[float] = []
     tokens = 0
     step_start = time.perf_counter()
@@ -194,8 +204,7 @@ def train_loop(run: Run, sampler: EpochSampler, loader: Any, position: Position,
             speed = step_tokens / max(time.perf_counter() - step_start, 1e-9)
             run.metrics.add({"step": position.step, "epoch": position.epoch, "loss": step_loss, "lr": lr,
                              "tokens": step_tokens, "tokens_per_s": speed})
-            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}")
-            progress.update(1)
+            progress.update(step_loss, lr, speed)
             micro_losses, tokens = [], 0
             after_step(run, position, before, validation, progress)
             step_start = time.perf_counter()
@@ -213,8 +222,8 @@ def after_step(run: Run, position: Position, before: EvalResult, validation: lis
         result = run.evaluate(validation)
         run.metrics.add({"step": step, "split": "validation", "accuracy": result.accuracy,
                          "perplexity": result.perplexity})
-        if run.main_process:
-            progress.write(f"step {step}: validation accuracy {result.accuracy:.4f}")
+        progress.write(f"step {step}: validation accuracy {result.accuracy:.4f}" if result.n_scored else
+                       f"step {step}: validation perplexity {result.perplexity:.3f}")
         run.model.train()
     if config.save_every and step % config.save_every == 0 and run.main_process:
         save_snapshot(run.raw_model, config, run.output_dir, step)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import resource
 import shutil
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from torch import Tensor, nn
 
@@ -16,8 +18,8 @@ from torchdora.app.evaluate import EvalResult
 from torchdora.app.train.config import TrainConfig
 from torchdora.io import atomic_save_safetensors, atomic_write_bytes, atomic_write_json, replace_dir
 
-__all__ = ["TrainResult", "Metrics", "peak_rss_mb", "named_trainable", "save_snapshot", "write_outputs",
-           "print_summary"]
+__all__ = ["TrainResult", "Metrics", "Progress", "quiet_library_bars", "json_ready", "peak_rss_mb", "named_trainable", "save_snapshot",
+           "write_outputs", "print_summary", "tracker_values"]
 
 
 @dataclass
@@ -39,6 +41,10 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
 
 
+NO_ACCURACY = ("no test example has options or labels (generative data), so there is no multiple-choice "
+               "accuracy; see perplexity (and exact_match for short answers)")
+
+
 # ---- small helpers ------------------------------------------------------------------------------------------
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far, MiB (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
@@ -46,17 +52,127 @@ def peak_rss_mb() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
-class Metrics:
-    """Metrics records, rewritten atomically to ``metrics.jsonl`` (a killed run never leaves a torn line)."""
+def json_ready(value: Any) -> Any:
+    """``value`` with every NaN/infinite float replaced by ``None``: JSON has no NaN (``json.dumps`` would write a
+    bare ``NaN`` that strict parsers refuse)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    return value
 
-    def __init__(self, path: Path, records: list[dict[str, Any]] | None = None) -> None:
-        self.path, self.records = path, list(records or [])
+
+def tracker_values(record: dict[str, Any]) -> dict[str, float]:
+    """A metrics record as tracker scalars: ``{"train/loss": ...}`` or ``{"validation/accuracy": ...}``."""
+    prefix = record.get("split", "train")
+    return {f"{prefix}/{k}": float(v) for k, v in record.items()
+            if k not in ("step", "split") and isinstance(v, (int, float)) and not isinstance(v, bool)
+            and math.isfinite(v)}
+
+
+class Metrics:
+    """Metrics records, each appended to ``metrics.jsonl`` as one line and flushed at once (so ``tail -f`` follows
+    a run, and a crash keeps every record written so far), and handed to ``on_record`` (the trackers).
+
+    Only the writing process (the main one) touches the file; every process keeps ``records``.
+    """
+
+    def __init__(self, path: Path, records: list[dict[str, Any]] | None = None, write: bool = True,
+                 on_record: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.path, self.records, self.write, self.on_record = path, list(records or []), write, on_record
+        if self.write:
+            self.flush()  # a fresh run starts an empty file; a resumed one is rewritten by reset()
 
     def add(self, record: dict[str, Any]) -> None:
+        record = json_ready(record)
         self.records.append(record)
+        if self.write:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record, allow_nan=False) + "\n")
+                handle.flush()
+        if self.on_record is not None:
+            self.on_record(record)
+
+    def reset(self, records: list[dict[str, Any]]) -> None:
+        """Replace every record (a resumed run drops those after its checkpoint) and rewrite the file."""
+        self.records = [json_ready(r) for r in records]
+        self.flush()
 
     def flush(self) -> None:
-        atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in self.records).encode())
+        """Rewrite the whole file atomically from ``records`` (appends keep it current between calls)."""
+        if self.write:
+            atomic_write_bytes(self.path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in self.records).encode())
+
+
+def _memory_text() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB GPU"
+    return f"{peak_rss_mb() / 1024:.1f} GiB RSS"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def quiet_library_bars() -> None:
+    """Turn off the progress bars of transformers and huggingface_hub (e.g. "Loading weights") when stderr is
+    not a terminal: in a log file each redraw is a line of carriage returns."""
+    if sys.stderr.isatty():
+        return
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+class Progress:
+    """A tqdm bar on a terminal; otherwise one plain line every ``every`` steps or ``seconds`` seconds (whichever
+    comes first) with loss, lr, tokens/s, ETA and memory, so a redirected log stays small (a bar redraws in place
+    with carriage returns, which a log file keeps)."""
+
+    def __init__(self, total: int, initial: int, enabled: bool, every: int, seconds: float = 60.0,
+                 terminal: bool | None = None) -> None:
+        self.total, self.step, self.enabled, self.every, self.seconds = total, initial, enabled, every, seconds
+        self.start_step, self.start_time = initial, time.perf_counter()
+        self.last_line = self.start_time
+        terminal = sys.stderr.isatty() if terminal is None else terminal
+        self.bar = None
+        if enabled and terminal:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
+
+    def update(self, loss: float, lr: float, tokens_per_s: float) -> None:
+        self.step += 1
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
+            self.bar.update(1)
+            return
+        now = time.perf_counter()
+        if self.step % self.every and now - self.last_line < self.seconds and self.step != self.total:
+            return
+        self.last_line = now
+        per_step = (now - self.start_time) / max(self.step - self.start_step, 1)
+        print(f"step {self.step}/{self.total} loss {loss:.4f} lr {lr:.2e} tokens/s {tokens_per_s:.0f} "
+              f"eta {_duration(per_step * (self.total - self.step))} mem {_memory_text()}", flush=True)
+
+    def write(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def named_trainable(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -110,21 +226,24 @@ def write_outputs(model: nn.Module, tokenizer: Any, config: TrainConfig, result:
     summary = {
         "method": config.method, "model": config.model, "data": config.data, "steps": result.steps,
         "test_examples": after.n_scored,
+        **({} if after.n_scored else {"accuracy_note": NO_ACCURACY}),
         "accuracy_before": result.accuracy_before, "accuracy_after": result.accuracy_after,
         "perplexity_before": result.perplexity_before, "perplexity_after": result.perplexity_after,
         "final_loss": result.final_loss, "wall_time_s": result.wall_time_s, "train_time_s": result.train_time_s,
         "peak_rss_mb": result.peak_rss_mb, "trainable_params": result.trainable_params,
         "total_params": result.total_params,
     }
-    atomic_write_json(output_dir / "summary.json", summary)
+    atomic_write_json(output_dir / "summary.json", json_ready(summary))
     plot_training(metrics.records, output_dir / "training.png",
                   title=f"{config.method} on {Path(str(config.model)).name} / {Path(str(config.data)).name}")
 
 
 def print_summary(config: TrainConfig, result: TrainResult, after: EvalResult) -> None:
+    accuracy = (f"{result.accuracy_before:.4f} -> {result.accuracy_after:.4f}  ({after.n_scored} examples)"
+                if after.n_scored else "none: the test examples have no options")
     print(
         f"\n== torchdora train: {config.method}, {result.steps} steps ==\n"
-        f"test accuracy   {result.accuracy_before:.4f} -> {result.accuracy_after:.4f}  ({after.n_scored} examples)\n"
+        f"test accuracy   {accuracy}\n"
         f"perplexity      {result.perplexity_before:.3f} -> {result.perplexity_after:.3f}\n"
         f"final loss      {result.final_loss:.4f}\n"
         f"wall time       {result.wall_time_s:.1f} s (training {result.train_time_s:.1f} s)\n"

@@ -240,7 +240,7 @@ class Run:
         self.scheduler.load_state_dict(json.loads((checkpoint_dir / "scheduler.json").read_text()))
         load_rng_state(checkpoint_dir, acc.process_index)
         position = Position(saved["step"], saved["epoch"], saved["micro_in_epoch"])
-        self.metrics.records = [r for r in saved.get("metrics", []) if r.get("step", 0) <= position.step]
+        self.metrics.reset([r for r in saved.get("metrics", []) if r.get("step", 0) <= position.step])
         before = EvalResult(**saved["before"]) if saved.get("before") is not None else None
         self.say(f"resumed from {checkpoint_dir} at step {position.step}")
         return position, before
