@@ -21,7 +21,7 @@ from torchdora.inject import (
     unmerge,
 )
 from torchdora.io import load_adapter, read_adapter, save_adapter
-from torchdora.layers import AdapterLayer, ConvAdapter, EmbeddingAdapter, LinearAdapter
+from torchdora.layers import AdapterLayer, ConvAdapter, EmbeddingAdapter, Linear4bitAdapter, LinearAdapter
 
 __version__ = "0.1.0"
 
@@ -31,6 +31,7 @@ __all__ = [
     "LinearAdapter",
     "ConvAdapter",
     "EmbeddingAdapter",
+    "Linear4bitAdapter",
     "inject",
     "find_targets",
     "adapter_layers",

@@ -28,7 +28,7 @@ On CUDA the elementwise passes run as fused Triton kernels when Triton is instal
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -92,13 +92,16 @@ def _keep(mask: Tensor, dtype: torch.dtype, p: float) -> Tensor:
 
 def dora_linear_forward(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor | None, lora_B: Tensor | None,
-    factor: Tensor, scaling: float, dropout_p: float = 0.0,
+    factor: Tensor, scaling: float, dropout_p: float = 0.0, dequantize: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """The DoRA linear forward without autograd bookkeeping (inference, or no trainable input).
 
-    ``x``: ``(..., in)``; ``weight``: ``(out, in)`` rows; ``lora_A``: ``(r, in)``; ``lora_B``: ``(out, r)``;
-    ``factor``: ``(out,)`` (``m / ||W + s·B·A||``); returns ``(..., out)`` in ``x.dtype``.
+    ``x``: ``(..., in)``; ``weight``: ``(out, in)`` rows (or packed storage that ``dequantize`` turns into them);
+    ``lora_A``: ``(r, in)``; ``lora_B``: ``(out, r)``; ``factor``: ``(out,)`` (``m / ||W + s·B·A||``); returns
+    ``(..., out)`` in ``x.dtype``.
     """
+    if dequantize is not None:
+        weight = dequantize(weight)
     out_features = weight.shape[0]
     x2 = x.reshape(-1, x.shape[-1])
     f = factor.to(x.dtype)
@@ -125,9 +128,12 @@ class DoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor | None,
                 lora_B: Tensor | None, factor: Tensor, scaling: float, dropout_p: float,
-                save_output: bool, recompute: bool = False) -> Tensor:
+                save_output: bool, recompute: bool = False,
+                dequantize: Callable[[Tensor], Tensor] | None = None) -> Tensor:
         cdt = x.dtype
-        out_features, in_features = weight.shape
+        ctx.dequantize = dequantize
+        stored, weight = weight, (weight if dequantize is None else dequantize(weight))  # a quantized base
+        out_features, in_features = weight.shape  # is kept packed (stored) and dequantized again in backward
         x2 = x.reshape(-1, in_features)  # (N, in), a view of x when x is contiguous
         f = factor.to(cdt)  # the factor exactly as applied; its inverse recovers z from y
         a = None if lora_A is None else lora_A.to(cdt)
@@ -145,31 +151,33 @@ class DoraLinearFunction(torch.autograd.Function):
             y.addcmul_(d, f)
             out = y.view(*x.shape[:-1], out_features)
             ctx.mode = "dropout"
-            ctx.save_for_backward(x, weight, a, b, f, h, None if recompute else d, mask)
+            ctx.save_for_backward(x, stored, a, b, f, h, None if recompute else d, mask)
             return out
         h = None if a is None else torch.mm(x2, a.T)  # (N, r)
         z = torch.mm(x2, weight.T)  # (N, out)
         if recompute:  # keep what LoRA keeps; backward multiplies x Wᵀ again
             out = _combine_(z, h, b, f, bias, scaling).view(*x.shape[:-1], out_features)
             ctx.mode = "recompute"
-            ctx.save_for_backward(x, weight, a, b, f, h, None, None)
+            ctx.save_for_backward(x, stored, a, b, f, h, None, None)
             return out
         if save_output:
             out = _combine_(z, h, b, f, bias, scaling).view(*x.shape[:-1], out_features)
             ctx.mode = "output"
-            ctx.save_for_backward(x, weight, a, b, f, h, out, bias)
+            ctx.save_for_backward(x, stored, a, b, f, h, out, bias)
             return out
         if h is not None:
             z.addmm_(h, b.T, alpha=scaling)
         y = z * f if bias is None else torch.addcmul(bias, z, f)
         out = y.view(*x.shape[:-1], out_features)
         ctx.mode = "pre_scale"
-        ctx.save_for_backward(x, weight, a, b, f, h, z, None)
+        ctx.save_for_backward(x, stored, a, b, f, h, z, None)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, a, b, f, h, saved, extra = ctx.saved_tensors
+        if ctx.dequantize is not None:
+            weight = ctx.dequantize(weight)
         s = ctx.scaling
         out_features, in_features = weight.shape
         need_x, _, _, need_a, need_b, need_f = ctx.needs_input_grad[:6]
@@ -214,13 +222,13 @@ class DoraLinearFunction(torch.autograd.Function):
         if grad_b is not None:
             grad_b = grad_b.to(a_dtype)
         grad_factor = grad_f.to(f_dtype) if need_f else None
-        return grad_x, None, None, grad_a, grad_b, grad_factor, None, None, None, None
+        return grad_x, None, None, grad_a, grad_b, grad_factor, None, None, None, None, None
 
 
 def dora_linear(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor | None, lora_B: Tensor | None,
     factor: Tensor, scaling: float, dropout_p: float = 0.0, save_output: bool | None = None,
-    recompute: bool = False,
+    recompute: bool = False, dequantize: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """DoRA linear forward ``f ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + b`` (dropout form when ``dropout_p > 0``), fused.
 
@@ -237,6 +245,10 @@ def dora_linear(
     keeps exactly what LoRA keeps (``x`` and ``x Aᵀ``) at the cost of one more ``(N, in) × (in, out)`` product.
     Worth it where nothing downstream keeps the output anyway (a projection followed by a rotary embedding or a
     residual add) and activation memory is the limit.
+
+    ``dequantize`` (a quantized base, e.g. bitsandbytes NF4): ``weight`` is the packed storage and
+    ``dequantize(weight)`` the ``(out, in)`` matrix in ``x.dtype``; backward keeps the packed storage and
+    dequantizes again, as QLoRA's own matmul does, so no full-precision copy outlives the forward.
     """
     if dropout_p > 0 and lora_A is None:
         dropout_p = 0.0  # a magnitude-only layer has no LoRA input to drop (the reference form does the same)
@@ -244,8 +256,8 @@ def dora_linear(
         t is not None and t.requires_grad for t in (x, lora_A, lora_B, factor)
     )
     if not needs_grad:
-        return dora_linear_forward(x, weight, bias, lora_A, lora_B, factor, scaling, dropout_p)
+        return dora_linear_forward(x, weight, bias, lora_A, lora_B, factor, scaling, dropout_p, dequantize)
     if save_output is None:
         save_output = (bias is None or x.dtype in _FULL_PRECISION) and bool((factor != 0).all())
     return DoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, factor, scaling, dropout_p, save_output,
-                                    recompute)
+                                    recompute, dequantize)

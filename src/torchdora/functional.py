@@ -12,6 +12,7 @@ a 2-D ``(out, in)`` matrix of output-feature rows; the layers own only the resha
 from __future__ import annotations
 
 import math
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -22,6 +23,10 @@ __all__ = [
     "dense_row_norm",
     "factored_row_norm",
     "base_row_sq_norm",
+    "dequantized_row_blocks",
+    "blockwise_row_sq_norm",
+    "blockwise_weight_times_At",
+    "row_norm_from_terms",
     "dora_scale",
     "merged_weight",
     "unmerged_weight",
@@ -81,6 +86,44 @@ def _weight_times_At(weight: Tensor, lora_A: Tensor, acc: torch.dtype) -> Tensor
     return torch.cat([blk.to(acc) @ a.T for blk in _row_blocks(weight)])
 
 
+def dequantized_row_blocks(
+    dequantize_rows: Callable[[int, int], Tensor], out_features: int, block_rows: int
+) -> Iterator[Tensor]:
+    """Rows ``[i, i + block_rows)`` of a quantized ``(out, in)`` weight, dequantized one block at a time.
+
+    ``dequantize_rows(start, stop)`` returns rows ``start:stop`` as a float tensor ``(stop − start, in)``; only one
+    block is alive at a time, so a caller that reduces each block holds ``block_rows × in`` floats, never ``W``.
+    """
+    if block_rows < 1:
+        raise ValueError(f"block_rows must be >= 1, got block_rows={block_rows}")
+    for start in range(0, out_features, block_rows):
+        yield dequantize_rows(start, min(start + block_rows, out_features))
+
+
+def blockwise_row_sq_norm(blocks: Iterator[Tensor] | list[Tensor]) -> Tensor:
+    """``||W||²`` per row from consecutive row blocks of ``W`` (each ``(rows, in)``), ``(out,)`` in fp32 or fp64.
+
+    Each block is upcast to at least fp32 before squaring: bf16/fp16 products would round every term.
+    """
+    parts = []
+    for blk in blocks:
+        blk = blk.to(torch.promote_types(blk.dtype, torch.float32))
+        parts.append(torch.einsum("oi,oi->o", blk, blk))
+    return torch.cat(parts)
+
+
+def blockwise_weight_times_At(blocks: Iterator[Tensor] | list[Tensor], lora_A: Tensor) -> Tensor:
+    """``W Aᵀ`` ``(out, r)`` from consecutive row blocks of ``W`` (each ``(rows, in)``), ``lora_A`` ``(r, in)``.
+
+    In at least fp32 with ``A`` unrounded: the factored norm's cross term cancels against ``||W||²``.
+    """
+    parts = []
+    for blk in blocks:
+        acc = torch.promote_types(torch.promote_types(blk.dtype, lora_A.dtype), torch.float32)
+        parts.append(blk.to(acc) @ lora_A.to(acc).T)  # (rows, r)
+    return torch.cat(parts)
+
+
 def factored_row_norm(
     weight: Tensor,
     lora_A: Tensor,
@@ -99,11 +142,25 @@ def factored_row_norm(
     acc = torch.promote_types(weight.dtype, torch.float32)
     if base_sq_norm is None:
         base_sq_norm = base_row_sq_norm(weight)
-    a = lora_A.to(acc)
-    b = lora_B.to(acc)
     # W Aᵀ: the one O(out·in·r) product, in fp32 with A unrounded (the cross term must not lose bits to
     # cancellation), upcasting W a block of rows at a time.
     wa = _weight_times_At(weight, lora_A, acc)  # (out, r)
+    return row_norm_from_terms(base_sq_norm, wa, lora_A, lora_B, scaling)
+
+
+def row_norm_from_terms(base_sq_norm: Tensor, weight_At: Tensor, lora_A: Tensor, lora_B: Tensor,
+                        scaling: float) -> Tensor:
+    """``||W + s·B·A||`` per row from ``||W||²`` ``(out,)`` and ``W Aᵀ`` ``(out, r)``, the two terms that read ``W``.
+
+        n² = ||W||² + 2s·rowsum(B ⊙ (W Aᵀ)) + s²·rowsum((B (A Aᵀ)) ⊙ B)
+
+    The rest of :func:`factored_row_norm`, for callers that produce the terms another way (a quantized base
+    dequantized block by block, :func:`blockwise_weight_times_At`). Accumulates in ``weight_At``'s dtype.
+    """
+    acc = weight_At.dtype
+    wa = weight_At
+    a = lora_A.to(acc)
+    b = lora_B.to(acc)
     cross = (b * wa).sum(dim=1)  # (out,)
     gram = a @ a.T  # (r, r)
     quad = ((b @ gram) * b).sum(dim=1)  # (out,)

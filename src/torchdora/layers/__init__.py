@@ -4,6 +4,8 @@
 - :class:`ConvAdapter` (``conv.py``): ``nn.Conv1d/2d/3d`` with ``groups == 1``; ``A`` is a conv ``in → r`` with the
   base kernel, stride, padding and dilation, ``B`` a 1×1 conv ``r → out``.
 - :class:`EmbeddingAdapter` (``embedding.py``): ``nn.Embedding``; the output feature is the embedding dimension.
+- :class:`Linear4bitAdapter` (``bnb.py``): bitsandbytes' 4-bit ``Linear4bit`` (NF4/FP4), QDoRA; the weight stays
+  packed and is dequantized a block of rows at a time.
 
 A new kind of base (a quantized linear layer, another adapter method) is a new file here that subclasses
 :class:`AdapterLayer` and is listed in :func:`adapter_class_for`.
@@ -14,15 +16,19 @@ from __future__ import annotations
 from torch import nn
 
 from torchdora.layers.base import AdapterLayer, is_conv1d
+from torchdora.layers.bnb import Linear4bitAdapter, is_linear4bit
 from torchdora.layers.conv import ConvAdapter
 from torchdora.layers.embedding import EmbeddingAdapter
 from torchdora.layers.linear import LinearAdapter
 
-__all__ = ["AdapterLayer", "LinearAdapter", "ConvAdapter", "EmbeddingAdapter", "adapter_class_for", "is_conv1d"]
+__all__ = ["AdapterLayer", "LinearAdapter", "ConvAdapter", "EmbeddingAdapter", "Linear4bitAdapter", "adapter_class_for",
+           "is_conv1d"]
 
 
 def adapter_class_for(module: nn.Module) -> type[AdapterLayer] | None:
     """The adapter class that wraps ``module``, or ``None`` if its type is not supported."""
+    if is_linear4bit(module):  # before nn.Linear: Linear4bit subclasses it
+        return Linear4bitAdapter
     if isinstance(module, nn.Linear) or is_conv1d(module):
         return LinearAdapter
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):

@@ -142,6 +142,11 @@ class AdapterLayer(nn.Module):
         """The base weight as ``(out, in)`` rows (a view, no copy)."""
         raise NotImplementedError
 
+    def _weight_storage(self) -> Tensor:
+        """The tensor that holds the frozen base weight, for cache keys: :meth:`weight_2d` here; a quantized
+        layer returns its packed storage, not a fresh dequantized copy."""
+        return self.weight_2d()
+
     def _set_weight_2d(self, weight_2d: Tensor) -> None:
         with torch.no_grad():
             self.weight_2d().copy_(weight_2d)
@@ -210,7 +215,7 @@ class AdapterLayer(nn.Module):
             return self._row_norm(detach=False)
         if torch.compiler.is_compiling():
             return self._row_norm(detach=True).detach()
-        key = _tensor_key(self.weight_2d(), self.lora_A, self.lora_B) + (self.scaling, self.norm_method)
+        key = _tensor_key(self._weight_storage(), self.lora_A, self.lora_B) + (self.scaling, self.norm_method)
         if self._norm_cache is None or self._norm_cache[0] != key:
             with torch.no_grad():
                 self._norm_cache = (key, self._row_norm(detach=True))

@@ -1,0 +1,241 @@
+"""QDoRA over bitsandbytes NF4 (``layers/bnb.py``): every number against fp32 DoRA on the dequantized weight.
+
+The reference is :class:`LinearAdapter` around an ``nn.Linear`` holding ``Ŵ = dequantize_4bit(W)`` with the same
+``A``, ``B`` and ``m``: the 4-bit layer must compute exactly that function (REFERENCE §7). Both sides are fp32 and
+differ only in the order of operations (block-wise norms, a dequantize per product), so outputs and gradients agree
+to a few fp32 ulps of values of order 1: ``rtol=1e-5, atol=1e-6``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes (the qdora extra) is not installed")
+
+from torchdora import DoraConfig, adapter_layers, inject, load_adapter, merge_and_unload, save_adapter  # noqa: E402
+from torchdora import functional as DF  # noqa: E402
+from torchdora.layers import Linear4bitAdapter, LinearAdapter, adapter_class_for  # noqa: E402
+from torchdora.layers import bnb as qlayers  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+TIGHT = dict(rtol=1e-5, atol=1e-6)
+
+
+def _linear4bit(in_features=64, out_features=96, bias=True, seed=0, compute_dtype=torch.float32):
+    torch.manual_seed(seed)
+    dense = nn.Linear(in_features, out_features, bias=bias)
+    layer = bnb.nn.Linear4bit(in_features, out_features, bias=bias, compute_dtype=compute_dtype,
+                              compress_statistics=True, quant_type="nf4")  # double quantization on
+    layer.load_state_dict(dense.state_dict())
+    return layer.to("cpu")  # quantizes
+
+
+def _pair(seed=0, bias=True, **adapter):
+    """(4-bit adapter, fp32 reference adapter on the dequantized weight) with identical A, B, m, off the identity."""
+    q = Linear4bitAdapter(_linear4bit(bias=bias, seed=seed), **adapter)
+    dense = nn.Linear(q.in_features, q.out_features, bias=bias)
+    with torch.no_grad():
+        dense.weight.copy_(q.weight_2d())
+        if bias:
+            dense.bias.copy_(q.base.bias)
+    ref = LinearAdapter(dense, **adapter)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for (name, p), p_ref in zip(q.adapter_parameters().items(), ref.adapter_parameters().values()):
+            noise = torch.randn(p.shape, generator=gen)
+            p.mul_(1 + 0.2 * noise) if name == "magnitude" else p.add_(0.3 * noise)
+            p_ref.copy_(p)
+    return q, ref
+
+
+def _grads(layer, x):
+    x = x.clone().requires_grad_(True)
+    y = layer(x)
+    (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+    grads = {k: p.grad.clone() for k, p in layer.adapter_parameters().items()}
+    return y.detach(), x.grad, grads
+
+
+def test_row_blocks_dequantize_exactly_like_the_whole_weight():
+    layer = _linear4bit(in_features=64, out_features=96)
+    whole = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    blocks = list(DF.dequantized_row_blocks(lambda a, b: qlayers.dequantize_linear4bit(layer, a, b), 96, 10))
+    assert [b.shape[0] for b in blocks] == [10] * 9 + [6]
+    assert torch.equal(torch.cat(blocks), whole)  # same bytes, same scales: bit-identical
+
+
+def test_blockwise_norm_terms_match_float64(monkeypatch):
+    monkeypatch.setattr(qlayers, "_BLOCK_ELEMENTS", 64 * 4)  # force several row blocks
+    q, _ = _pair()
+    w = q.weight_2d().double()
+    a, b = q.lora_A.detach().double(), q.lora_B.detach().double()
+    expected = torch.linalg.vector_norm(w + q.scaling * b @ a, dim=1)
+    assert_close(q.base_sq_norm().double(), (w * w).sum(1), rtol=1e-6, atol=0)  # fp32 sums of 64 terms
+    assert_close(q.row_norm().double(), expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fused", "reference"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_qdora_gradients_equal_fp32_dora_on_dequantized_weight(fast, bias):
+    q, ref = _pair(bias=bias)
+    q.use_fast_path = ref.use_fast_path = fast
+    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(7))
+    y, gx, grads = _grads(q, x)
+    y_ref, gx_ref, grads_ref = _grads(ref, x)
+    assert not torch.allclose(y, ref.base(x), **TIGHT)  # guard: the adapter changes the output
+    assert_close(y, y_ref, **TIGHT)
+    assert_close(gx, gx_ref, **TIGHT)
+    for name in grads_ref:
+        assert_close(grads[name], grads_ref[name], **TIGHT, msg=name)
+
+
+def test_qdora_dropout_and_exact_norm_gradients_match():
+    q, ref = _pair(dropout=0.25, detach_norm=False)
+    q.train(), ref.train()
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(8))
+    torch.manual_seed(5)
+    y, gx, grads = _grads(q, x)
+    torch.manual_seed(5)  # same dropout mask
+    y_ref, gx_ref, grads_ref = _grads(ref, x)
+    assert_close(y, y_ref, **TIGHT)
+    assert_close(gx, gx_ref, **TIGHT)
+    for name in grads_ref:
+        assert_close(grads[name], grads_ref[name], **TIGHT, msg=name)
+
+
+def test_gradients_stay_right_after_an_eval_mode_forward():
+    """REFERENCE §7: with AVX512-BF16, an eval no-grad forward repacks Linear4bit for inference; gradients after
+    that were silently wrong. Force the repacking on (as a fresh load on such a CPU does), then train."""
+    if not bnb.functional.has_avx512bf16():
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes never repacks here")
+    model = nn.Sequential(_linear4bit(64, 64, seed=0), nn.GELU(), _linear4bit(64, 64, seed=1)).eval()
+    for m in model:
+        if qlayers.is_linear4bit(m):
+            m.support_avx512bf16_for_cpu = True
+    with torch.no_grad():
+        model(torch.randn(2, 64))
+    assert getattr(model[0].weight.quant_state, "packing_format_for_cpu", False)  # the hazard is armed
+    model[0].support_avx512bf16_for_cpu = True
+    assert qlayers.disable_cpu_weight_repacking(model) == 2
+    assert not getattr(model[2].weight.quant_state, "packing_format_for_cpu", False)
+    # the adapter guards its own base: repack the first layer again, then wrap it
+    model[0].support_avx512bf16_for_cpu = True
+    with torch.no_grad():
+        model[0](torch.randn(2, 64))
+    q = Linear4bitAdapter(model[0])
+    assert not q.base.support_avx512bf16_for_cpu
+    dense = nn.Linear(64, 64)
+    with torch.no_grad():
+        dense.weight.copy_(q.weight_2d()), dense.bias.copy_(q.base.bias)
+    ref = LinearAdapter(dense)
+    with torch.no_grad():
+        for p, p_ref in zip(q.adapter_parameters().values(), ref.adapter_parameters().values()):
+            p.add_(0.1), p_ref.copy_(p)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(2))
+    y, gx, grads = _grads(q.eval(), x)  # eval mode with grads: still the unpacked weight
+    y_ref, gx_ref, grads_ref = _grads(ref, x)
+    assert_close(gx, gx_ref, **TIGHT)
+    for name in grads_ref:
+        assert_close(grads[name], grads_ref[name], **TIGHT, msg=name)
+
+
+def test_merge_swaps_in_a_plain_linear_and_unmerge_restores_the_packed_base():
+    q, _ = _pair()
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        expected = q(x)
+        packed = q.base
+        merged = q.merged_linear(torch.bfloat16)
+        assert merged.weight.dtype == torch.bfloat16
+        q.merge()
+        assert isinstance(q.base, nn.Linear) and not qlayers.is_linear4bit(q.base)
+        assert_close(q(x), expected, **TIGHT)
+        q.unmerge()
+        assert q.base is packed
+        assert_close(q(x), expected, rtol=0, atol=0)
+
+
+def test_inject_merge_and_unload_on_a_4bit_model():
+    model = nn.Sequential(_linear4bit(64, 64, seed=0), nn.GELU(), _linear4bit(64, 32, seed=1))
+    assert adapter_class_for(model[0]) is Linear4bitAdapter
+    inject(model, DoraConfig(target_modules=["0", "2"], r=4))
+    with torch.no_grad():
+        for layer in adapter_layers(model).values():
+            layer.lora_B.add_(0.1)
+        x = torch.randn(2, 64)
+        expected = model(x)
+        merge_and_unload(model)
+        assert all(type(m) is nn.Linear for m in (model[0], model[2]))
+        assert_close(model(x), expected, **TIGHT)
+
+
+# ---- PEFT's QDoRA files, both ways (transformers' own 4-bit load path) -------------------------------------------
+def _quantized_tiny_llama(folder):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, device_map="cpu",
+                                                     dtype=torch.float32)
+    qlayers.disable_cpu_weight_repacking(model)
+    return model.eval()
+
+
+@pytest.fixture
+def llama4bit_folder(tmp_path_factory, make_tiny_llama):
+    folder = tmp_path_factory.mktemp("llama")
+    make_tiny_llama(0).save_pretrained(folder)
+    return folder
+
+
+TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_peft_qdora_adapter_loads_with_equal_logits(llama4bit_folder, input_ids, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = get_peft_model(_quantized_tiny_llama(llama4bit_folder),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, use_dora=True)).eval()
+    assert type(theirs.base_model.model.model.layers[0].self_attn.q_proj).__module__.endswith("bnb")
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if p.requires_grad:
+                noise = torch.randn(p.shape, generator=gen)
+                p.mul_(1 + 0.2 * noise) if "magnitude" in name else p.add_(0.3 * noise)
+    expected = _logits(theirs, input_ids)
+    theirs.save_pretrained(tmp_path)
+    ours = _quantized_tiny_llama(llama4bit_folder)
+    assert not torch.allclose(_logits(ours, input_ids), expected, rtol=1e-4, atol=1e-5)
+    load_adapter(ours, tmp_path)
+    assert all(isinstance(m, Linear4bitAdapter) for m in adapter_layers(ours).values())
+    # PEFT adds a correction to the 4-bit base output, torchdora scales the sum: fp32 reorderings over 2 blocks
+    assert_close(_logits(ours, input_ids), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_torchdora_qdora_adapter_loads_in_peft(llama4bit_folder, input_ids, tmp_path, perturb):
+    from peft import PeftModel
+
+    ours = _quantized_tiny_llama(llama4bit_folder)
+    inject(ours, DoraConfig(target_modules=TARGETS, r=4, alpha=8))
+    perturb(ours)
+    expected = _logits(ours, input_ids)
+    save_adapter(ours, tmp_path, format="peft")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = PeftModel.from_pretrained(_quantized_tiny_llama(llama4bit_folder), tmp_path).eval()
+    assert_close(_logits(theirs, input_ids), expected, rtol=1e-4, atol=1e-5)
