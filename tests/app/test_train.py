@@ -190,6 +190,28 @@ def test_full_fine_tuning_snapshots_hold_the_state_dict(tiny, tmp_path):
                            base.state_dict()["model.layers.0.self_attn.q_proj.weight"])
 
 
+def test_full_fine_tuning_train_only_changes_only_the_named_weights(tiny, tmp_path):
+    model_dir, data = tiny
+    out = tmp_path / "full-qv"
+    train(tiny_config(model_dir, data, out, method="full", train_only="q_proj,v_proj", steps=2, lr=1e-2,
+                      eval_every=0))
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+    trained = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
+    changed = {k for k in base if not torch.equal(base[k], trained[k])}
+    named = {k for k in base if k.endswith(("q_proj.weight", "v_proj.weight"))}
+    assert changed == named  # every q/v weight moved (the option does something), nothing else did
+
+
+def test_train_only_is_refused_for_adapters_and_unknown_names(tiny, tmp_path):
+    model_dir, data = tiny
+    with pytest.raises(ValueError, match="needs --method full"):
+        tiny_config(model_dir, data, tmp_path / "a", method="lora", train_only="q_proj")
+    with pytest.raises(ValueError, match="q_prj.*closest names"):
+        train(tiny_config(model_dir, data, tmp_path / "b", method="full", train_only="q_prj", eval_every=0))
+
+
 @pytest.mark.parametrize("method", ["dora", "lora"])
 def test_bfloat16_mixed_precision_and_grad_accum_run(method, tiny, tmp_path):
     model_dir, data = tiny

@@ -18,7 +18,12 @@ from pathlib import Path
 
 from torchdora.analysis import (
     DEFAULT_MODULES,
+    BaseWeights,
     DecompositionRow,
+    Verdict,
+    compare_to_null,
+    discover_checkpoints,
+    random_update_rows,
     LineFit,
     analyze,
     fit_rows,
@@ -27,6 +32,8 @@ from torchdora.analysis import (
     write_csv,
     write_json,
 )
+from torchdora.analysis.decomposition import adapter_ranks
+from torchdora.analysis.report import format_verdicts, plot_statistics, verdicts_json, write_stats_csv
 
 __all__ = ["AnalyzeArgs", "parse_args", "run", "main", "format_fits"]
 
@@ -40,7 +47,9 @@ class AnalyzeArgs:
     modules: str = DEFAULT_MODULES
     output_dir: str = "analysis"
     labels: tuple[str, ...] = ()
-    color_by: str = "step"
+    color_by: str = "layer"
+    bootstrap: int = 2000
+    seed: int = 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -61,18 +70,24 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", default="analysis", help="folder for the CSV, JSON and figures")
     parser.add_argument("--label", action="append", default=[], dest="labels",
                         help="a name per RUN_OR_SNAPSHOT, in order (default: the run's method)")
-    parser.add_argument("--color-by", choices=("step", "layer"), default="step",
-                        help="what the scatter plot's colour shows")
+    parser.add_argument("--color-by", choices=("step", "layer"), default="layer",
+                        help="what the scatter plot's colour shows (the other is shown by marker shape or lines)")
+    parser.add_argument("--bootstrap", type=int, default=2000,
+                        help="resamples of the layers for the 95 %% intervals (default 2000; 0: no statistics)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and of the null's random updates")
     return parser
 
 
 def parse_args(argv: list[str]) -> AnalyzeArgs:
     parser = _parser()
     ns = parser.parse_args(argv)
+    if ns.bootstrap < 0 or ns.bootstrap == 1:
+        parser.error(f"--bootstrap {ns.bootstrap}: give 0 (no statistics) or at least 2 resamples, e.g. 2000")
     if ns.labels and len(ns.labels) != len(ns.checkpoints):
         parser.error(f"got {len(ns.labels)} --label for {len(ns.checkpoints)} checkpoints; give one per checkpoint")
     return AnalyzeArgs(checkpoints=tuple(ns.checkpoints), model=ns.model, modules=ns.modules,
-                       output_dir=ns.output_dir, labels=tuple(ns.labels), color_by=ns.color_by)
+                       output_dir=ns.output_dir, labels=tuple(ns.labels), color_by=ns.color_by,
+                       bootstrap=ns.bootstrap, seed=ns.seed)
 
 
 def format_fits(fits: list[LineFit]) -> str:
@@ -99,29 +114,53 @@ def _model_of_runs(checkpoints: tuple[str, ...]) -> str | None:
     return None
 
 
-def run(args: AnalyzeArgs) -> list[DecompositionRow]:
-    """Measure, then write ``decomposition.{csv,json}`` and the two figures into ``args.output_dir``."""
+def statistics(model: str | None, rows: list[DecompositionRow], checkpoints: tuple[str, ...], n_boot: int,
+               seed: int) -> list[Verdict]:
+    """The across-layer statistics of ``rows`` against random updates of the measured size (the null)."""
+    base = BaseWeights(model)
+    modules = list(dict.fromkeys(r.module for r in rows))
+    ranks = adapter_ranks(c for path in checkpoints for c in discover_checkpoints(path)[:1])
+    null = random_update_rows({m: base.rows(m) for m in modules}, rows, ranks, seed=seed)
+    usable = [r for r in rows if r.step != 0 and r.layer is not None]
+    if len({r.layer for r in usable}) < 3 or len(usable) == 0:
+        raise ValueError("the across-layer statistics need snapshots (step > 0) of at least 3 layers")
+    return compare_to_null(rows, null, n_boot=n_boot, seed=seed)
+
+
+def run(args: AnalyzeArgs) -> tuple[list[DecompositionRow], list[Verdict]]:
+    """Measure, then write ``decomposition.{csv,json}``, ``decomposition_stats.csv`` and the figures."""
     model = args.model if args.model is not None else _model_of_runs(args.checkpoints)
     rows = analyze(model, args.checkpoints, args.modules, list(args.labels) or None)
     out = Path(args.output_dir)
+    verdicts: list[Verdict] = []
+    trained = [r for r in rows if r.step != 0 and r.layer is not None]
+    if args.bootstrap and len({r.layer for r in trained}) >= 3:
+        verdicts = statistics(model, rows, args.checkpoints, args.bootstrap, args.seed)
+        write_stats_csv(verdicts, out / "decomposition_stats.csv")
+        plot_statistics(verdicts, out / "decomposition_stats.png")
     write_csv(rows, out / "decomposition.csv")
     write_json(rows, out / "decomposition.json",
-               {"model": model, "modules": args.modules, "checkpoints": list(args.checkpoints)})
+               {"model": model, "modules": args.modules, "checkpoints": list(args.checkpoints),
+                "statistics": verdicts_json(verdicts), "bootstrap": args.bootstrap, "seed": args.seed})
     if any(r.step != 0 for r in rows):
         plot_scatter(rows, out / "decomposition_scatter.png", color_by=args.color_by)
     if any(r.layer is not None for r in rows):
         plot_layers(rows, out / "decomposition_layers.png")
-    return rows
+    return rows, verdicts
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
-        rows = run(args)
+        rows, verdicts = run(args)
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as err:
         print(f"torchdora analyze: error: {err}", file=sys.stderr)
         return 2
     print(format_fits(fit_rows(rows)))
+    if verdicts:
+        print("\ncorrelations of ΔM on ΔD with 95 % bootstrap intervals over layers, against random updates of the "
+              "measured size (null);\npooled = over all layers × snapshots, within/spearman = across layers within "
+              "each snapshot, partial = step-centred\n" + format_verdicts(verdicts))
     print(f"{len(rows)} measurements written to {args.output_dir}/decomposition.csv, .json and figures")
     return 0
 

@@ -51,6 +51,7 @@ __all__ = [
     "discover_checkpoints",
     "checkpoint_weight",
     "analyze",
+    "adapter_ranks",
 ]
 
 #: the paper's analysis looks at the query (and value) projections
@@ -252,6 +253,10 @@ class BaseWeights:
         """The stored weight of ``module`` (its own orientation and dtype)."""
         return self._files.get(f"{module}.weight")
 
+    def rows(self, module: str) -> Tensor:
+        """The weight of ``module`` as ``(out, in)`` output-feature rows, float64 (what ΔM and ΔD compare)."""
+        return _rows(self.weight(module), self.kind(module)).to(torch.float64)
+
 
 # ---- checkpoints -------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -417,6 +422,22 @@ def checkpoint_weight(
     scaling = lora_scaling(r, config.alpha_for(module), config.use_rslora)
     merged, _ = merged_weight(base, a, b, m, scaling)
     return base, merged
+
+
+def adapter_ranks(checkpoints: Iterable[Checkpoint]) -> dict[str, int]:
+    """Method → the rank ``r`` of its adapters (``lora``/``dora`` checkpoints), for the null of low-rank updates.
+
+    Several ranks for one method (different runs) are refused: the null is built per method.
+    """
+    ranks: dict[str, int] = {}
+    for point in checkpoints:
+        if point.kind != "adapter":
+            continue
+        config, _, _ = read_adapter(point.path)
+        if ranks.setdefault(point.method, config.r) != config.r:
+            raise ValueError(f"runs of method {point.method!r} have ranks {ranks[point.method]} and {config.r}; "
+                             "analyse runs of one rank per method together")
+    return ranks
 
 
 # ---- the driver --------------------------------------------------------------------------------------------

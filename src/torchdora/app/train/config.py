@@ -34,7 +34,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 RUN_FIELDS = (
     "method", "model", "data", "targets", "rank", "alpha", "dropout", "lr", "schedule", "warmup_steps",
     "steps", "epochs", "batch_size", "grad_accum", "max_length", "dtype", "seed", "max_train",
-    "magnitude_only", "detach_norm", "max_grad_norm", "weight_decay", "packing",
+    "magnitude_only", "detach_norm", "max_grad_norm", "weight_decay", "packing", "train_only",
 )
 
 
@@ -75,6 +75,8 @@ class TrainConfig:
         recompute: comma-separated DoRA modules that recompute ``x Wᵀ`` in backward rather than keep their
             output (:attr:`torchdora.DoraConfig.recompute_modules`): less memory, a little more time.
         max_grad_norm: gradient clipping (0: off). weight_decay: AdamW weight decay.
+        train_only: ``method="full"`` only: comma-separated module names/suffixes whose weights alone train
+            (e.g. ``q_proj,v_proj``, the control of the decomposition analysis); empty: every parameter.
         eval_batch_size: sequences per forward pass when scoring.
         val_examples: validation examples scored at each periodic evaluation (a prefix of the split, at most
             ``max_eval``); the test split is scored in full (``max_eval``) before and after training.
@@ -120,10 +122,11 @@ class TrainConfig:
     packing: bool = False
     report_to: str = "none"
     log_every: int = 10
+    train_only: str = ""
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
-        for name in ("targets", "magnitude_only", "recompute"):  # YAML/JSON lists are welcome too
+        for name in ("targets", "magnitude_only", "recompute", "train_only"):  # YAML/JSON lists are welcome too
             value = getattr(self, name)
             if isinstance(value, (list, tuple)):
                 set_(name, ",".join(str(v).strip() for v in value))
@@ -166,6 +169,8 @@ class TrainConfig:
         for name in ("magnitude_only", "recompute"):
             if getattr(self, name) and self.method != "dora":
                 raise ValueError(f"{name}={getattr(self, name)!r} needs --method dora: {self.method} has no magnitude")
+        if self.train_only and self.method != "full":
+            raise ValueError(f"train_only={self.train_only!r} needs --method full; adapters train --targets")
         set_("model", None if self.model in (None, "") else str(self.model))
         set_("data", None if self.data in (None, "") else str(self.data))
 
@@ -185,6 +190,10 @@ class TrainConfig:
     def trackers(self) -> list[str]:
         """The accelerate trackers of ``report_to`` (empty for ``"none"``)."""
         return [t for t in _names(self.report_to) if t != "none"]
+
+    @property
+    def train_only_list(self) -> list[str]:
+        return _names(self.train_only)
 
     def dora_config(self) -> DoraConfig:
         """The adapter configuration of a ``dora``/``lora`` run; magnitude-only modules are targeted too."""
@@ -358,6 +367,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="none (default), tensorboard or wandb: accelerate trackers fed every metrics record")
     p.add_argument("--log-every", dest="log_every", type=int,
                    help="without a terminal: one log line every N steps (default 10; a progress bar otherwise)")
+    p.add_argument("--train-only", dest="train_only",
+                   help="with --method full: train only these modules' weights, e.g. q_proj,v_proj (default: all)")
     return p
 
 

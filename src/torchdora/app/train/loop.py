@@ -38,6 +38,7 @@ from torchdora.app.train.run import (
     lr_factor,
     run_folder_of,
     shared_state_reset,
+    train_only_weights,
 )
 from torchdora.io import atomic_write_json
 
@@ -92,7 +93,9 @@ def train(config: TrainConfig) -> TrainResult:
     quiet_library_bars()
     model, tokenizer = load_model_and_tokenizer(source)
     if config.method == "full":
-        model.requires_grad_(True)
+        model.requires_grad_(not config.train_only)
+        if config.train_only:
+            train_only_weights(model, config.train_only_list)
     else:
         inject(model, config.dora_config())
     trainable, total = trainable_parameter_count(model)

@@ -30,7 +30,7 @@ from torchdora.app.train.config import TrainConfig, config_differences
 from torchdora.app.train.outputs import Metrics, named_trainable
 from torchdora.io import atomic_save_safetensors, atomic_write_json
 
-__all__ = ["Run", "Position", "TrainingDiverged", "lr_factor", "EpochSampler", "compute_loss", "check_resume"]
+__all__ = ["Run", "Position", "TrainingDiverged", "lr_factor", "train_only_weights", "EpochSampler", "compute_loss", "check_resume"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -130,6 +130,27 @@ def check_model_before_loading(source: Path | str, config: TrainConfig) -> None:
     except (OSError, ValueError, KeyError):  # an unusual model: the real injection below will check
         return
     inject(skeleton, config.dora_config())
+
+
+def train_only_weights(model: nn.Module, names: list[str]) -> list[str]:
+    """Let only the ``weight`` of the modules named (exact dotted names or suffixes) train; returns them.
+
+    Full fine-tuning restricted to some matrices, e.g. ``q_proj,v_proj``: the control that tells what the
+    adapters' parametrisation changes from what training those matrices changes.
+    """
+    from torchdora.config import module_matches
+    from torchdora.inject import closest_names
+
+    chosen = [n for n, m in model.named_modules()
+              if module_matches(n, tuple(names)) and isinstance(getattr(m, "weight", None), nn.Parameter)]
+    if not chosen:
+        modules = [n for n, _ in model.named_modules() if n]
+        raise ValueError(f"--train-only {','.join(names)!r} matches no module with a weight; closest names: "
+                         f"{closest_names(names, modules)}")
+    model.requires_grad_(False)
+    for name in chosen:
+        model.get_submodule(name).weight.requires_grad_(True)
+    return chosen
 
 
 def shared_state_reset() -> None:
