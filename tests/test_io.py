@@ -109,7 +109,10 @@ def test_files_hold_fp32_tensors_under_stable_keys(tmp_path, make_tiny_llama, pe
     peft = load_file(tmp_path / "peft" / PEFT_WEIGHTS)
     prefix = "base_model.model.model.layers.0.mlp.down_proj."
     assert {k: tuple(v.shape) for k, v in peft.items()} == {
-        prefix + "lora_A.weight": (4, 48), prefix + "lora_B.weight": (32, 4), prefix + "lora_magnitude_vector": (32,)}
+        prefix + "lora_A.weight": (4, 48), prefix + "lora_B.weight": (32, 4), prefix + "lora_magnitude_vector": (32,),
+        # the same magnitude again under the name transformers 5's adapter loading needs (peft_format.py says why)
+        prefix + "lora_magnitude_vector.weight": (32,)}
+    assert torch.equal(peft[prefix + "lora_magnitude_vector"], peft[prefix + "lora_magnitude_vector.weight"])
     assert all(t.dtype == torch.float32 for t in [*td.values(), *peft.values()])
     peft_config = json.loads((tmp_path / "peft" / PEFT_CONFIG).read_text())
     assert peft_config["peft_type"] == "LORA" and peft_config["use_dora"] is True and peft_config["r"] == 4

@@ -4,6 +4,8 @@
     >>> config = torchdora.DoraConfig(r=16, alpha=32, target_modules=["q_proj", "k_proj", "v_proj"])
     >>> torchdora.inject(model, config)          # only adapter parameters stay trainable
     >>> torchdora.save_adapter(model, "out/")    # or format="peft"
+    >>> model.save_pretrained("out/")            # transformers models: the adapter only (PEFT + torchdora)
+    >>> model = torchdora.load_model("out/")     # base it records + adapter, frozen, in one call
     >>> torchdora.merge_and_unload(model)        # plain modules again, zero inference overhead
 """
 
@@ -20,6 +22,7 @@ from torchdora.inject import (
     unload,
     unmerge,
 )
+from torchdora.hf import load_model
 from torchdora.io import load_adapter, read_adapter, save_adapter
 from torchdora.layers import AdapterLayer, ConvAdapter, EmbeddingAdapter, Linear4bitAdapter, LinearAdapter
 
@@ -45,4 +48,5 @@ __all__ = [
     "save_adapter",
     "load_adapter",
     "read_adapter",
+    "load_model",
 ]

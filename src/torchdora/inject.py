@@ -205,7 +205,15 @@ def inject(model: nn.Module, config: DoraConfig) -> dict[str, nn.Module]:
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
     setattr(model, _CONFIG_ATTR, config)
+    _hf_hooks(model, attach=True)
     return replaced
+
+
+def _hf_hooks(model: nn.Module, attach: bool) -> None:
+    """Adapter-only ``save_pretrained`` on transformers models while adapters are in (see :mod:`torchdora.hf`)."""
+    from torchdora import hf
+
+    (hf.attach if attach else hf.detach)(model)
 
 
 def merge(model: nn.Module) -> None:
@@ -228,6 +236,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         _set_submodule(model, name, layer.base)
     if hasattr(model, _CONFIG_ATTR):
         delattr(model, _CONFIG_ATTR)
+    _hf_hooks(model, attach=False)
     return model
 
 
@@ -239,6 +248,7 @@ def unload(model: nn.Module) -> nn.Module:
         _set_submodule(model, name, layer.base)
     if hasattr(model, _CONFIG_ATTR):
         delattr(model, _CONFIG_ATTR)
+    _hf_hooks(model, attach=False)
     return model
 
 

@@ -278,8 +278,26 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _base_layer_tensors(model: nn.Module, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The base parameters of adapted modules that a PEFT file carries (``base_layer.<module>.<param>`` keys).
+
+    PEFT saves an adapted embedding's or ``lm_head``'s base weight by default and loads it back into the base
+    layer (it may have been resized); so does torchdora. Only keys the file has are expected.
+    """
+    from torchdora.peft_format import BASE_LAYER_PREFIX
+
+    out = {}
+    for name, layer in adapter_layers(model).items():
+        for pname, param in layer.base.named_parameters():
+            key = f"{BASE_LAYER_PREFIX}{name}.{pname}"
+            if key in tensors:
+                out[key] = param
+    return out
+
+
 def _load_tensors(model: nn.Module, tensors: Mapping[str, Tensor], source: Path) -> None:
     expected = adapter_state_dict(model)
+    expected.update(_base_layer_tensors(model, tensors))
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     mis_shaped = sorted(
