@@ -250,7 +250,7 @@ def test_unknown_schema_names_line_and_fields(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", [pc_rows(1)[0], {"question": "q", "answer": "a"}])
     with pytest.raises(
         ValueError,
-        match=r"d\.jsonl:2: row has fields \['answer', 'question'\]; expected one of prompt\+completion",
+        match=r"d\.jsonl:2: row has fields \['answer', 'question'\]; expected one of messages \| prompt\+completion",
     ):
         load_file(path)
 
@@ -472,3 +472,101 @@ def test_dataloader_end_to_end(tokenizer, rotten: DatasetSplits) -> None:
     for batch in loader:
         assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
         assert ((batch["labels"] != IGNORE_INDEX).sum(dim=1) == 2).all()  # answer word + eos
+
+
+# --------------------------------------------------------------------------- chat rows
+
+
+CONVERSATION = (("system", "the film"), ("user", "Review good positive"), ("assistant", "positive"),
+                ("user", "Review bad"), ("assistant", "negative boring"))
+
+
+def test_chat_label_mask_matches_a_hand_built_chatml_rendering() -> None:
+    """Reference: ChatML written out by hand, turn by turn, labels on assistant content and its <|im_end|>."""
+    from test_train import make_tiny_tokenizer
+
+    tokenizer, vocab = make_tiny_tokenizer(chat=True)
+    ids, labels = [], []
+    for role, content in CONVERSATION:
+        turn = [vocab["<|im_start|>"], vocab[role], *(vocab[w] for w in content.split()), vocab["<|im_end|>"]]
+        ids += turn
+        # "<|im_start|> assistant" is the prompt of an answer; the content and its <|im_end|> are trained
+        labels += [IGNORE_INDEX] * 2 + turn[2:] if role == "assistant" else [IGNORE_INDEX] * len(turn)
+    item = data.tokenize_chat(tokenizer, CONVERSATION, max_length=64)
+    assert item == {"input_ids": ids, "labels": labels}
+    # "positive" in the user turn is not trained: the mask follows turns, not words
+    assert sum(label == vocab["positive"] for label in item["labels"]) == 1
+    # too long: the latest turns are kept
+    short = data.tokenize_chat(tokenizer, CONVERSATION, max_length=8)
+    assert short["input_ids"] == ids[-8:] and short["labels"] == labels[-8:]
+
+
+def test_chat_rows_load_and_score_the_last_answer(tmp_path: Path) -> None:
+    from test_train import make_tiny_tokenizer
+
+    tokenizer, vocab = make_tiny_tokenizer(chat=True)
+    rows = [{"messages": [{"role": "user", "content": f"Review {i}"},
+                          {"role": "assistant", "content": "positive" if i % 2 else "negative"}]} for i in range(10)]
+    examples = load_file(write_jsonl(tmp_path / "chat.jsonl", rows))
+    assert examples[1].messages == (("user", "Review 1"), ("assistant", "positive"))
+    assert (examples[1].prompt, examples[1].completion) == ("user: Review 1", "positive")
+    scored = tokenize_example(tokenizer, examples[1], 64, add_eos=False)
+    start, assistant = vocab["<|im_start|>"], vocab["assistant"]
+    assert scored["input_ids"] == [start, vocab["user"], vocab["Review"], vocab["1"], vocab["<|im_end|>"],
+                                   start, assistant, vocab["positive"]]
+    assert scored["labels"] == [IGNORE_INDEX] * 7 + [vocab["positive"]]
+
+
+def test_chat_rows_errors(tmp_path: Path) -> None:
+    bad = [{"messages": [{"role": "user", "content": "hi"}]}]
+    with pytest.raises(ValueError, match=r"chat\.jsonl:1: the last message must be the assistant's"):
+        load_file(write_jsonl(tmp_path / "chat.jsonl", bad))
+    bad = [{"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}]}]
+    with pytest.raises(ValueError, match=r"messages\[0\] has role 'robot'"):
+        load_file(write_jsonl(tmp_path / "chat.jsonl", bad))
+    from test_train import make_tiny_tokenizer
+
+    tokenizer, _ = make_tiny_tokenizer(chat=False)
+    with pytest.raises(ValueError, match="has no chat template"):
+        data.tokenize_chat(tokenizer, CONVERSATION, 64)
+
+
+# --------------------------------------------------------------------------- local Hugging Face formats
+
+
+def test_parquet_arrow_and_saved_datasets_load_offline(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    rows = pc_rows(30)
+    table = datasets.Dataset.from_list(rows)
+    table.to_parquet(str(tmp_path / "d.parquet"))
+    table.save_to_disk(str(tmp_path / "saved"))
+    arrow = next((tmp_path / "saved").glob("*.arrow"))
+    reference = load_dataset(write_jsonl(tmp_path / "d.jsonl", rows), seed=3)
+    for source in (tmp_path / "d.parquet", arrow, tmp_path / "saved"):
+        assert load_dataset(source, seed=3) == reference, source
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:20]),
+                                   "test": datasets.Dataset.from_list(rows[20:])})
+    splits.save_to_disk(str(tmp_path / "saved-dict"))
+    loaded = load_dataset(tmp_path / "saved-dict", seed=0)
+    assert prompts(loaded.test) == {r["prompt"] for r in rows[20:]}
+    (tmp_path / "folder").mkdir()
+    table.select(range(20)).to_parquet(str(tmp_path / "folder" / "train.parquet"))
+    assert len(load_dataset(tmp_path / "folder").train) == 16  # 20 minus carved validation/test
+    (tmp_path / "broken.parquet").write_text("not parquet")
+    with pytest.raises(ValueError, match=r"broken\.parquet is not a readable \.parquet file"):
+        load_dataset(tmp_path / "broken.parquet")
+
+
+# --------------------------------------------------------------------------- packing
+
+
+def test_pack_examples_fills_rows_in_order_with_restarting_positions() -> None:
+    items = [{"input_ids": [1] * n, "labels": [IGNORE_INDEX] * (n - 1) + [7]} for n in (3, 4, 2, 5, 6)]
+    rows = data.pack_examples(items, max_length=9)
+    assert [len(r["input_ids"]) for r in rows] == [9, 5, 6]  # 3+4+2 | 5 | 6: greedy, in order, never cut
+    assert rows[0]["position_ids"] == [0, 1, 2, 0, 1, 2, 3, 0, 1]
+    assert rows[0]["labels"] == items[0]["labels"] + items[1]["labels"] + items[2]["labels"]
+    batch = collate(rows, pad_token_id=0)
+    assert batch["position_ids"].tolist()[1] == [0, 1, 2, 3, 4, 0, 0, 0, 0]
+    with pytest.raises(ValueError, match="longer than max_length=4"):
+        data.pack_examples(items, max_length=4)

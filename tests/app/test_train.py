@@ -41,20 +41,38 @@ def write_tiny_data(folder: Path, n: int = N_ROWS, seed: int = 0) -> Path:
     return path
 
 
-def make_tiny_model(folder: Path, seed: int = 0) -> Path:
-    """A 2-layer random Llama plus a word-level tokenizer covering the tiny data, saved like save_pretrained."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+#: ChatML, the template of SmolLM2/Qwen-style instruction models (no default system prompt here)
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHAT_SPECIALS = ["<|im_start|>", "<|im_end|>"]
 
-    specials = ["<pad>", "<unk>", "<s>", "</s>"]
+
+def make_tiny_tokenizer(chat: bool = False):
+    """The word-level tokenizer of the tiny data; with ``chat``, ChatML markers, roles and :data:`CHATML`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<s>", "</s>"] + (CHAT_SPECIALS if chat else [])
     words = sorted(set(POSITIVE + NEGATIVE + FILLER + "Review Is this review positive or negative Answer".split()
-                       + [str(i) for i in range(N_ROWS)] + ["?", ":"]))
+                       + [str(i) for i in range(N_ROWS)] + ["?", ":"]
+                       + ("system user assistant".split() if chat else [])))
     vocab = {token: i for i, token in enumerate(specials + words)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
-                                        pad_token="<pad>", unk_token="<unk>")
+                                        pad_token="<pad>", unk_token="<unk>",
+                                        additional_special_tokens=CHAT_SPECIALS if chat else None)
+    if chat:
+        tokenizer.chat_template = CHATML
+    return tokenizer, vocab
+
+
+def make_tiny_model(folder: Path, seed: int = 0, chat: bool = False) -> Path:
+    """A 2-layer random Llama plus a word-level tokenizer covering the tiny data, saved like save_pretrained."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer, vocab = make_tiny_tokenizer(chat)
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
@@ -392,3 +410,63 @@ def test_generative_data_gives_a_json_summary_with_null_accuracy(tiny, tmp_path)
     assert math.isfinite(summary["perplexity_after"]) and summary["perplexity_after"] > 1
     for line in (out / "metrics.jsonl").read_text().splitlines():
         _strict_json(line)
+
+
+# ---- chat rows and packing ---------------------------------------------------------------------------------
+def test_a_chat_file_trains_with_loss_on_assistant_tokens(tmp_path):
+    rng = random.Random(0)
+    rows = []
+    for i in range(60):
+        label = "positive" if i % 2 == 0 else "negative"
+        words = rng.sample(FILLER, 3) + rng.sample(POSITIVE if label == "positive" else NEGATIVE, 2)
+        rows.append({"messages": [{"role": "user", "content": f"Review {' '.join(words)} {i}"},
+                                  {"role": "assistant", "content": label}]})
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model_dir = make_tiny_model(tmp_path / "model", chat=True)
+    out = tmp_path / "run"
+    result = train(tiny_config(model_dir, data, out, steps=16, eval_every=0, packing=True))
+    steps = [r["loss"] for r in read_metrics(out) if "loss" in r]
+    # two trained tokens per conversation (the label and <|im_end|>), both learnable: the loss must fall
+    assert sum(steps[-4:]) / 4 < sum(steps[:4]) / 4 - 0.3, steps
+    assert result.perplexity_after < result.perplexity_before
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["accuracy_after"] is None and summary["perplexity_after"] > 0
+
+
+def _loss(model, items, pad):
+    from torchdora.app.data import collate
+
+    return train_mod.compute_loss(model, collate(items, pad))
+
+
+def test_packing_changes_nothing_when_nothing_is_packed_and_keeps_examples_apart(tiny):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from torchdora.app.data import load_dataset, pack_examples, tokenize_examples
+
+    model_dir, data = tiny
+    config = AutoConfig.from_pretrained(model_dir)
+    config.initializer_range = 0.5  # large random weights: tokens depend clearly on their context, so a leak shows
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    items = tokenize_examples(tokenizer, load_dataset(data, seed=0).train[:6], 96)
+    longest = max(len(i["input_ids"]) for i in items)
+    with torch.no_grad():
+        # max_length below twice the shortest example: every row holds one example, padded like the unpacked batch
+        rows = pack_examples(items, longest + 1)
+        assert len(rows) == len(items)
+        (plain, n), (packed, n_packed) = _loss(model, items, 0), _loss(model, rows, 0)
+        assert n == n_packed
+        torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-6)  # fp32, same tokens, another mask path
+
+        # several examples per row: the packed loss is the token-weighted mean of the examples run alone
+        rows = pack_examples(items, 4 * longest)
+        assert len(rows) < len(items)
+        alone = [_loss(model, [item], 0) for item in items]
+        reference = sum(loss * count for loss, count in alone) / sum(count for _, count in alone)
+        torch.testing.assert_close(_loss(model, rows, 0)[0], reference, rtol=1e-5, atol=1e-6)
+        # the check can fail: the same rows with one attention span over the whole row give another loss
+        leaky = [{k: v for k, v in row.items() if k != "position_ids"} for row in rows]
+        assert abs(float(_loss(model, leaky, 0)[0] - reference)) > 1e-3

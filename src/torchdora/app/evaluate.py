@@ -81,21 +81,28 @@ def _accepts_logits_to_keep(model: nn.Module) -> bool:
         return False
 
 
-def selected_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, keep: Tensor) -> Tensor:
+def selected_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, keep: Tensor,
+                    position_ids: Tensor | None = None) -> Tensor:
     """Logits at the positions where ``keep`` is true, ``(keep.sum(), vocab)``.
 
     The vocabulary projection dominates a small model's cost (SmolLM2: 49152 × 576 per position), and the
     loss or a score needs it only where a target token follows; transformers models accept a boolean
     ``logits_to_keep`` mask ``(B, T)`` for exactly this. Models without it get full logits, then masked.
+
+    ``position_ids`` marks packed rows (:mod:`torchdora.app.data.packing`): then no attention mask is passed,
+    so transformers derives the per-example (block-diagonal) causal mask from the position-id resets.
     """
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if position_ids is not None:
+        inputs = {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False}
     if _accepts_logits_to_keep(model):
         try:
-            logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+            logits = model(**inputs, logits_to_keep=keep).logits
         except (IndexError, TypeError):  # an older model that takes only an int (a RuntimeError, e.g. OOM, is real)
             logits = None
         if logits is not None and logits.dim() == 2 and logits.shape[0] == int(keep.sum()):
             return logits
-    return model(input_ids=input_ids, attention_mask=attention_mask).logits[keep]
+    return model(**inputs).logits[keep]
 
 
 # ---- scoring ---------------------------------------------------------------------------------------------

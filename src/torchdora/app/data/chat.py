@@ -1,0 +1,115 @@
+"""Chat data: ``messages`` rows rendered with the tokenizer's chat template, loss on assistant turns only.
+
+A row ``{"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}, ...]}`` is
+rendered by ``tokenizer.apply_chat_template`` (the template the model was instruction-tuned with). The label
+mask is found from the template itself: for assistant turn ``i``, the characters between the rendering of
+``messages[:i]`` with the generation prompt (``"<|im_start|>assistant\\n"`` in ChatML) and the rendering of
+``messages[:i + 1]`` are the assistant's (its content and end-of-turn token, so the model learns to stop); every
+token that starts inside such a span is trained, every other token (system, user, template markup) is ``-100``.
+This works for any template whose rendering of a conversation starts with the rendering of its prefixes, and
+refuses (naming the template) one that does not, e.g. templates that rewrite earlier turns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = ["Message", "parse_messages", "render_chat", "assistant_spans", "tokenize_chat", "chat_prompt_ids"]
+
+IGNORE_INDEX = -100
+ROLES = ("system", "user", "assistant", "tool")
+
+Message = tuple[str, str]
+"""``(role, content)``: hashable, so an :class:`~torchdora.app.data.Example` holding turns stays frozen."""
+
+
+def parse_messages(value: Any, where: str) -> tuple[Message, ...]:
+    """Check a ``messages`` field: a list of ``{"role", "content"}`` objects ending with an assistant turn."""
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} objects")
+    turns = []
+    for index, message in enumerate(value):
+        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str) \
+                or not isinstance(message.get("content"), str):
+            raise ValueError(f"{where}: messages[{index}] must be an object with text 'role' and 'content', "
+                             f"got {message!r}")
+        if message["role"] not in ROLES:
+            raise ValueError(f"{where}: messages[{index}] has role {message['role']!r}; use one of {list(ROLES)}")
+        turns.append((message["role"], message["content"]))
+    if turns[-1][0] != "assistant":
+        raise ValueError(f"{where}: the last message must be the assistant's (the answer to learn), "
+                         f"got role {turns[-1][0]!r}")
+    return tuple(turns)
+
+
+def render_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message],
+                add_generation_prompt: bool = False) -> str:
+    """The tokenizer's chat template applied to ``messages`` (text, not ids)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"the tokenizer of this model ({getattr(tokenizer, 'name_or_path', '?')}) has no chat template, so "
+            "'messages' rows cannot be rendered; use an instruction-tuned model, set tokenizer.chat_template, "
+            "or write prompt/completion rows"
+        )
+    return tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in messages], tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
+
+
+def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the ``[start, end)`` character span of each assistant turn in it."""
+    text = render_chat(tokenizer, messages)
+    spans = []
+    for i, (role, _) in enumerate(messages):
+        if role != "assistant":
+            continue
+        before = _render_prefix(tokenizer, messages[:i])
+        through = render_chat(tokenizer, messages[: i + 1])
+        if not (text.startswith(before) and text.startswith(through) and len(before) <= len(through)):
+            raise ValueError(
+                "the chat template does not render a conversation as an extension of its first turns (it "
+                "rewrites earlier turns), so the assistant tokens cannot be located; write prompt/completion rows"
+            )
+        spans.append((len(before), len(through)))
+    return text, spans
+
+
+def _render_prefix(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message]) -> str:
+    """``messages`` plus the generation prompt; for no messages at all, what the template renders then, if
+    anything (many templates index ``messages[0]`` and fail: nothing comes before the first turn)."""
+    if messages:
+        return render_chat(tokenizer, messages, add_generation_prompt=True)
+    try:
+        return render_chat(tokenizer, [], add_generation_prompt=True)
+    except Exception:  # jinja errors of templates that need a first message
+        return ""
+
+
+def tokenize_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message],
+                  max_length: int) -> dict[str, list[int]]:
+    """``input_ids`` of the rendered conversation and ``labels`` that are ``-100`` outside assistant turns.
+
+    The template holds its own special tokens (BOS included where the model uses one), so the text is tokenized
+    without adding any. A token is trained when its first character lies inside an assistant span. Too-long
+    conversations keep their last ``max_length`` tokens (the latest turns, like prompts cut from the left).
+    """
+    text, spans = assistant_spans(tokenizer, messages)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(encoded["input_ids"])
+    starts = [start for start, _ in encoded["offset_mapping"]]
+    labels = [token if any(a <= start < b for a, b in spans) else IGNORE_INDEX for token, start in zip(ids, starts)]
+    if len(ids) > max_length:
+        ids, labels = ids[-max_length:], labels[-max_length:]
+    if all(label == IGNORE_INDEX for label in labels[1:]):
+        raise ValueError(f"a conversation has no assistant token left to train on within max_length={max_length}")
+    return {"input_ids": ids, "labels": labels}
+
+
+def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message]) -> list[int]:
+    """Ids of every turn before the last (assistant) one plus the generation prompt: what evaluation conditions
+    on to score or generate the final answer."""
+    return list(tokenizer(render_chat(tokenizer, messages[:-1], add_generation_prompt=True),
+                          add_special_tokens=False)["input_ids"])
