@@ -239,3 +239,20 @@ def test_torchdora_qdora_adapter_loads_in_peft(llama4bit_folder, input_ids, tmp_
         warnings.simplefilter("ignore")
         theirs = PeftModel.from_pretrained(_quantized_tiny_llama(llama4bit_folder), tmp_path).eval()
     assert_close(_logits(theirs, input_ids), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_requantized_base_through_data_is_seen_by_the_cache():
+    """Issue 20 on a 4-bit base: the packed bytes re-written through ``.data`` (a re-quantization) are seen."""
+    q, _ = _pair()
+    q.eval()
+    x = torch.randn(3, q.in_features)
+    with torch.no_grad():
+        before = q(x)
+        other = _linear4bit(seed=5)
+        q.base.weight.data.copy_(other.weight.data)  # new packed bytes, same quant_state object
+        q.base.weight.quant_state = other.weight.quant_state
+        got = q(x)
+        q.clear_cache()
+        want = q(x)
+    assert_close(got, want, rtol=0, atol=0)
+    assert not torch.allclose(got, before, **TIGHT)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
+import torchdora
 from torchdora import DoraConfig, inject, load_adapter, save_adapter
 from torchdora import functional as DF
 from torchdora.layers import AdapterLayer, ConvAdapter, EmbeddingAdapter, LinearAdapter
@@ -230,3 +231,197 @@ def test_training_recomputes_norm_once_per_step_and_base_norm_never(monkeypatch)
         opt.zero_grad()
     assert norms[0] == 3
     assert base[0] == 1  # ||W||² of the frozen base: once
+
+
+# ---- edits that version counters do not see (issue 20) ---------------------------------------------------------
+def _param_owner(layer: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The module that holds the parameter ``layer.<name>`` and its attribute name there."""
+    target = getattr(layer, name)
+    for module in layer.modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if p is target:
+                return module, pname
+    raise LookupError(name)
+
+
+class _Scale(nn.Module):
+    """A parametrization ``X ↦ s·X`` whose ``s`` can be changed behind the parametrized tensor's back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.s = nn.Parameter(torch.tensor(1.0), requires_grad=False)
+
+    def forward(self, x):
+        return x * self.s
+
+
+def _data_add_b(layer):
+    layer.lora_B.data.add_(0.5)
+
+
+def _data_add_a(layer):
+    layer.lora_A.data.mul_(-1.5)
+
+
+def _data_mul_m(layer):
+    layer.magnitude.data.mul_(0.7)
+
+
+def _data_mul_base(layer):
+    layer.base.weight.data.mul_(1.5)
+
+
+def _data_copy_b(layer):
+    layer.lora_B.data.copy_(torch.randn(layer.lora_B.shape, generator=torch.Generator().manual_seed(5)))
+
+
+def _data_copy_base(layer):
+    w = layer.base.weight
+    w.data.copy_(torch.randn(w.shape, generator=torch.Generator().manual_seed(6)))
+
+
+def _parametrize_b(layer):
+    from torch.nn.utils import parametrize
+
+    owner, name = _param_owner(layer, "lora_B")
+    scale = _Scale()
+    parametrize.register_parametrization(owner, name, scale)
+    with torch.no_grad():
+        layer(layer._x)  # cache filled through the parametrization
+    scale.s.data.fill_(-2.0)  # the parametrized tensor is rebuilt on every access, maybe at the same address
+
+
+def _parametrize_base(layer):
+    from torch.nn.utils import parametrize
+
+    scale = _Scale()
+    parametrize.register_parametrization(layer.base, "weight", scale)
+    with torch.no_grad():
+        layer(layer._x)
+    scale.s.data.fill_(1.5)
+
+
+def _swap_b(layer):
+    new = nn.Parameter(torch.randn(layer.lora_B.shape, generator=torch.Generator().manual_seed(7)))
+    torch.utils.swap_tensors(layer.lora_B, new)
+
+
+def _swap_base(layer):
+    w = layer.base.weight
+    torch.utils.swap_tensors(w, nn.Parameter(2.0 * w.detach().clone(), requires_grad=False))
+
+
+def _fused_adamw(layer):
+    opt = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=0.1, fused=True)
+    layer.train()
+    layer(layer._x).float().square().sum().backward()
+    opt.step()
+    layer.eval()
+
+
+UNTRACKED: dict[str, Callable] = {
+    "B.data.add_": _data_add_b, "A.data.mul_": _data_add_a, "m.data.mul_": _data_mul_m,
+    "base.weight.data.mul_": _data_mul_base, "B.data.copy_": _data_copy_b, "base.weight.data.copy_": _data_copy_base,
+    "parametrize_B": _parametrize_b, "parametrize_base": _parametrize_base, "swap_tensors_B": _swap_b,
+    "swap_tensors_base": _swap_base, "fused_adamw": _fused_adamw,
+}
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d", "embedding"])
+@pytest.mark.parametrize("change", list(UNTRACKED))
+def test_untracked_change_is_seen_without_clear_cache(kind, change):
+    layer, x = make(kind)
+    layer.eval()
+    layer._x = x
+    with torch.no_grad():
+        before = layer(x)  # caches filled
+    UNTRACKED[change](layer)
+    want = fresh_output(layer, x)
+    with torch.no_grad():
+        got = layer(x)
+    assert_close(got, want, **FP32)
+    assert not torch.allclose(want, before, **FP32)  # guard: the change did change the output
+    layer.train()  # the training path's cached norm (gradient-accumulation micro-batches) too
+    assert_close(layer(x).detach(), fresh_output(layer.eval(), x), **FP32)
+
+
+def test_whole_model_data_edits_are_seen(make_tiny_llama, input_ids, perturb):
+    """An EMA-style update through ``.data`` on every adapter tensor, then eval: the logits of a fresh copy."""
+    from torchdora import adapter_layers
+
+    model = make_tiny_llama()
+    inject(model, DoraConfig(target_modules=["q_proj", "v_proj", "embed_tokens"], r=4))
+    perturb(model, seed=3)
+    with torch.no_grad():
+        before = model(input_ids).logits
+        for layer in adapter_layers(model).values():
+            for p in layer.adapter_parameters().values():
+                p.data.mul_(0.9).add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(8)))
+        got = model(input_ids).logits
+        reference = copy.deepcopy(model)
+        torchdora.clear_cache(reference)
+        want = reference(input_ids).logits
+    assert_close(got, want, **FP32)
+    assert not torch.allclose(got, before, **FP32)
+
+
+def test_state_dict_load_into_merged_layer():
+    """A merged layer computes with the loaded weight, and unmerge refuses a weight it did not write."""
+    layer, x = make("linear")
+    other, _ = make("linear")
+    with torch.no_grad():
+        other.lora_B.mul_(-1.0)
+    layer.eval(), other.eval()
+    want = fresh_output(other, x)
+    layer.merge()
+    other.merge()
+    layer.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        assert_close(layer(x), want, **FP32)
+        assert not torch.allclose(layer(x), fresh_output(make("linear")[0].eval(), x), **FP32)
+    with pytest.raises(RuntimeError, match="changed since merge"):
+        layer.unmerge()
+
+
+def test_unmerge_restores_weight_after_adapter_edits_while_merged():
+    """Edits of A/B/m while merged (through .data or not) do not change what unmerge gives back."""
+    layer, x = make("linear")
+    weight = layer.base.weight.detach().clone()
+    layer.merge()
+    layer.lora_B.data.add_(0.5)
+    with torch.no_grad():
+        layer.lora_A.mul_(2.0)
+        layer.magnitude.mul_(3.0)
+    layer.double()  # a dtype round trip while merged is allowed
+    layer.float()
+    layer.unmerge()
+    assert_close(layer.base.weight, weight, rtol=1e-5, atol=1e-6)  # fp32 round-off of W·f/f
+
+
+def test_partial_base_edit_behind_autograd_needs_clear_cache():
+    """The documented rule: an edit through ``.data`` of base entries the cache does not sample is not seen
+    until ``torchdora.clear_cache``; the cache samples ``SAMPLE`` entries of a larger weight."""
+    from torchdora.cache import SAMPLE, _sample_positions
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 64))
+    inject(model, DoraConfig(target_modules=["0"], r=2))
+    model.eval()
+    layer = model[0]
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        layer(x)
+    weight = layer.base.weight
+    assert weight.numel() > SAMPLE
+    sampled = set(_sample_positions(weight.numel(), weight.device).tolist())
+    hidden = next(i for i in range(weight.numel()) if i not in sampled)
+    weight.data.view(-1)[hidden] += 10.0
+    with torch.no_grad():
+        stale = layer(x)
+        want = fresh_output(layer, x)
+        assert not torch.allclose(stale, want, **FP32)  # the limitation is real, hence the rule
+        torchdora.clear_cache(model)
+        assert_close(layer(x), want, **FP32)
+        weight.data.view(-1)[next(iter(sampled))] += 10.0  # an edit that touches a sampled entry is seen
+        assert_close(layer(x), fresh_output(layer, x), **FP32)

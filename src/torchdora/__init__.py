@@ -13,6 +13,7 @@ from torchdora.config import DoraConfig
 from torchdora.inject import (
     adapter_config,
     adapter_layers,
+    clear_cache,
     disable_adapters,
     find_targets,
     inject,
@@ -44,6 +45,7 @@ __all__ = [
     "merge_and_unload",
     "unload",
     "disable_adapters",
+    "clear_cache",
     "trainable_parameter_count",
     "save_adapter",
     "load_adapter",

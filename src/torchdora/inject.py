@@ -21,6 +21,7 @@ __all__ = [
     "merge_and_unload",
     "unload",
     "disable_adapters",
+    "clear_cache",
     "trainable_parameter_count",
     "find_targets",
     "closest_names",
@@ -267,6 +268,17 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for layer, state in zip(layers, previous):
             layer.disabled = state
+
+
+def clear_cache(model: nn.Module) -> None:
+    """Forget every adapter layer's cached norms and DoRA factors; the next forward recomputes them.
+
+    Needed only after editing a *base* weight in place behind autograd (through ``.data`` or a raw pointer) in
+    a way that may touch none of the entries the cache samples (a few rows or columns): the caches compare
+    ``A``, ``B`` and ``m`` exactly and the base weight by identity and a sample (:mod:`torchdora.cache`).
+    """
+    for layer in adapter_layers(model).values():
+        layer.clear_cache()
 
 
 def trainable_parameter_count(model: nn.Module) -> tuple[int, int]:

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from torchdora import functional as DF
+from torchdora.cache import CachedValue, sample_of
 
 __all__ = ["AdapterLayer", "is_conv1d"]
 
@@ -24,31 +25,6 @@ def is_conv1d(module: nn.Module) -> bool:
     except ImportError:  # transformers is an optional extra
         return False
     return isinstance(module, Conv1D)
-
-
-# Fused optimizers (e.g. ``AdamW(fused=True)``, the transformers Trainer's default) write parameters without
-# bumping their version counters, so every optimizer step also counts here and invalidates the caches.
-_OPTIMIZER_STEPS = [0]
-_STEP_HOOK: list = []
-
-
-def _count_optimizer_steps() -> None:
-    """Register (once) a global optimizer post-step hook that bumps :data:`_OPTIMIZER_STEPS`."""
-    if not _STEP_HOOK:
-        from torch.optim.optimizer import register_optimizer_step_post_hook
-
-        def bump(optimizer, args, kwargs) -> None:
-            _OPTIMIZER_STEPS[0] += 1
-
-        _STEP_HOOK.append(register_optimizer_step_post_hook(bump))
-
-
-def _tensor_key(*tensors: Tensor | None, trained: bool = True) -> tuple:
-    """Identity + in-place version of tensors: changes whenever any of them is replaced or edited in place
-    (and, for ``trained`` tensors, at every optimizer step)."""
-    return (_OPTIMIZER_STEPS[0] if trained else None,) + tuple(
-        None if t is None else (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in tensors
-    )
 
 
 class AdapterLayer(nn.Module):
@@ -88,7 +64,6 @@ class AdapterLayer(nn.Module):
         recompute_output: bool = False,
     ) -> None:
         super().__init__()
-        _count_optimizer_steps()
         if magnitude_only and not use_dora:
             raise ValueError("magnitude_only=True needs use_dora=True: plain LoRA has no magnitude to train")
         if init not in ("kaiming", "gaussian"):
@@ -112,11 +87,13 @@ class AdapterLayer(nn.Module):
         factory = {"device": weight.device, "dtype": dtype or weight.dtype}
         self.merged = False
         self.disabled = False
-        self._merge_factor: Tensor | None = None
-        self._sq_norm_cache: tuple[tuple, Tensor] | None = None
-        self._norm_cache: tuple[tuple, Tensor] | None = None
-        self._factor_cache: tuple[tuple, Tensor, Tensor] | None = None
-        self._zero_magnitude_cache: tuple[tuple, bool] | None = None
+        #: what merge() applied: the factor, and the adapter and weight it was applied with (see unmerge)
+        self._merge_state: tuple[Tensor | None, Tensor | None, Tensor | None, float, Tensor] | None = None
+        # cached without autograd, each checked against the contents it was computed from (torchdora.cache)
+        self._sq_norm_cache = CachedValue()
+        self._norm_cache = CachedValue()
+        self._factor_cache = CachedValue()
+        self._zero_magnitude_cache = CachedValue()
 
         if magnitude_only:
             self.lora_A: nn.Parameter | None = None
@@ -181,15 +158,11 @@ class AdapterLayer(nn.Module):
             nn.init.zeros_(self.lora_B)
 
     def base_sq_norm(self) -> Tensor:
-        """``||W||²`` per row, cached until the base weight changes (in place or replaced)."""
+        """``||W||²`` per row, cached until the base weight changes (see :mod:`torchdora.cache`)."""
         weight = self.weight_2d()
-        if torch.compiler.is_compiling():  # version counters are not traceable; recompute in graph
+        if torch.compiler.is_compiling():  # the cache check is not traceable; recompute in graph
             return DF.base_row_sq_norm(weight.detach())
-        key = _tensor_key(weight, trained=False)  # the frozen base weight
-        if self._sq_norm_cache is None or self._sq_norm_cache[0] != key:
-            with torch.no_grad():
-                self._sq_norm_cache = (key, DF.base_row_sq_norm(weight))
-        return self._sq_norm_cache[1]
+        return self._sq_norm_cache.get(lambda: DF.base_row_sq_norm(weight), sampled=(self._weight_storage(),))
 
     def _row_norm(self, detach: bool) -> Tensor:
         """``||W + s·B·A||`` per row, ``(out,)`` in fp32 (fp64 for fp64 weights)."""
@@ -203,56 +176,59 @@ class AdapterLayer(nn.Module):
             return DF.dense_row_norm(weight, a, b, self.scaling)
         return DF.factored_row_norm(weight, a, b, self.scaling, self.base_sq_norm())
 
+    def _cache_inputs(self) -> dict:
+        """What the norm depends on, for :meth:`CachedValue.get`: ``A``, ``B`` exactly, ``W`` by a sample."""
+        return {"exact": (self.lora_A, self.lora_B), "sampled": (self._weight_storage(),),
+                "extra": (self.scaling, self.norm_method)}
+
     def row_norm(self) -> Tensor:
         """``||W + s·B·A||`` per row as the forward uses it, ``(out,)``.
 
         Detached (paper §4.3) unless ``detach_norm=False`` and autograd is recording. The detached norm is
-        cached and reused until the base weight, ``A`` or ``B`` change: tensor version counters track
-        in-place edits and optimizer steps, and data pointers and dtypes track ``.to()`` and loads. So eval
-        and gradient-accumulation micro-batches compute it once.
+        cached and reused while ``A``, ``B`` and the base weight hold what they held when it was computed
+        (:mod:`torchdora.cache` says how that is checked), so eval and gradient-accumulation micro-batches
+        compute it once.
         """
         if not self.detach_norm and torch.is_grad_enabled():
             return self._row_norm(detach=False)
         if torch.compiler.is_compiling():
             return self._row_norm(detach=True).detach()
-        key = _tensor_key(self._weight_storage(), self.lora_A, self.lora_B) + (self.scaling, self.norm_method)
-        if self._norm_cache is None or self._norm_cache[0] != key:
-            with torch.no_grad():
-                self._norm_cache = (key, self._row_norm(detach=True))
-        return self._norm_cache[1]
+        return self._norm_cache.get(lambda: self._row_norm(detach=True), **self._cache_inputs())
 
     def dora_factor(self) -> Tensor:
         """``m / ||W + s·B·A||`` per output feature, ``(out,)``, ``0`` for a zero-norm row.
 
-        Without autograd recording (inference) the factor is cached with the norm and reused until the base
-        weight, ``A``, ``B`` or ``m`` change, so unmerged inference computes it once.
+        Without autograd recording (inference) the factor is cached and reused while ``m``, ``A``, ``B`` and
+        the base weight are unchanged, so unmerged inference computes it once.
         """
         if self.magnitude is None:
             raise RuntimeError("dora_factor() needs a DoRA layer (use_dora=True)")
-        norm = self.row_norm()
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            norm = self.row_norm()
             return DF.dora_scale(self.magnitude.to(norm.dtype), norm)
-        key = _tensor_key(self.magnitude)
-        cached = self._factor_cache
-        if cached is None or cached[0] != key or cached[1] is not norm:  # a new norm object: W, A or B changed
-            cached = self._factor_cache = (key, norm, DF.dora_scale(self.magnitude.to(norm.dtype), norm))
-        return cached[2]
+        inputs = self._cache_inputs()
+        inputs["exact"] += (self.magnitude,)
+
+        def factor() -> Tensor:
+            norm = self.row_norm()
+            return DF.dora_scale(self.magnitude.to(norm.dtype), norm)
+
+        return self._factor_cache.get(factor, **inputs)
 
     def clear_cache(self) -> None:
-        """Forget the cached norms and factor.
+        """Forget the cached norms and factor (:func:`torchdora.clear_cache` does it for a whole model).
 
-        Never needed after ordinary edits (in place, by an optimizer, ``.to()``, loads, merges): those are
-        tracked. Call it after writing into a tensor behind autograd's back (``param.data.copy_(...)``, a
-        custom kernel writing through a raw pointer), which leaves version counters untouched.
+        Needed only after editing the *base weight* in place behind autograd (through ``.data`` or a raw
+        pointer) in a way that may miss the sampled entries (a few rows or columns): every other change is
+        seen (:mod:`torchdora.cache`).
         """
-        self._sq_norm_cache = self._norm_cache = self._factor_cache = self._zero_magnitude_cache = None
+        for cache in (self._sq_norm_cache, self._norm_cache, self._factor_cache, self._zero_magnitude_cache):
+            cache.clear()
 
     def _magnitude_has_zero(self) -> bool:
-        """Whether some ``m`` is exactly 0, cached per version of ``m`` (on CUDA the check is a host sync)."""
-        key = _tensor_key(self.magnitude)
-        if self._zero_magnitude_cache is None or self._zero_magnitude_cache[0] != key:
-            self._zero_magnitude_cache = (key, bool((self.magnitude == 0).any()))
-        return self._zero_magnitude_cache[1]
+        """Whether some ``m`` is exactly 0, cached per content of ``m`` (on CUDA the check is a host sync)."""
+        m = self.magnitude
+        return bool(self._zero_magnitude_cache.get(lambda: (m == 0).any(), exact=(m,)))
 
     def _fast_forward(self, x: Tensor) -> Tensor | None:
         """The fused DoRA forward for this layer type, or ``None`` where there is none (the reference runs)."""
@@ -298,27 +274,43 @@ class AdapterLayer(nn.Module):
     # ---- merging ----------------------------------------------------------------------------------
     @torch.no_grad()
     def merge(self) -> None:
-        """Write the adapted weight into the base weight (zero inference overhead). Bias is unchanged."""
+        """Write the adapted weight into the base weight (zero inference overhead). Bias is unchanged.
+
+        A merged layer computes with the weight written here: edits of ``A``, ``B`` or ``m`` take effect at
+        the next merge, and :meth:`unmerge` undoes exactly what was applied here, whatever happened to the
+        adapter in between.
+        """
         if self.merged:
             raise RuntimeError(f"{type(self).__name__} is already merged; call unmerge() first")
         magnitude = None if self.magnitude is None else self.magnitude.detach()
-        merged, factor = DF.merged_weight(
-            self.weight_2d(), self.lora_A_2d(), self.lora_B_2d(), magnitude, self.scaling
-        )
+        a, b = self.lora_A_2d(), self.lora_B_2d()
+        merged, factor = DF.merged_weight(self.weight_2d(), a, b, magnitude, self.scaling)
         self._set_weight_2d(merged)
-        self._merge_factor = factor
+        a, b = (None if t is None else t.detach().clone() for t in (a, b))
+        self._merge_state = (factor, a, b, self.scaling, sample_of(self.weight_2d()).clone())
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Restore the base weight (to fp32 round-off)."""
+        """Restore the base weight (to fp32 round-off).
+
+        Raises ``RuntimeError`` if the merged weight was replaced since :meth:`merge` (e.g. a state dict loaded
+        into the merged model): the base weight cannot be recovered from a weight this layer did not write.
+        """
         if not self.merged:
             raise RuntimeError(f"{type(self).__name__} is not merged; nothing to unmerge")
-        weight = DF.unmerged_weight(
-            self.weight_2d(), self.lora_A_2d(), self.lora_B_2d(), self._merge_factor, self.scaling
-        )
+        *applied, scaling, written = self._merge_state
+        current = sample_of(self.weight_2d())
+        if not torch.equal(current, written.to(current.device, current.dtype)):  # .to() in between is fine
+            raise RuntimeError(
+                f"{type(self).__name__}: the base weight changed since merge() (a state dict or an in-place edit "
+                "replaced the merged weight), so unmerge() cannot restore the original weight. Load the "
+                "unmerged base model and the adapter again"
+            )
+        factor, a, b = (None if t is None else t.to(current.device) for t in applied)
+        weight = DF.unmerged_weight(self.weight_2d(), a, b, factor, scaling)
         self._set_weight_2d(weight)
-        self._merge_factor = None
+        self._merge_state = None
         self.merged = False
 
     def adapter_parameters(self) -> dict[str, nn.Parameter]:

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torchdora import functional as DF
-from torchdora.layers.base import AdapterLayer, _tensor_key
+from torchdora.cache import CachedValue
+from torchdora.layers.base import AdapterLayer
 
 __all__ = ["Linear4bitAdapter", "is_linear4bit", "disable_cpu_weight_repacking", "dequantize_linear4bit"]
 
@@ -125,7 +126,7 @@ class Linear4bitAdapter(AdapterLayer):
         _unpack_cpu_weight(base)
         if kwargs.get("dtype", torch.float32) is None:  # "the base's dtype": the packed storage is uint8
             kwargs["dtype"] = base.weight.quant_state.dtype
-        self._base_sq_cache: tuple[tuple, Tensor] | None = None
+        self._base_sq_cache = CachedValue()  # checked against the packed weight's contents (torchdora.cache)
         super().__init__(base, **kwargs)
 
     @property
@@ -175,11 +176,8 @@ class Linear4bitAdapter(AdapterLayer):
 
     def base_sq_norm(self) -> Tensor:
         """``||Ŵ||²`` per row, computed block by block once and cached while the packed weight is unchanged."""
-        key = _tensor_key(self.packed_base.weight, trained=False)
-        if self._base_sq_cache is None or self._base_sq_cache[0] != key:
-            with torch.no_grad():
-                self._base_sq_cache = (key, DF.blockwise_row_sq_norm(self._row_blocks()))
-        return self._base_sq_cache[1]
+        return self._base_sq_cache.get(lambda: DF.blockwise_row_sq_norm(self._row_blocks()),
+                                       sampled=(self.packed_base.weight,))
 
     def _row_norm(self, detach: bool) -> Tensor:
         """``||Ŵ + s·B·A||`` per row, ``(out,)`` fp32, with ``Ŵ Aᵀ`` from bounded dequantized row blocks."""
@@ -196,7 +194,7 @@ class Linear4bitAdapter(AdapterLayer):
 
     def clear_cache(self) -> None:
         super().clear_cache()
-        self._base_sq_cache = None
+        self._base_sq_cache.clear()
 
     # ---- forward ----------------------------------------------------------------------------------
     def _dequantize(self, dtype: torch.dtype):
