@@ -175,7 +175,7 @@ def test_full_fine_tuning_resumes_exactly(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(train_mod.run, "compute_loss", real)
     assert read_trainer_state(find_checkpoint(run))["step"] == 3
     assert sorted(p.name for p in (run / "checkpoint").iterdir()) == [
-        "model.safetensors", "optimizer.json", "optimizer.safetensors", "rng-rank0.json", "rng-rank0.safetensors",
+        "manifest.json", "model.safetensors", "optimizer.json", "optimizer.safetensors", "rng-rank0.json", "rng-rank0.safetensors",
         "scheduler.json", "trainer_state.json"]
     resumed = train(tiny_config(model_dir, data, run, resume=str(run), **common))
     assert resumed.losses == reference.losses

@@ -9,15 +9,19 @@ Layout of ``<output_dir>/checkpoint/``::
     scheduler.json             the learning-rate scheduler's ``state_dict()``
     rng-rank<R>.safetensors    torch (and CUDA, numpy) generator states of process R
     rng-rank<R>.json           Python ``random`` state (and numpy's scalars) of process R
-    trainer_state.json         step, data position, resolved config; written last, marks completeness
+    trainer_state.json         step, data position, resolved config, history of resume-time changes
+    manifest.json              size and SHA-256 of every other file; written last, marks completeness
 
-No pickle anywhere: a checkpoint cannot run code when loaded. Writing goes to ``.checkpoint.tmp``; the
-previous checkpoint is renamed to ``.checkpoint.old`` and removed only after the new one is in place, so a
-run killed at any moment leaves a complete checkpoint that :func:`find_checkpoint` finds.
+No pickle anywhere: a checkpoint cannot run code when loaded. Writing goes to ``.checkpoint.tmp``; once its
+manifest is written the previous checkpoint is renamed to ``.checkpoint.old``, the new one to ``checkpoint``,
+and the old one removed (manifest first). :func:`find_checkpoint` verifies every candidate of the three names
+against its manifest and takes the newest complete one, so a run killed at any moment, also twice in a row,
+leaves a complete checkpoint, and a half-deleted or edited one is never resumed from silently.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -36,6 +40,8 @@ __all__ = [
     "CHECKPOINT_DIR",
     "TMP_CHECKPOINT_DIR",
     "TRAINER_STATE",
+    "MANIFEST",
+    "OLD_CHECKPOINT_DIR",
     "optimizer_state_to_flat",
     "optimizer_state_from_flat",
     "save_optimizer",
@@ -44,14 +50,21 @@ __all__ = [
     "load_rng_state",
     "begin_checkpoint",
     "commit_checkpoint",
+    "discard_checkpoint",
     "find_checkpoint",
+    "latest_checkpoint",
+    "checkpoint_problem",
+    "write_manifest",
     "read_trainer_state",
 ]
 
 CHECKPOINT_DIR = "checkpoint"
 TRAINER_STATE = "trainer_state.json"
+MANIFEST = "manifest.json"
 TMP_CHECKPOINT_DIR = ".checkpoint.tmp"
-_OLD_DIR = ".checkpoint.old"  # the name io.replace_dir gives the previous checkpoint while swapping
+OLD_CHECKPOINT_DIR = ".checkpoint.old"
+_NAMES = (CHECKPOINT_DIR, TMP_CHECKPOINT_DIR, OLD_CHECKPOINT_DIR)
+CHECKPOINT_FORMAT = 2  # 2: with manifest.json
 
 
 # ---- optimizer -----------------------------------------------------------------------------------------------
@@ -149,11 +162,20 @@ def save_rng_state(folder: Path, rank: int = 0) -> None:
     atomic_write_json(folder / f"rng-rank{rank}.json", info)
 
 
-def load_rng_state(folder: Path, rank: int = 0) -> None:
-    """Restore what :func:`save_rng_state` saved (missing files: a checkpoint from fewer processes, skipped)."""
+def load_rng_state(folder: Path, rank: int = 0, num_saved: int = 1) -> bool:
+    """Restore what :func:`save_rng_state` saved for process ``rank``; ``False`` if the checkpoint has none.
+
+    A checkpoint written by ``num_saved`` processes has no state for ranks ``>= num_saved`` (their generators
+    then keep their fresh seeds: the caller says so); a missing file of a rank it had is an error.
+    """
     path = folder / f"rng-rank{rank}.safetensors"
     if not path.is_file():
-        return
+        if rank < num_saved:
+            raise FileNotFoundError(
+                f"{path} is missing although the checkpoint was written by {num_saved} process(es); "
+                "the checkpoint is incomplete: resume from an intact copy"
+            )
+        return False
     tensors = load_file(path)
     info = json.loads((folder / f"rng-rank{rank}.json").read_text())
     torch.set_rng_state(tensors["torch"])
@@ -168,30 +190,140 @@ def load_rng_state(folder: Path, rank: int = 0) -> None:
         n = info["numpy"]
         np.random.set_state((n["kind"], tensors["numpy.keys"].numpy().astype(np.uint32), n["pos"],
                              n["has_gauss"], n["cached_gaussian"]))
+    return True
 
 
 # ---- the folder swap -----------------------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """``manifest.json``: size and SHA-256 of every file in ``folder``; written last, it marks completeness."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    entries = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    atomic_write_json(folder / MANIFEST, {"format": "torchdora-checkpoint", "files": entries})
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why ``folder`` is not a complete checkpoint (``None``: it is). Every file is checked against the manifest.
+
+    A checkpoint from before manifests (its trainer state has no ``checkpoint_format``) is accepted unchecked.
+    """
+    if not folder.is_dir():
+        return "it does not exist"
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        try:
+            legacy = "checkpoint_format" not in json.loads((folder / TRAINER_STATE).read_text())
+        except (OSError, ValueError):
+            legacy = False
+        return None if legacy else f"it has no {MANIFEST} (its write or deletion did not finish)"
+    try:
+        entries = json.loads(manifest_path.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"its {MANIFEST} is unreadable"
+    for name, entry in entries.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != entry["size"]:
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {entry['size']}"
+        if _sha256(path) != entry["sha256"]:
+            return f"{name} does not match its SHA-256 in the manifest (the file changed or is corrupt)"
+    return None
+
+
+def _remove(folder: Path) -> None:
+    """Delete a checkpoint folder, its manifest first: a deletion cut short never leaves a 'complete' folder."""
+    if not folder.exists():
+        return
+    (folder / MANIFEST).unlink(missing_ok=True)
+    shutil.rmtree(folder)
+
+
+def _swap_in(output_dir: Path, tmp: Path) -> Path:
+    """Make the complete folder ``tmp`` the run's ``checkpoint``; the previous one waits as ``.checkpoint.old``.
+
+    ``tmp`` stays complete until the rename that makes it ``checkpoint``, and :func:`find_checkpoint` looks
+    at all three names, so a kill between any two of these operations leaves a complete checkpoint.
+    """
+    final, old = output_dir / CHECKPOINT_DIR, output_dir / OLD_CHECKPOINT_DIR
+    _remove(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _remove(old)
+    return final
+
+
 def begin_checkpoint(output_dir: str | os.PathLike) -> Path:
-    """A fresh, empty temporary folder to write the next checkpoint into (main process only)."""
-    tmp = Path(output_dir) / TMP_CHECKPOINT_DIR
-    shutil.rmtree(tmp, ignore_errors=True)  # left over from a run killed mid-write
+    """A fresh, empty temporary folder to write the next checkpoint into (main process only).
+
+    A complete ``.checkpoint.tmp`` left by a run killed before its swap is swapped in first (it is the newest
+    checkpoint and may be the one this run resumed from); an incomplete one is deleted.
+    """
+    output_dir = Path(output_dir)
+    tmp = output_dir / TMP_CHECKPOINT_DIR
+    if tmp.exists() and (tmp / MANIFEST).is_file() and checkpoint_problem(tmp) is None:
+        _swap_in(output_dir, tmp)
+    _remove(tmp)
     tmp.mkdir(parents=True)
     return tmp
 
 
 def commit_checkpoint(output_dir: str | os.PathLike, tmp: Path, trainer_state: Mapping[str, Any]) -> Path:
-    """Write ``trainer_state.json`` into ``tmp`` and swap it in as ``<output_dir>/checkpoint``.
+    """Write ``trainer_state.json`` and the manifest into ``tmp`` and swap it in as ``<output_dir>/checkpoint``."""
+    atomic_write_json(tmp / TRAINER_STATE, {**trainer_state, "checkpoint_format": CHECKPOINT_FORMAT})
+    write_manifest(tmp)
+    return _swap_in(Path(output_dir), tmp)
 
-    The previous checkpoint moves to ``.checkpoint.old`` first and is deleted last: at every instant one
-    complete checkpoint exists under one of the two names.
+
+def discard_checkpoint(tmp: Path) -> None:
+    """Delete an unfinished temporary checkpoint (after a failed write, e.g. a full disk, to free its space)."""
+    _remove(tmp)
+
+
+def _run_folder(path: Path) -> Path:
+    return path.parent if path.name in _NAMES else path
+
+
+def latest_checkpoint(path: str | os.PathLike, warn: bool = False) -> Path | None:
+    """The newest complete checkpoint of the run folder ``path`` (or of a checkpoint folder given directly).
+
+    Looks at ``checkpoint``, ``.checkpoint.tmp`` (complete when a kill came between its manifest and its swap)
+    and ``.checkpoint.old``; the newest by step wins. ``warn``: say on stderr which incomplete ones were skipped.
     """
-    output_dir = Path(output_dir)
-    atomic_write_json(tmp / TRAINER_STATE, dict(trainer_state))
-    return replace_dir(tmp, output_dir / CHECKPOINT_DIR)  # the previous one is kept as .checkpoint.old meanwhile
+    path = Path(path)
+    if path.name not in _NAMES and (path / TRAINER_STATE).is_file():  # a checkpoint folder copied elsewhere
+        candidates = [path]
+    else:
+        run = _run_folder(path)
+        candidates = [run / name for name in _NAMES]
+    found: list[tuple[int, Path]] = []
+    for candidate in candidates:
+        if not candidate.exists():
+            continue
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            try:
+                found.append((int(read_trainer_state(candidate)["step"]), candidate))
+                continue
+            except (ValueError, OSError) as err:
+                problem = str(err)
+        if warn and candidate.name != TMP_CHECKPOINT_DIR:  # an unfinished .tmp is the normal trace of a kill
+            print(f"torchdora: skipping {candidate}: incomplete checkpoint ({problem})", file=sys.stderr)
+    if not found:
+        return None
+    return max(found, key=lambda item: item[0])[1]
 
 
-def find_checkpoint(path: str | os.PathLike) -> Path:
-    """The complete checkpoint folder of a run: ``path`` itself, ``path/checkpoint``, or the kept previous one.
+def find_checkpoint(path: str | os.PathLike, warn: bool = False) -> Path:
+    """The newest complete checkpoint of a run (see :func:`latest_checkpoint`).
 
     Raises:
         FileNotFoundError: ``path`` does not exist or holds no complete checkpoint.
@@ -199,19 +331,21 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"--resume folder {path} does not exist; pass the output folder of an earlier run")
-    for candidate in (path, path / CHECKPOINT_DIR, path / _OLD_DIR):
-        if (candidate / TRAINER_STATE).is_file():
-            return candidate
-    raise FileNotFoundError(
-        f"{path} holds no complete checkpoint ({CHECKPOINT_DIR}/{TRAINER_STATE} is missing); "
-        "checkpoints are written every --checkpoint-every steps, so the run may have stopped before the first one"
-    )
+    found = latest_checkpoint(path, warn=warn)
+    if found is None:
+        raise FileNotFoundError(
+            f"{path} holds no complete checkpoint ({CHECKPOINT_DIR}/ with a verified {MANIFEST}); checkpoints are "
+            "written every --checkpoint-every steps, so the run may have stopped before the first one"
+        )
+    return found
 
 
 def read_trainer_state(folder: Path) -> dict[str, Any]:
     """The JSON trainer state of a checkpoint folder (step, data position, resolved config)."""
     try:
         state = json.loads((folder / TRAINER_STATE).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{folder / TRAINER_STATE} is missing; the checkpoint is incomplete") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{folder / TRAINER_STATE} is not valid JSON ({err}); the checkpoint is corrupt") from None
     if not isinstance(state, dict) or "step" not in state or "config" not in state:

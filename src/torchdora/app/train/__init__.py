@@ -33,6 +33,7 @@ import sys
 
 from torchdora.app.train.config import (
     DEFAULT_STEPS,
+    RESUME_CHANGEABLE,
     RUN_FIELDS,
     TrainConfig,
     command_from_args,
@@ -43,14 +44,16 @@ from torchdora.app.train.config import (
 )
 from torchdora.app.train.loop import train
 from torchdora.app.train.outputs import TrainResult
-from torchdora.app.train.run import TrainingDiverged, compute_loss, lr_factor
+from torchdora.app.train.run import TrainingDiverged, TrainingInterrupted, compute_loss, lr_factor
 
 __all__ = [
     "TrainConfig",
     "TrainResult",
     "TrainingDiverged",
+    "TrainingInterrupted",
     "DEFAULT_STEPS",
     "RUN_FIELDS",
+    "RESUME_CHANGEABLE",
     "lr_factor",
     "compute_loss",
     "load_config_file",
@@ -62,6 +65,7 @@ __all__ = [
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``torchdora train``: 0 done, 1 diverged, 2 bad input or environment, 128 + signal number when stopped."""
     from torchdora.app.extras import install_hint, missing_assets
 
     try:
@@ -77,12 +81,34 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as err:
         print(f"torchdora train: stopped: {err}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as err:
+        print(f"torchdora train: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:  # Ctrl-C while loading, or a second Ctrl-C: no time to save
+        print("torchdora train: interrupted; the last complete checkpoint, if any, is kept", file=sys.stderr)
+        return 130
     except ImportError as err:  # ModuleNotFoundError too: a missing extra gets its pip command
         print(f"torchdora train: error: {install_hint(err) or err}", file=sys.stderr)
         return 2
     except (ValueError, TypeError, FileNotFoundError) as err:
         print(f"torchdora train: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # the environment: a full disk, a read-only or foreign folder
+        print(f"torchdora train: error: {environment_error(err)}", file=sys.stderr)
+        return 2
     return 0
 
 
+def environment_error(err: OSError) -> str:
+    """A one-line message for an operating-system error: what failed, where, and what to do."""
+    import errno
+
+    where = f" ({err.filename})" if err.filename else ""
+    reason = err.strerror or str(err)
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free some space or choose another --output-dir; the last complete checkpoint was kept"
+    elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "choose an --output-dir you can write to"
+    else:
+        fix = "check the folder and the disk, then resume with --resume if a checkpoint was written"
+    return f"{reason}{where}: {fix}"

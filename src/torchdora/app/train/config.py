@@ -19,8 +19,8 @@ from typing import Any, Mapping
 from torchdora.app.checkpoint import find_checkpoint, read_trainer_state
 from torchdora.config import ALL_LINEAR, DoraConfig
 
-__all__ = ["TrainConfig", "DEFAULT_STEPS", "RUN_FIELDS", "load_config_file", "config_differences", "config_from_args",
-           "command_from_args", "shipped_configs", "config_to_yaml"]
+__all__ = ["TrainConfig", "DEFAULT_STEPS", "RUN_FIELDS", "RESUME_CHANGEABLE", "load_config_file", "config_differences",
+           "resume_changes", "config_from_args", "command_from_args", "shipped_configs", "config_to_yaml"]
 
 DEFAULT_STEPS = 120
 DEFAULT_TARGETS = "q_proj,k_proj,v_proj,up_proj,down_proj"
@@ -31,11 +31,15 @@ REPORT_TO = ("none", "tensorboard", "wandb")
 #: the configs installed with the package, nameable as ``--config <name>``
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 #: fields that define what a run computes; a checkpoint only resumes a run that agrees on all of them
+#: (``max_eval``: the accuracy before and after training must come from the same test examples)
 RUN_FIELDS = (
-    "method", "model", "data", "targets", "rank", "alpha", "dropout", "lr", "schedule", "warmup_steps",
-    "steps", "epochs", "batch_size", "grad_accum", "max_length", "dtype", "seed", "max_train",
-    "magnitude_only", "detach_norm", "max_grad_norm", "weight_decay", "packing", "train_only",
+    "method", "model", "data", "targets", "rank", "alpha", "dropout", "steps", "epochs", "batch_size",
+    "grad_accum", "max_length", "dtype", "seed", "max_train", "max_eval", "magnitude_only", "detach_norm",
+    "packing", "train_only",
 )
+#: optimisation settings a resume may change on purpose (e.g. a lower ``lr`` after a divergence); each
+#: change is recorded in the checkpoint's ``history``
+RESUME_CHANGEABLE = ("lr", "schedule", "warmup_steps", "max_grad_norm", "weight_decay")
 
 
 def _names(text: str) -> list[str]:
@@ -67,7 +71,7 @@ class TrainConfig:
         checkpoint_every: resume checkpoint every N steps (0: only at the end).
         output_dir: run folder; ``None``: ``runs/<method>-<timestamp>`` (or the ``resume`` run's folder).
         resume: an earlier run's folder (or its ``checkpoint/``) to continue from; it must have the same
-            :data:`RUN_FIELDS`.
+            :data:`RUN_FIELDS`; the :data:`RESUME_CHANGEABLE` settings (``lr``, ...) may differ, on purpose.
         max_train, max_eval: keep at most this many training / validation and test examples.
         magnitude_only: comma-separated modules that train only the magnitude (paper §5.6); they are added
             to ``targets``. DoRA only.
@@ -308,6 +312,13 @@ def config_differences(current: TrainConfig, saved: Mapping[str, Any]) -> dict[s
     return {k: (theirs[k], ours[k]) for k in RUN_FIELDS if theirs[k] != ours[k]}
 
 
+def resume_changes(current: TrainConfig, saved: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{field: (checkpoint value, this run's value)}`` for the :data:`RESUME_CHANGEABLE` settings changed."""
+    ours = current.resolved().to_dict()
+    theirs = TrainConfig.from_mapping(saved, source="checkpoint config").resolved().to_dict()
+    return {k: (theirs[k], ours[k]) for k in RESUME_CHANGEABLE if theirs[k] != ours[k]}
+
+
 # ---- command line --------------------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
     S = argparse.SUPPRESS  # only options the user gives override the config file / resumed run
@@ -347,7 +358,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int,
                    help="resume checkpoint every N steps, 0: at the end only (default 50)")
     p.add_argument("--output-dir", dest="output_dir", help="run folder (default runs/<method>-<time>)")
-    p.add_argument("--resume", help="continue the run in this folder (same settings required)")
+    p.add_argument("--resume", help="continue the run in this folder (same settings, except that --lr, --schedule, "
+                   "--warmup-steps, --max-grad-norm and --weight-decay may change)")
     p.add_argument("--max-train", dest="max_train", type=int, help="use at most N training examples")
     p.add_argument("--max-eval", dest="max_eval", type=int, help="use at most N validation and test examples (default 200)")
     p.add_argument("--magnitude-only", dest="magnitude_only",
@@ -400,7 +412,7 @@ def config_from_args(argv: list[str] | None) -> TrainConfig:
     """Defaults ← the ``--resume`` run's saved config ← ``--config`` file ← command-line options.
 
     So ``--resume DIR`` alone continues a run as it was configured; an option given that changes one of
-    :data:`RUN_FIELDS` is refused by :func:`train`.
+    :data:`RUN_FIELDS` is refused by :func:`train`, one of :data:`RESUME_CHANGEABLE` is applied and recorded.
     """
     return command_from_args(argv)[0]
 

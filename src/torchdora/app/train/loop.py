@@ -6,6 +6,7 @@ import dataclasses
 import math
 import os
 import random
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ from torchdora.app.train.run import (
     EpochSampler,
     Position,
     Run,
+    StopSignals,
+    TrainingInterrupted,
     check_model_before_loading,
     check_output_dir,
     check_resume,
@@ -53,8 +56,14 @@ def train(config: TrainConfig) -> TrainResult:
 
     Raises:
         ValueError / FileNotFoundError / TypeError: bad input, with the value and the fix.
-        TrainingDiverged: the loss became NaN or infinite (the last good checkpoint is kept).
+        TrainingDiverged: the loss, gradient or weights became NaN or infinite (the last finite checkpoint is kept).
+        TrainingInterrupted: SIGINT/SIGTERM arrived; a checkpoint was saved at the step boundary.
     """
+    with StopSignals() as signals:
+        return _train(config, signals)
+
+
+def _train(config: TrainConfig, signals: StopSignals) -> TrainResult:
     start_wall = time.perf_counter()
     from accelerate import Accelerator
 
@@ -63,9 +72,9 @@ def train(config: TrainConfig) -> TrainResult:
     from torchdora.inject import inject, trainable_parameter_count
 
     checkpoint_dir, saved_state = check_resume(config)
-    output_dir = Path(config.output_dir or (run_folder_of(checkpoint_dir) if checkpoint_dir else
-                                            default_output_dir(config.method)))
-    check_output_dir(output_dir, resuming=checkpoint_dir is not None)
+    resume_run = run_folder_of(checkpoint_dir) if checkpoint_dir else None
+    output_dir = Path(config.output_dir or resume_run or default_output_dir(config.method))
+    check_output_dir(output_dir, resume_run)
     config = dataclasses.replace(config.resolved(), output_dir=str(output_dir))
     splits = load_dataset(config.data, seed=config.seed, max_train=config.max_train, max_eval=config.max_eval)
     source = resolve_model(config.model)
@@ -158,8 +167,10 @@ def train(config: TrainConfig) -> TrainResult:
                 f"{before.n_scored} examples)")
 
     train_start = time.perf_counter()
-    train_loop(run, sampler, loader, position, before, splits.validation[: config.val_examples])
+    train_loop(run, sampler, loader, position, before, splits.validation[: config.val_examples], signals)
     train_time = time.perf_counter() - train_start
+    if _any_process(accelerator, signals.signum is not None):  # arrived after the last step's checkpoint
+        raise interrupted(run, signals.signum or signal.SIGTERM, position.step)
 
     after = run.evaluate(splits.test)
     run.metrics.add({"step": position.step, "split": "test", "accuracy": after.accuracy,
@@ -181,9 +192,26 @@ def train(config: TrainConfig) -> TrainResult:
     return result
 
 
+def _any_process(accelerator: Any, flag: bool) -> bool:
+    """Whether ``flag`` is set on any process (all processes must call this)."""
+    if accelerator.num_processes == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=accelerator.device)
+    return bool(accelerator.reduce(value, reduction="sum").item() > 0)
+
+
+def interrupted(run: Run, signum: int, step: int) -> TrainingInterrupted:
+    folder = run.output_dir
+    return TrainingInterrupted(signum, f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved "
+                                       f"in {folder / 'checkpoint'}. Continue with: torchdora train --resume {folder}")
+
+
 def train_loop(run: Run, sampler: EpochSampler, loader: Any, position: Position, before: EvalResult,
-                validation: list) -> None:
-    """Optimizer steps from ``position`` to ``run.total_steps``; logs, validates, snapshots and checkpoints."""
+                validation: list, signals: StopSignals | None = None) -> None:
+    """Optimizer steps from ``position`` to ``run.total_steps``; logs, validates, snapshots and checkpoints.
+
+    Stops at the first step boundary after SIGINT/SIGTERM on any process, with a checkpoint of that step.
+    """
     acc, config, model = run.accelerator, run.config, run.model
     trainable = list(run.names)
     progress = Progress(run.total_steps, position.step, enabled=run.main_process, every=config.log_every)
@@ -199,10 +227,13 @@ def train_loop(run: Run, sampler: EpochSampler, loader: Any, position: Position,
                 loss, _ = run_module.compute_loss(model, batch)
                 if not bool(acc.gather(torch.isfinite(loss.detach()).float().reshape(1)).all()):  # all stop together
                     progress.close()
-                    raise run.diverged(loss, position.step + 1)
+                    raise run.diverged(f"the loss became {loss.item()}", position.step + 1)
                 acc.backward(loss)  # divided by grad_accum by accelerate
                 if acc.sync_gradients and config.max_grad_norm > 0:
-                    acc.clip_grad_norm_(trainable, config.max_grad_norm)
+                    norm = acc.clip_grad_norm_(trainable, config.max_grad_norm)  # the same on every process
+                    if not math.isfinite(float(norm)):  # stop before the step writes NaN into the weights
+                        progress.close()
+                        raise run.diverged(f"the gradient norm became {float(norm)}", position.step + 1)
                 run.optimizer.step()  # a no-op until the last micro-batch of the step
                 run.optimizer.zero_grad(set_to_none=True)
             position.micro_in_epoch += 1
@@ -213,15 +244,22 @@ def train_loop(run: Run, sampler: EpochSampler, loader: Any, position: Position,
             lr = run.scheduler.get_last_lr()[0]
             run.scheduler.step()
             position.step += 1
-            numbers = acc.gather(torch.tensor([[sum(micro_losses) / len(micro_losses), tokens]],
+            stop_here = signals is not None and signals.signum is not None
+            numbers = acc.gather(torch.tensor([[sum(micro_losses) / len(micro_losses), tokens, float(stop_here)]],
                                               dtype=torch.float64, device=acc.device))
             step_loss, step_tokens = float(numbers[:, 0].mean()), int(numbers[:, 1].sum())
+            stop = bool(numbers[:, 2].max() > 0)  # every process stops at the same step
             speed = step_tokens / max(time.perf_counter() - step_start, 1e-9)
             run.metrics.add({"step": position.step, "epoch": position.epoch, "loss": step_loss, "lr": lr,
                              "tokens": step_tokens, "tokens_per_s": speed})
             progress.update(step_loss, lr, speed)
             micro_losses, tokens = [], 0
-            after_step(run, position, before, validation, progress)
+            saved = after_step(run, position, before, validation, progress)
+            if stop:
+                if not saved:
+                    run.save_checkpoint(position, before)
+                progress.close()
+                raise interrupted(run, (signals.signum if signals else None) or signal.SIGTERM, position.step)
             step_start = time.perf_counter()
             if position.step >= run.total_steps:
                 break
@@ -230,8 +268,8 @@ def train_loop(run: Run, sampler: EpochSampler, loader: Any, position: Position,
     progress.close()
 
 
-def after_step(run: Run, position: Position, before: EvalResult, validation: list, progress: Any) -> None:
-    """Periodic validation, snapshot and checkpoint after optimizer step ``position.step``."""
+def after_step(run: Run, position: Position, before: EvalResult, validation: list, progress: Any) -> bool:
+    """Periodic validation, snapshot and checkpoint after optimizer step ``position.step``; whether it checkpointed."""
     config, step = run.config, position.step
     if config.eval_every and step % config.eval_every == 0:
         result = run.evaluate(validation)
@@ -244,3 +282,5 @@ def after_step(run: Run, position: Position, before: EvalResult, validation: lis
         save_snapshot(run.raw_model, config, run.output_dir, step)
     if (config.checkpoint_every and step % config.checkpoint_every == 0) or step == run.total_steps:
         run.save_checkpoint(position, before)
+        return True
+    return False

@@ -6,8 +6,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import signal
+import sys
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -18,7 +22,9 @@ from torchdora.app.checkpoint import (
     TMP_CHECKPOINT_DIR,
     begin_checkpoint,
     commit_checkpoint,
+    discard_checkpoint,
     find_checkpoint,
+    latest_checkpoint,
     load_optimizer,
     load_rng_state,
     read_trainer_state,
@@ -26,15 +32,70 @@ from torchdora.app.checkpoint import (
     save_rng_state,
 )
 from torchdora.app.evaluate import EvalResult, evaluate_examples, selected_logits
-from torchdora.app.train.config import TrainConfig, config_differences
+from torchdora.app.train.config import TrainConfig, config_differences, resume_changes
 from torchdora.app.train.outputs import Metrics, named_trainable
 from torchdora.io import atomic_save_safetensors, atomic_write_json
 
-__all__ = ["Run", "Position", "TrainingDiverged", "lr_factor", "train_only_weights", "EpochSampler", "compute_loss", "check_resume"]
+__all__ = ["Run", "Position", "TrainingDiverged", "TrainingInterrupted", "StopSignals", "lr_factor",
+           "train_only_weights", "EpochSampler", "compute_loss", "check_resume"]
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the run stopped without writing a checkpoint after it."""
+    """The loss, the gradient or the weights became NaN or infinite; no checkpoint was written after it."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT or SIGTERM arrived; the run saved a checkpoint at the step boundary and stopped.
+
+    ``exit_code`` is the shell's convention for a process ended by that signal (128 + its number).
+    """
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
+# ---- signals ---------------------------------------------------------------------------------------------------
+class StopSignals:
+    """While active, SIGINT/SIGTERM only set :attr:`signum`; the loop saves and stops at the next step boundary.
+
+    A second signal restores the previous handlers and re-raises itself: the process stops at once (a
+    checkpoint write it cuts short is never taken for complete). Handlers can only be set from the main
+    thread; elsewhere (a notebook's worker thread) signals keep their usual effect.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.signum is not None:
+            print(f"\ntorchdora train: second {name}: stopping now, without a checkpoint", file=sys.stderr,
+                  flush=True)
+            self.restore()
+            signal.raise_signal(signum)
+            return
+        self.signum = signum
+        print(f"\ntorchdora train: {name} received: saving a checkpoint at the end of this step, then stopping "
+              f"(send it again to stop at once)", file=sys.stderr, flush=True)
 
 
 # ---- learning rate ------------------------------------------------------------------------------------------
@@ -100,20 +161,31 @@ def default_output_dir(method: str) -> str:
 
 
 def run_folder_of(checkpoint: Path) -> Path:
-    return checkpoint.parent if checkpoint.name in ("checkpoint", ".checkpoint.old") else checkpoint
+    return checkpoint.parent if checkpoint.name in ("checkpoint", ".checkpoint.old", TMP_CHECKPOINT_DIR) else checkpoint
 
 
-def check_output_dir(path: Path, resuming: bool) -> None:
-    if resuming or not path.exists():
+def check_output_dir(path: Path, resume_run: Path | None = None) -> None:
+    """Refuse an output folder holding another run (a complete checkpoint or ``summary.json``).
+
+    ``resume_run``: the run folder being resumed, which may of course be the output folder. A folder whose run
+    failed before its first checkpoint (only ``config.json``/``metrics.jsonl``) holds nothing to lose: it is
+    reused.
+    """
+    if not path.exists():
+        return
+    if resume_run is not None and path.resolve() == resume_run.resolve():
         return
     if not path.is_dir():
         raise ValueError(f"--output-dir {path} is a file; pass a folder")
-    markers = [n for n in ("checkpoint", "summary.json", "config.json") if (path / n).exists()]
+    checkpoint = latest_checkpoint(path)
+    markers = [str(m.relative_to(path)) for m in (checkpoint, path / "summary.json") if m is not None and m.exists()]
     if markers:
-        raise ValueError(
-            f"--output-dir {path} already holds a run ({', '.join(markers)}); pass --resume {path} to continue "
-            "it, or choose another --output-dir"
-        )
+        hint = (f"resume {resume_run} into its own folder (drop --output-dir) or into a new --output-dir"
+                if resume_run is not None else
+                f"pass --resume {path} to continue it, or choose another --output-dir")
+        raise ValueError(f"--output-dir {path} already holds a run ({', '.join(markers)}); {hint}")
+    if (path / "config.json").exists():
+        print(f"torchdora train: reusing {path}: the run there stopped before its first checkpoint", flush=True)
 
 
 def check_model_before_loading(source: Path | str, config: TrainConfig) -> None:
@@ -190,6 +262,7 @@ class Run:
     total_steps: int
     micro_per_epoch: int
     metrics: Metrics
+    history: list[dict[str, Any]] = field(default_factory=list)  # resume-time setting changes, oldest first
 
     @property
     def main_process(self) -> bool:
@@ -212,32 +285,55 @@ class Run:
         n_correct, n_scored, nll, n_tokens = sums.tolist()
         return EvalResult(int(n_correct), int(n_scored), nll, int(n_tokens))
 
+    def weights_finite(self) -> bool:
+        """Whether every trainable parameter and optimizer state tensor is finite, on every process."""
+        tensors = list(self.names) + [v for state in self.optimizer.state.values() for v in state.values()
+                                      if isinstance(v, Tensor) and v.is_floating_point()]
+        local = all(bool(torch.isfinite(getattr(t, "_local_tensor", t)).all()) for t in tensors)
+        flag = torch.tensor([float(local)], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, reduction="sum") / self.accelerator.num_processes
+        return bool(flag.item() == 1.0)
+
     def save_checkpoint(self, position: Position, before: EvalResult) -> None:
-        """Every process writes its RNG state, the main process the rest; then the folder is swapped in."""
+        """Every process writes its RNG state, the main process the rest; then the folder is swapped in.
+
+        Refused (:class:`TrainingDiverged`) if a weight or optimizer state is not finite: the checkpoint kept is
+        always one that can be resumed. A failed write (a full disk) deletes the unfinished folder and leaves the
+        previous checkpoint as it was.
+        """
         acc, config = self.accelerator, self.config
+        if not self.weights_finite():
+            raise self.diverged(f"the weights became NaN or infinite by step {position.step} (the loss was finite)",
+                                position.step)
         at_epoch_end = position.micro_in_epoch >= self.micro_per_epoch
         state = {
             "step": position.step, "epoch": position.epoch + int(at_epoch_end),
             "micro_in_epoch": 0 if at_epoch_end else position.micro_in_epoch, "seed": config.seed,
             "num_processes": acc.num_processes, "total_steps": self.total_steps, "config": config.to_dict(),
-            "metrics": self.metrics.records, "before": dataclasses.asdict(before),
+            "metrics": self.metrics.records, "before": dataclasses.asdict(before), "history": self.history,
         }
         tmp = begin_checkpoint(self.output_dir) if self.main_process else None
         acc.wait_for_everyone()
         tmp = tmp or self.output_dir / TMP_CHECKPOINT_DIR
-        save_rng_state(tmp, acc.process_index)
-        acc.wait_for_everyone()
-        if self.main_process:
-            if config.method == "full":
-                atomic_save_safetensors(named_trainable(self.raw_model), tmp / "model.safetensors")
-            else:
-                from torchdora.io import save_adapter
+        try:
+            save_rng_state(tmp, acc.process_index)
+            acc.wait_for_everyone()
+            if self.main_process:
+                if config.method == "full":
+                    atomic_save_safetensors(named_trainable(self.raw_model), tmp / "model.safetensors")
+                else:
+                    from torchdora.io import save_adapter
 
-                save_adapter(self.raw_model, tmp / "adapter", base_model_name_or_path=config.model)
-            save_optimizer(tmp, self.optimizer, self.names)
-            atomic_write_json(tmp / "scheduler.json", self.scheduler.state_dict())
-            commit_checkpoint(self.output_dir, tmp, state)
-            self.metrics.flush()
+                    save_adapter(self.raw_model, tmp / "adapter", base_model_name_or_path=config.model)
+                save_optimizer(tmp, self.optimizer, self.names)
+                atomic_write_json(tmp / "scheduler.json", self.scheduler.state_dict())
+                commit_checkpoint(self.output_dir, tmp, state)
+                self.metrics.flush()
+        except OSError:
+            if self.main_process:
+                discard_checkpoint(tmp)
+            raise
         acc.wait_for_everyone()
 
     def restore(self, checkpoint_dir: Path, saved: Mapping[str, Any]) -> tuple[Position, EvalResult | None]:
@@ -260,27 +356,61 @@ class Run:
             load_adapter(self.raw_model, checkpoint_dir / "adapter")
         load_optimizer(checkpoint_dir, self.optimizer, self.names)
         self.scheduler.load_state_dict(json.loads((checkpoint_dir / "scheduler.json").read_text()))
-        load_rng_state(checkpoint_dir, acc.process_index)
+        if not load_rng_state(checkpoint_dir, acc.process_index, saved.get("num_processes", 1)):
+            print(f"torchdora train: warning: process {acc.process_index} has no random-number state in "
+                  f"{checkpoint_dir}; its dropout masks start from a fresh seed", file=sys.stderr, flush=True)
         position = Position(saved["step"], saved["epoch"], saved["micro_in_epoch"])
+        self.history = list(saved.get("history", []))
+        changes = resume_changes(self.config, saved["config"])
+        if changes:
+            self.apply_optimisation_settings()
+            self.history.append({"step": position.step, "changed": {k: list(v) for k, v in changes.items()}})
+            listed = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items())
+            self.say(f"resuming with changed settings: {listed} (recorded in the checkpoint's history)")
         self.metrics.reset([r for r in saved.get("metrics", []) if r.get("step", 0) <= position.step])
         before = EvalResult(**saved["before"]) if saved.get("before") is not None else None
         self.say(f"resumed from {checkpoint_dir} at step {position.step}")
         return position, before
 
-    def diverged(self, loss: Tensor, step: int) -> TrainingDiverged:
-        last = find_checkpoint(self.output_dir) if (self.output_dir / "checkpoint").exists() else None
-        return TrainingDiverged(
-            f"the loss became {loss.item()} at step {step} (lr {self.scheduler.get_last_lr()[0]:.3g}). "
-            f"The last good checkpoint is {last or 'not written yet'} and was kept. Try a lower --lr "
-            f"(now {self.config.lr:g}), more --warmup-steps, --dtype float32, or --max-grad-norm 1"
-        )
+    def apply_optimisation_settings(self) -> None:
+        """Put this run's ``lr``/``weight_decay`` (and schedule) into the optimizer after a checkpoint loaded its own.
+
+        The scheduler's lambda already reads this config; its base rates and the current rate are set the way
+        ``LambdaLR`` computes them (``base · λ(step)``).
+        """
+        groups = self.scheduler.optimizer.param_groups
+        self.scheduler.base_lrs = [self.config.lr] * len(groups)
+        for group, fn in zip(groups, self.scheduler.lr_lambdas):
+            group["initial_lr"] = self.config.lr
+            group["lr"] = self.config.lr * fn(self.scheduler.last_epoch)
+            group["weight_decay"] = self.config.weight_decay
+        self.scheduler._last_lr = [group["lr"] for group in groups]
+
+    def diverged(self, what: str, step: int) -> TrainingDiverged:
+        """The error for a non-finite loss, gradient or weight: where the finite checkpoint is, and what to change."""
+        config = self.config
+        last = latest_checkpoint(self.output_dir)
+        if last is not None:
+            where = (f"The last checkpoint, with finite weights, is {last} (step {read_trainer_state(last)['step']}); "
+                     f"resume from it with a lower learning rate: torchdora train --resume {self.output_dir} "
+                     f"--lr {config.lr / 4:g}")
+        else:
+            where = (f"No checkpoint was written yet; start again with a lower learning rate: --lr {config.lr / 4:g} "
+                     f"(the folder {self.output_dir} can be reused)")
+        others = [f"more --warmup-steps (now {config.warmup_steps})"]
+        if config.max_grad_norm == 0:
+            others.append("--max-grad-norm 1")
+        if config.dtype != "float32":
+            others.append("--dtype float32")
+        return TrainingDiverged(f"{what} at step {step} (lr {self.scheduler.get_last_lr()[0]:.3g}). {where}. "
+                                f"Also worth trying: {', '.join(others)}")
 
 
 def check_resume(config: TrainConfig) -> tuple[Path | None, dict[str, Any] | None]:
     """The checkpoint folder and trainer state of ``config.resume``, refused if its run fields differ."""
     if config.resume is None:
         return None, None
-    checkpoint_dir = find_checkpoint(config.resume)
+    checkpoint_dir = find_checkpoint(config.resume, warn=True)
     saved = read_trainer_state(checkpoint_dir)
     differences = config_differences(config, saved["config"])
     if differences:

@@ -1,0 +1,377 @@
+"""Nothing lost: every fault a user or the machine can cause, met through ``torchdora train``'s command line.
+
+Each test injects one fault (a second run's folder as ``--output-dir``, NaN gradients, SIGINT/SIGTERM, kills at
+each point of the checkpoint swap, a full disk, a model that fails to load) and checks what the user is left
+with: the exit code and one line naming the problem and the fix, an intact checkpoint, and a resume whose loss
+sequence equals an uninterrupted run's (bitwise: the same float operations in the same order, one thread).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_train import make_tiny_model, one_thread, read_metrics, tiny_config, write_tiny_data  # noqa: F401
+import torchdora.app.checkpoint as checkpoint_mod
+import torchdora.app.train as train_mod
+from torchdora.app.checkpoint import find_checkpoint, read_trainer_state
+from torchdora.app.train import lr_factor, main, train
+
+# The same run through the CLI and through TrainConfig (dropout on: the RNG state must resume too).
+OPTIONS = dict(steps=8, batch_size=4, lr=1e-2, warmup_steps=2, rank=4, alpha=8, eval_every=0, checkpoint_every=2,
+               max_eval=8, dropout=0.1, targets="q_proj,v_proj,up_proj,down_proj")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("tiny-reliability")
+    return make_tiny_model(root / "model"), write_tiny_data(root / "data")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny, tmp_path_factory) -> list[float]:
+    """The loss of every step of the uninterrupted run."""
+    model_dir, data = tiny
+    torch.set_num_threads(1)
+    return train(tiny_config(model_dir, data, tmp_path_factory.mktemp("ref") / "run", **OPTIONS)).losses
+
+
+def argv(model_dir: Path, data: Path, out: Path, **overrides) -> list[str]:
+    values = {**OPTIONS, **overrides}
+    args = ["--model", str(model_dir), "--data", str(data), "--output-dir", str(out)]
+    for key, value in values.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    return args
+
+
+def losses_of(run: Path) -> list[float]:
+    records = [r for r in read_metrics(run) if "loss" in r]
+    assert [r["step"] for r in records] == list(range(1, len(records) + 1))
+    return [r["loss"] for r in records]
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def patch_loss(monkeypatch, at_call: int, action) -> None:
+    """Run ``action(loss)`` on the ``at_call``-th micro-batch loss (1-based); it may return a replacement."""
+    real, calls = train_mod.run.compute_loss, {"n": 0}
+
+    def patched(model, batch):
+        calls["n"] += 1
+        loss, n = real(model, batch)
+        if calls["n"] == at_call:
+            loss = action(loss) or loss
+        return loss, n
+
+    monkeypatch.setattr(train_mod.run, "compute_loss", patched)
+
+
+# ---- 1. --resume A --output-dir B, B another run ---------------------------------------------------------------
+def test_resume_into_another_runs_folder_is_refused_and_leaves_it_byte_identical(tiny, tmp_path, capsys):
+    model_dir, data = tiny
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(argv(model_dir, data, a, steps=2)) == 0
+    assert main(argv(model_dir, data, b, steps=4)) == 0
+    before = folder_bytes(b)
+    capsys.readouterr()
+    assert main(["--resume", str(a), "--output-dir", str(b)]) == 2
+    err = capsys.readouterr().err
+    assert f"--output-dir {b} already holds a run (checkpoint, summary.json)" in err and "Traceback" not in err
+    assert folder_bytes(b) == before
+    # into a new folder it continues A there, leaving A as it was
+    a_before = folder_bytes(a)
+    assert main(["--resume", str(a), "--output-dir", str(tmp_path / "c"), "--steps", "2"]) == 0
+    assert folder_bytes(a) == a_before and (tmp_path / "c" / "summary.json").is_file()
+
+
+# ---- 2. divergence ---------------------------------------------------------------------------------------------
+def _nan_gradient(loss):
+    loss.register_hook(lambda grad: grad * float("nan"))  # the loss stays finite: only the update is poisoned
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.0, 1.0])
+def test_nan_stop_keeps_a_finite_checkpoint_that_resumes_with_a_lower_lr(tiny, tmp_path, monkeypatch, capsys,
+                                                                         max_grad_norm):
+    """NaN gradients at step 4 with a finite loss: with clipping the norm check stops before the update; without,
+    the finiteness check refuses the step-4 checkpoint (the old code wrote it, full of NaN)."""
+    model_dir, data = tiny
+    out = tmp_path / "run"
+    patch_loss(monkeypatch, 4, _nan_gradient)
+    assert main(argv(model_dir, data, out, max_grad_norm=max_grad_norm)) == 1
+    err = capsys.readouterr().err
+    what = "the weights became NaN or infinite by step 4" if max_grad_norm == 0 else "gradient norm became nan"
+    assert what in err and "Traceback" not in err
+    assert f"resume from it with a lower learning rate: torchdora train --resume {out} --lr 0.0025" in err
+    assert ("--max-grad-norm 1" in err) == (max_grad_norm == 0)  # only advice not already followed
+    assert "--dtype float32" not in err
+    kept = find_checkpoint(out)
+    assert read_trainer_state(kept)["step"] == 2
+    for name in ("adapter/torchdora_adapter.safetensors", "optimizer.safetensors"):
+        assert all(torch.isfinite(t).all() for t in load_file(kept / name).values())
+
+    monkeypatch.undo()
+    assert main(["--resume", str(out), "--lr", "2.5e-3"]) == 0
+    state = read_trainer_state(find_checkpoint(out))
+    assert state["history"] == [{"step": 2, "changed": {"lr": [0.01, 0.0025]}}]
+    assert state["config"]["lr"] == 2.5e-3
+    lrs = {r["step"]: r["lr"] for r in read_metrics(out) if "lr" in r}
+    for step in (1, 2):  # before the resume: the first lr
+        assert lrs[step] == pytest.approx(1e-2 * lr_factor(step - 1, "linear", 2, 8), rel=1e-12)
+    for step in range(3, 9):  # after: the new peak on the same schedule
+        assert lrs[step] == pytest.approx(2.5e-3 * lr_factor(step - 1, "linear", 2, 8), rel=1e-12)
+    assert all(r["loss"] == r["loss"] for r in read_metrics(out) if "loss" in r)
+
+
+def test_resume_still_refuses_run_defining_changes(tiny, tmp_path, capsys):
+    model_dir, data = tiny
+    out = tmp_path / "run"
+    assert main(argv(model_dir, data, out, steps=2)) == 0
+    capsys.readouterr()
+    assert main(["--resume", str(out), "--max-eval", "4"]) == 2  # before/after accuracy on other examples
+    assert "max_eval: checkpoint 8, now 4" in capsys.readouterr().err
+
+
+# ---- 3. signals ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_at_a_random_step_saves_that_step_and_resumes_exactly(tiny, tmp_path, monkeypatch, capsys,
+                                                                       reference, signum):
+    model_dir, data = tiny
+    step = random.Random(f"{signum}-{os.getpid()}").randint(1, 7)  # any step before the last
+    out = tmp_path / "run"
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    patch_loss(monkeypatch, step, lambda loss: os.kill(os.getpid(), signum))
+    code = main(argv(model_dir, data, out, checkpoint_every=0))  # no periodic checkpoint: only the signal's
+    err = capsys.readouterr().err
+    assert code == 128 + signum, err
+    assert f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved" in err, err
+    assert "Traceback" not in err
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # restored
+    assert read_trainer_state(find_checkpoint(out))["step"] == step
+    monkeypatch.undo()
+    assert main(["--resume", str(out)]) == 0
+    assert losses_of(out) == reference
+
+
+def test_a_second_signal_stops_at_once_without_a_checkpoint(tiny, tmp_path, monkeypatch, capsys):
+    model_dir, data = tiny
+    out = tmp_path / "run"
+
+    def twice(loss):
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # the handler re-raises it with Python's own: KeyboardInterrupt
+
+    patch_loss(monkeypatch, 3, twice)
+    assert main(argv(model_dir, data, out)) == 130
+    err = capsys.readouterr().err
+    assert "second SIGINT: stopping now" in err and "Traceback" not in err
+    assert read_trainer_state(find_checkpoint(out))["step"] == 2  # the periodic one; no step-3 checkpoint
+
+
+def test_sigint_to_the_cli_process_exits_130_with_a_checkpoint_of_that_step(tiny, tmp_path):
+    """A real signal to a real ``torchdora train`` process at a random moment of training."""
+    model_dir, data = tiny
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    process = subprocess.Popen([sys.executable, "-m", "torchdora", "train",
+                                *argv(model_dir, data, out, steps=400, checkpoint_every=0)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    for line in process.stdout:  # training starts after the first evaluation
+        if line.startswith("test accuracy before training"):
+            break
+    time.sleep(random.uniform(0.05, 0.5))
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    step = read_trainer_state(find_checkpoint(out))["step"]
+    assert 0 < step < 400 and f"stopped by SIGINT at step {step}; checkpoint saved" in err
+    assert len(losses_of(out)) == step
+
+
+# ---- 4. kills during the checkpoint swap ----------------------------------------------------------------------
+class Killed(BaseException):
+    """Stands for kill -9: nothing in torchdora catches it."""
+
+
+def kill_at(monkeypatch, points: set[int]) -> dict[str, int]:
+    """Make the checkpoint module's n-th rename/delete (0-based, counted over the whole run) raise :class:`Killed`."""
+    calls = {"n": 0}
+
+    def counted(fn):
+        def wrapper(*args, **kwargs):
+            n = calls["n"]
+            calls["n"] += 1
+            if n in points:
+                raise Killed(f"killed before {fn.__name__}{args}")
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(checkpoint_mod, "os", types.SimpleNamespace(**{**vars(os), "replace": counted(os.replace)}))
+    monkeypatch.setattr(checkpoint_mod, "shutil", types.SimpleNamespace(rmtree=counted(shutil.rmtree)))
+    return calls
+
+
+def _fake_save(output_dir: Path, step: int) -> None:
+    tmp = checkpoint_mod.begin_checkpoint(output_dir)
+    (tmp / "payload.json").write_text(json.dumps(step))
+    checkpoint_mod.commit_checkpoint(output_dir, tmp, {"step": step, "config": {}})
+
+
+def _check_resumable(output_dir: Path, at_least: int) -> int:
+    found = find_checkpoint(output_dir)
+    step = read_trainer_state(found)["step"]
+    assert step >= at_least and json.loads((found / "payload.json").read_text()) == step
+    return step
+
+
+def test_every_pair_of_kill_points_in_the_swap_leaves_a_complete_checkpoint(tmp_path, monkeypatch):
+    """Kill at any rename/delete of one save, resume from what is found, kill again at any point of the next."""
+    _fake_save(tmp_path / "probe", 1)
+    calls = kill_at(monkeypatch, set())
+    _fake_save(tmp_path / "probe", 2)
+    points = calls["n"] + 1  # the ops of a save over an existing checkpoint, and one past them (no kill)
+    monkeypatch.undo()
+    for first in range(points):
+        for second in range(points + 2):  # the save after a kill may first finish the killed one's swap
+            out = tmp_path / f"{first}-{second}"
+            _fake_save(out, 1)
+            step = 1
+            for save, point in ((2, first), (None, second)):
+                kill_at(monkeypatch, {point})
+                try:
+                    _fake_save(out, save or step + 1)
+                except Killed:
+                    pass
+                monkeypatch.undo()
+                step = _check_resumable(out, at_least=step)
+            _fake_save(out, step + 1)
+            assert _check_resumable(out, step + 1) == step + 1
+            assert not (out / ".checkpoint.old").exists() and not (out / ".checkpoint.tmp").exists()
+
+
+@pytest.mark.parametrize("first, second", [(1, 1), (2, 0), (3, 2)])
+def test_two_kills_in_a_row_during_swaps_resume_to_the_reference_losses(tiny, tmp_path, monkeypatch, reference,
+                                                                        first, second):
+    """Rename/delete number 1, 2, 3 are the three steps of the second save's swap (the first save has one rename):
+    kill there, resume (from .checkpoint.tmp, .checkpoint.old or checkpoint), kill again in the resumed run."""
+    model_dir, data = tiny
+    out = tmp_path / "run"
+    for point in (first, second):
+        kill_at(monkeypatch, {point})
+        with pytest.raises(Killed):
+            train(tiny_config(model_dir, data, out, **OPTIONS, **({"resume": str(out)} if out.exists() else {})))
+        monkeypatch.undo()
+        find_checkpoint(out)
+    assert train(tiny_config(model_dir, data, out, resume=str(out), **OPTIONS)).losses == reference
+
+
+def test_half_deleted_edited_or_rng_less_checkpoints_are_never_resumed_silently(tiny, tmp_path, capsys):
+    model_dir, data = tiny
+    out = tmp_path / "run"
+    train(tiny_config(model_dir, data, out, **{**OPTIONS, "steps": 4}))
+    good = out / "checkpoint"
+    shutil.copytree(good, out / ".checkpoint.old")
+    (out / ".checkpoint.old" / "optimizer.safetensors").unlink()  # a deletion cut short
+    state = read_trainer_state(good)
+    (out / ".checkpoint.old" / "trainer_state.json").write_text(json.dumps({**state, "step": 99}))
+    assert find_checkpoint(out, warn=True) == good  # not the newer-looking, incomplete one
+    assert "skipping" in capsys.readouterr().err
+    adapter = good / "adapter" / "torchdora_adapter.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:-1] + b"\x01")  # one flipped byte
+    assert main(["--resume", str(out)]) == 2
+    assert "holds no complete checkpoint" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="rng-rank0.safetensors is missing"):
+        checkpoint_mod.load_rng_state(tmp_path, rank=0, num_saved=1)
+    assert checkpoint_mod.load_rng_state(tmp_path, rank=1, num_saved=1) is False  # a rank it never had
+
+
+# ---- 5. a run that failed before its first checkpoint ------------------------------------------------------
+def test_a_run_that_failed_before_its_first_checkpoint_leaves_a_reusable_folder(tiny, tmp_path, monkeypatch, capsys):
+    model_dir, data = tiny
+    out = tmp_path / "run"
+
+    def unreachable(*args, **kwargs):
+        raise ValueError("Could not load model 'org/name': connection refused")
+
+    monkeypatch.setattr("torchdora.app.assets.load_model_and_tokenizer", unreachable)
+    assert main(argv(model_dir, data, out)) == 2
+    assert (out / "config.json").is_file()
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(argv(model_dir, data, out, steps=2)) == 0
+    assert "reusing" in capsys.readouterr().out and (out / "summary.json").is_file()
+
+
+# ---- 6. the environment: a full disk, a folder that cannot be written --------------------------------------
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs where the test may mount one (root on Linux), else ``None``."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if sys.platform != "linux" or shutil.which("mount") is None:
+        yield None
+        return
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        yield None
+        return
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_full_disk_gives_a_clear_error_and_keeps_the_last_checkpoint(tiny, tmp_path, monkeypatch, capsys,
+                                                                       small_disk, reference):
+    """Full disk after the step-4 checkpoint: the step-6 save fails; on a tmpfs for real, else a patched write."""
+    model_dir, data = tiny
+    out = (small_disk or tmp_path) / "run"
+    filler = (small_disk or tmp_path) / "filler"
+
+    def fill_disk(loss):
+        if small_disk is None:  # no tmpfs: every safetensors write fails as on a full disk
+            def full(*args, **kwargs):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(args[1]))
+            monkeypatch.setattr("torchdora.io.save_file", full)
+            return
+        with open(filler, "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * 4096)
+                    f.flush()
+            except OSError:
+                pass
+
+    patch_loss(monkeypatch, 5, fill_disk)
+    assert main(argv(model_dir, data, out)) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "free some space" in err and "Traceback" not in err
+    assert read_trainer_state(find_checkpoint(out))["step"] == 4
+    assert not (out / ".checkpoint.tmp").exists()  # the unfinished write was removed, freeing its space
+    monkeypatch.undo()
+    filler.unlink(missing_ok=True)
+    assert main(["--resume", str(out)]) == 0
+    assert losses_of(out) == reference
+
+
+def test_an_unwritable_output_folder_is_one_line(tiny, tmp_path, capsys):
+    model_dir, data = tiny
+    (tmp_path / "file").write_text("")
+    assert main(argv(model_dir, data, tmp_path / "file" / "run")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("torchdora train: error: Not a directory") and "Traceback" not in err
