@@ -7,6 +7,9 @@
     >>> model.save_pretrained("out/")            # transformers models: the adapter only (PEFT + torchdora)
     >>> model = torchdora.load_model("out/")     # base it records + adapter, frozen, in one call
     >>> torchdora.merge_and_unload(model)        # plain modules again, zero inference overhead
+
+VeRA and DVoRA (VeRA's shared random projections, with DoRA's magnitude): ``DoraConfig(r=256, use_vera=True,
+use_dora=False)`` and ``DoraConfig(r=256, use_vera=True)``.
 """
 
 from torchdora.config import DoraConfig
@@ -25,7 +28,9 @@ from torchdora.inject import (
 )
 from torchdora.hf import load_model
 from torchdora.io import load_adapter, read_adapter, save_adapter
-from torchdora.layers import AdapterLayer, ConvAdapter, EmbeddingAdapter, Linear4bitAdapter, LinearAdapter
+from torchdora.layers import (
+    AdapterLayer, ConvAdapter, EmbeddingAdapter, Linear4bitAdapter, LinearAdapter, VeraAdapter, VeraProjection,
+)
 
 __version__ = "0.1.0"
 
@@ -36,6 +41,8 @@ __all__ = [
     "ConvAdapter",
     "EmbeddingAdapter",
     "Linear4bitAdapter",
+    "VeraAdapter",
+    "VeraProjection",
     "inject",
     "find_targets",
     "adapter_layers",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
@@ -80,6 +81,12 @@ class DoraConfig:
         modules_to_save: modules (exact names or suffixes) kept fully trainable and saved with the adapter,
             e.g. a classifier head.
         dtype: dtype of the adapter parameters (``"float32"`` default; ``None`` follows the base weight).
+        use_vera: VeRA's update ``Λ_b B Λ_d A`` instead of LoRA's ``s·B·A`` (Kopiczko et al., ICLR 2024): ``A``,
+            ``B`` frozen random and shared by all adapted layers, only ``d`` ``(r,)`` and ``b`` ``(out,)`` train.
+            With ``use_dora`` it is DVoRA (DoRA paper §5.4), else VeRA. Linear/Conv1D targets only; ``alpha``,
+            ``init``, ``rank_pattern`` and ``alpha_pattern`` do not apply (VeRA has no scale).
+        d_initial: VeRA's initial value of every ``d`` (``b`` starts at 0); PEFT's default 0.1.
+        projection_prng_key: seed of the shared random ``A``/``B`` (PEFT's name and generator rule).
     """
 
     r: int = 8
@@ -97,6 +104,9 @@ class DoraConfig:
     init: InitKind = "kaiming"
     modules_to_save: tuple[str, ...] = ()
     dtype: str | None = "float32"
+    use_vera: bool = False
+    d_initial: float = 0.1
+    projection_prng_key: int = 0
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -142,7 +152,25 @@ class DoraConfig:
             raise ValueError(f"init must be 'kaiming' or 'gaussian', got init={self.init!r}")
         if self.dtype is not None and self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or None, got dtype={self.dtype!r}")
+        self._check_vera()
 
+    def _check_vera(self) -> None:
+        if not isinstance(self.use_vera, bool):
+            raise TypeError(f"use_vera must be True or False, got use_vera={self.use_vera!r}")
+        if isinstance(self.d_initial, bool) or not isinstance(self.d_initial, (int, float)) or not math.isfinite(self.d_initial):
+            raise ValueError(f"d_initial must be a finite number, got d_initial={self.d_initial!r}")
+        object.__setattr__(self, "d_initial", float(self.d_initial))
+        key = self.projection_prng_key
+        if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key < 2**63:
+            raise ValueError(f"projection_prng_key must be an integer in [0, 2**63), got projection_prng_key={key!r}")
+        if not self.use_vera:
+            return
+        for name in ("rank_pattern", "alpha_pattern", "magnitude_only_modules", "recompute_modules", "use_rslora"):
+            if getattr(self, name):
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r} is not supported with use_vera=True: VeRA has no scale and "
+                    f"shares one rank-r projection pair across layers. Remove {name}"
+                )
     @property
     def torch_dtype(self) -> torch.dtype | None:
         return None if self.dtype is None else _DTYPES[self.dtype]

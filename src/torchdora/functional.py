@@ -31,6 +31,9 @@ __all__ = [
     "merged_weight",
     "unmerged_weight",
     "dora_combine",
+    "vera_projections",
+    "vera_factors",
+    "vera_update",
 ]
 
 
@@ -241,3 +244,42 @@ def dora_combine(
     if lora_out is not None:
         out = out + factor * (scaling * lora_out)
     return out
+
+
+# ---- VeRA and DVoRA ---------------------------------------------------------------------------------------
+def vera_projections(r: int, in_features: int, out_features: int, seed: int) -> tuple[Tensor, Tensor]:
+    """VeRA's frozen random pair ``A`` ``(r, in)`` and ``B`` ``(out, r)`` from ``seed`` (Kopiczko et al., §3.1).
+
+    Kaiming-uniform with gain ``√2`` and the fan-in of each matrix (``in`` for ``A``, ``r`` for ``B``):
+    ``U(−√(6/fan_in), √(6/fan_in))``, drawn ``A`` first then ``B`` from one CPU generator seeded with ``seed``.
+    This is PEFT's ``projection_prng_key`` rule, so the same seed and sizes give PEFT's ``vera_A``/``vera_B``
+    bit for bit. Returned in fp32 on the CPU.
+    """
+    if r <= 0 or in_features <= 0 or out_features <= 0:
+        raise ValueError(f"VeRA projections need positive sizes, got r={r}, in={in_features}, out={out_features}")
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    pair = []
+    for shape, fan_in in (((r, in_features), in_features), ((out_features, r), r)):
+        bound = math.sqrt(3.0) * math.sqrt(2.0) / math.sqrt(fan_in)
+        pair.append(torch.empty(shape).uniform_(-bound, bound, generator=generator))
+    return pair[0], pair[1]
+
+
+def vera_factors(vera_A: Tensor, vera_B: Tensor, lambda_d: Tensor, lambda_b: Tensor) -> tuple[Tensor, Tensor]:
+    """VeRA's update as a LoRA pair: ``A' = Λ_d A`` ``(r, in)`` and ``B' = Λ_b B`` ``(out, r)``.
+
+    ``ΔW = Λ_b B Λ_d A = B' A'`` (Kopiczko et al., eq. 1) is still rank ``r``, so every LoRA/DoRA function here
+    (:func:`delta_weight`, :func:`factored_row_norm`, :func:`merged_weight`) applies with scale 1; this is how
+    DVoRA (DoRA paper §5.4) gets DoRA's factored norm. ``vera_A``/``vera_B``: the layer's slices of the shared
+    pair; ``lambda_d``: ``(r,)``; ``lambda_b``: ``(out,)``.
+    """
+    return lambda_d[:, None] * vera_A, lambda_b[:, None] * vera_B  # (r, in), (out, r)
+
+
+def vera_update(x: Tensor, vera_A: Tensor, vera_B: Tensor, lambda_d: Tensor, lambda_b: Tensor) -> Tensor:
+    """VeRA's output term ``x (Λ_b B Λ_d A)ᵀ = ((x Aᵀ) ⊙ d) Bᵀ ⊙ b`` without forming the ``(out, in)`` matrix.
+
+    ``x``: ``(..., in)``; returns ``(..., out)``. Same order as PEFT's forward, so float32 results agree to
+    round-off: two thin products and two scalings per row.
+    """
+    return lambda_b * ((lambda_d * (x @ vera_A.T)) @ vera_B.T)  # (..., r) -> (..., out)

@@ -10,7 +10,7 @@ from typing import Iterator, Sequence
 from torch import nn
 
 from torchdora.config import ALL_LINEAR, DoraConfig, module_matches
-from torchdora.layers import AdapterLayer, LinearAdapter, adapter_class_for, is_conv1d
+from torchdora.layers import AdapterLayer, LinearAdapter, VeraAdapter, VeraProjection, adapter_class_for, is_conv1d
 
 __all__ = [
     "inject",
@@ -171,6 +171,12 @@ def inject(model: nn.Module, config: DoraConfig) -> dict[str, nn.Module]:
 
     # A layer can still refuse its module (e.g. a grouped conv): remember the trainable flags so that a
     # failure part-way leaves the model exactly as it was.
+    # VeRA/DVoRA: one frozen random pair for the whole model, sized for its largest target (PEFT's rule)
+    vera = {} if not config.use_vera else {
+        "projection": VeraProjection.for_modules({n: model.get_submodule(n) for n in targets}, config.r,
+                                                 config.projection_prng_key),
+        "d_initial": config.d_initial,
+    }
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)
@@ -178,7 +184,7 @@ def inject(model: nn.Module, config: DoraConfig) -> dict[str, nn.Module]:
     try:
         for name in targets:
             base = model.get_submodule(name)
-            layer_cls = adapter_class_for(base)
+            layer_cls = VeraAdapter if config.use_vera else adapter_class_for(base)
             assert layer_cls is not None  # checked above
             layer = layer_cls(
                 base,
@@ -192,6 +198,7 @@ def inject(model: nn.Module, config: DoraConfig) -> dict[str, nn.Module]:
                 recompute_output=config.recomputes(name),
                 init=config.init,
                 dtype=config.torch_dtype,
+                **vera,
             )
             layer.train(base.training)  # a model put in eval mode before injecting stays there (dropout off)
             _set_submodule(model, name, layer)

@@ -5,6 +5,10 @@ torchdora format (a folder):
                                     "modules": {name: {"kind", "r", "alpha", "scaling", ...}}}``
     ``torchdora_adapter.safetensors``  keys ``<module>.lora_A`` ``(r, in, *k)``, ``<module>.lora_B`` ``(out, r, *1)``,
                                     ``<module>.magnitude`` ``(out,)``, and ``modules_to_save.<module>.<param>``.
+    VeRA / DVoRA (``config.use_vera``): per module ``<module>.vera_lambda_d`` ``(r,)``,
+    ``<module>.vera_lambda_b`` ``(out,)`` and (DVoRA) ``<module>.magnitude`` ``(out,)``; the shared frozen pair
+    once, ``vera_A`` ``(r, max in)`` and ``vera_B`` ``(max out, r)`` (module ``m`` uses ``vera_A[:, :in]``,
+    ``vera_B[:out]``), as drawn from ``config.projection_prng_key``.
 
 PEFT format (REFERENCE §5): ``adapter_config.json`` + ``adapter_model.safetensors`` with keys
 ``base_model.model.<module>.lora_A.weight`` etc. Every file is written to a temporary name and renamed,
@@ -32,6 +36,7 @@ from torchdora.config import DoraConfig, module_matches
 from torchdora.functional import lora_scaling
 from torchdora.inject import adapter_config, adapter_layers, inject, unload
 from torchdora.layers import AdapterLayer, ConvAdapter, EmbeddingAdapter
+from torchdora.layers.vera import shared_projection
 
 __all__ = [
     "FORMAT_VERSION",
@@ -52,6 +57,9 @@ PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 SAVE_PREFIX = "modules_to_save."
+#: keys of VeRA's shared projection pair, saved once per adapter (optional on load: a PEFT file written with
+#: save_projection=False has none, and inject has already drawn them from the seed)
+PROJECTION_KEYS = ("vera_A", "vera_B")
 
 Format = Literal["torchdora", "peft"]
 
@@ -150,6 +158,9 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     for name, layer in adapter_layers(model).items():
         for key, tensor in layer.adapter_parameters().items():
             out[f"{name}.{key}"] = tensor
+    projection = shared_projection(adapter_layers(model).values())
+    if projection is not None:
+        out.update(vera_A=projection.vera_A, vera_B=projection.vera_B)
     for name, module in _modules_to_save(model, adapter_config(model)).items():
         for pname, tensor in module.state_dict().items():
             out[f"{SAVE_PREFIX}{name}.{pname}"] = tensor
@@ -298,6 +309,9 @@ def _base_layer_tensors(model: nn.Module, tensors: Mapping[str, Tensor]) -> dict
 def _load_tensors(model: nn.Module, tensors: Mapping[str, Tensor], source: Path) -> None:
     expected = adapter_state_dict(model)
     expected.update(_base_layer_tensors(model, tensors))
+    for key in PROJECTION_KEYS:
+        if key not in tensors:
+            expected.pop(key, None)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     mis_shaped = sorted(
@@ -354,9 +368,12 @@ def _check_scaling(model: nn.Module, config: DoraConfig, source: Path) -> None:
     """
     wrong = []
     for name, layer in adapter_layers(model).items():
-        if layer.lora_A is None:  # magnitude-only: no s·B·A term
+        if layer.magnitude_only:  # no s·B·A term
             continue
-        want = lora_scaling(config.rank_for(name), config.alpha_for(name), config.use_rslora)
+        if config.use_vera:  # VeRA has no scale
+            want = 1.0
+        else:
+            want = lora_scaling(config.rank_for(name), config.alpha_for(name), config.use_rslora)
         if not math.isclose(layer.scaling, want, rel_tol=1e-6):
             wrong.append(f"{name} (file {want:g}, model {layer.scaling:g})")
     if wrong:

@@ -11,6 +11,11 @@ On the way in, every PEFT ``LoraConfig`` option that changes the computation and
 implement is refused by name (:func:`check_peft_options`); on the way out, ``task_type`` is inferred from the
 model's class (:func:`infer_task_type`) so that ``AutoPeftModelFor...`` and transformers' ``from_pretrained`` of the
 folder find the right model class.
+
+VeRA (``peft_type: "VERA"``, REFERENCE §8): ``base_model.model.<m>.vera_lambda_d`` ``(r,)`` and
+``.vera_lambda_b`` ``(out,)`` per module, and the shared pair once as ``base_model.vera_A`` ``(r, max in)`` and
+``base_model.vera_B`` ``(max out, r)`` (absent when saved with ``save_projection=False``: then it is drawn again
+from ``projection_prng_key``). DVoRA has no PEFT format (PEFT has no DVoRA); it is saved in torchdora's.
 """
 
 from __future__ import annotations
@@ -136,6 +141,8 @@ def to_peft(
 
     ``task_type`` is :func:`infer_task_type` of ``model``; without one, ``auto_mapping`` names the model class.
     """
+    if config.use_vera:
+        return _to_peft_vera(model, config, tensors, base_model_name_or_path)
     layers = adapter_layers(model)
     magnitude_only = [n for n, layer in layers.items() if layer.magnitude_only]
     if magnitude_only:
@@ -186,9 +193,11 @@ def to_peft(
 
 
 def from_peft(peft_config: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> tuple[DoraConfig, dict[str, Tensor]]:
-    """A :class:`DoraConfig` and torchdora-keyed tensors from a PEFT LoRA/DoRA adapter."""
+    """A :class:`DoraConfig` and torchdora-keyed tensors from a PEFT LoRA/DoRA or VeRA adapter."""
+    if peft_config.get("peft_type") == "VERA":
+        return _from_peft_vera(peft_config, tensors)
     if peft_config.get("peft_type") != "LORA":
-        raise ValueError(f"only PEFT LoRA/DoRA adapters can be loaded, got peft_type={peft_config.get('peft_type')!r}")
+        raise ValueError(f"only PEFT LoRA/DoRA and VeRA adapters can be loaded, got peft_type={peft_config.get('peft_type')!r}")
     check_peft_options(peft_config)
     targets = peft_config.get("target_modules")
     if isinstance(targets, list):
@@ -237,3 +246,97 @@ def _adapted_modules(tensors: Mapping[str, Tensor]) -> tuple[str, ...]:
     suffixes = (".lora_A.weight", ".lora_embedding_A", ".lora_magnitude_vector")
     names = {key[len(PREFIX):].rsplit(suffix, 1)[0] for key in tensors for suffix in suffixes if key.endswith(suffix)}
     return tuple(sorted(names))
+
+
+# ---- VeRA ------------------------------------------------------------------------------------------------
+_VERA_KEYS = ("vera_lambda_d", "vera_lambda_b")  # the same names in both formats
+_VERA_SHARED = {"vera_A": "base_model.vera_A", "vera_B": "base_model.vera_B"}
+# PEFT VeraConfig fields torchdora cannot honour, with the value that means "unused"
+_VERA_UNSUPPORTED = {"layers_to_transform": None, "layers_pattern": None, "bias": "none", "init_weights": True}
+# VeraConfig fields (peft 0.21) that torchdora reads or that do not change the computation
+_VERA_HONOURED = {"peft_type", "task_type", "auto_mapping", "base_model_name_or_path", "revision", "inference_mode",
+                  "peft_version", "r", "target_modules", "projection_prng_key", "save_projection", "vera_dropout",
+                  "d_initial", "fan_in_fan_out", "modules_to_save"}
+
+
+def _to_peft_vera(
+    model: nn.Module, config: DoraConfig, tensors: Mapping[str, Tensor], base_model_name_or_path: str | None
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """PEFT ``VeraConfig`` dict and tensors (``save_projection=True``: the shared pair goes with the file)."""
+    if config.use_dora:
+        raise ValueError(
+            "PEFT has no DVoRA (VeRA with DoRA's magnitude), so there is no PEFT file for it; save with "
+            "format='torchdora', or train with use_dora=False for a PEFT VeRA adapter"
+        )
+    layers = adapter_layers(model)
+    out = {theirs: tensors[ours] for ours, theirs in _VERA_SHARED.items()}
+    for name in layers:
+        for key in _VERA_KEYS:
+            out[f"{PREFIX}{name}.{key}"] = tensors[f"{name}.{key}"]
+    for key, tensor in tensors.items():
+        if key.startswith(SAVE_PREFIX):
+            out[PREFIX + key[len(SAVE_PREFIX):]] = tensor
+    peft_config = {
+        "peft_type": "VERA",
+        "task_type": infer_task_type(model),
+        "auto_mapping": None if infer_task_type(model) else _auto_mapping(model),
+        "base_model_name_or_path": base_model_name_or_path,
+        "inference_mode": True,
+        "r": config.r,
+        "target_modules": sorted(layers),  # the exact adapted names, whatever PEFT's matching rules
+        "projection_prng_key": config.projection_prng_key,
+        "save_projection": True,
+        "vera_dropout": config.dropout,
+        "d_initial": config.d_initial,
+        "fan_in_fan_out": any(getattr(layer, "fan_in_fan_out", False) for layer in layers.values()),
+        "bias": "none",
+        "modules_to_save": list(config.modules_to_save) or None,
+        "init_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+    }
+    return peft_config, out
+
+
+def _from_peft_vera(peft_config: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> tuple[DoraConfig, dict[str, Tensor]]:
+    """A VeRA :class:`DoraConfig` (``use_vera=True, use_dora=False``) and torchdora-keyed tensors."""
+    for field, unused in _VERA_UNSUPPORTED.items():
+        value = peft_config.get(field, unused)
+        if value != unused and value is not None:
+            raise ValueError(f"PEFT VeRA adapter option {field}={value!r} is not supported by torchdora; load this "
+                             "adapter with peft")
+    unknown = {k: v for k, v in peft_config.items()
+               if k not in _VERA_HONOURED | set(_VERA_UNSUPPORTED) and not _is_off(v, None)}
+    if unknown:
+        raise ValueError(f"PEFT VeRA adapter options {unknown} are unknown to torchdora (a newer peft?); they may "
+                         "change the computation, so the adapter is refused. Load it with peft")
+    targets = peft_config.get("target_modules")
+    if isinstance(targets, list):
+        targets = tuple(targets)
+    if targets is None:
+        raise ValueError("the PEFT VeRA adapter names no target_modules; torchdora needs the adapted module names")
+    config = DoraConfig(
+        r=int(peft_config.get("r", 256)),
+        dropout=float(peft_config.get("vera_dropout", 0.0)),
+        target_modules=targets,
+        use_dora=False,
+        use_vera=True,
+        d_initial=float(peft_config.get("d_initial", 0.1)),
+        projection_prng_key=int(peft_config.get("projection_prng_key", 0)),
+        modules_to_save=tuple(peft_config.get("modules_to_save") or ()),
+    )
+    shared = {theirs: ours for ours, theirs in _VERA_SHARED.items()}
+    ours: dict[str, Tensor] = {}
+    for key, tensor in tensors.items():
+        if key in shared:
+            ours[shared[key]] = tensor
+            continue
+        if not key.startswith(PREFIX):
+            raise ValueError(f"unexpected key {key!r} in PEFT VeRA adapter: keys start with {PREFIX!r} or are "
+                             f"{sorted(shared)}")
+        key = key[len(PREFIX):]
+        if key.rsplit(".", 1)[-1] in _VERA_KEYS:
+            ours[key] = tensor
+        else:
+            ours[SAVE_PREFIX + key] = tensor
+    return config, ours

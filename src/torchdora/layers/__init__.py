@@ -6,6 +6,8 @@
 - :class:`EmbeddingAdapter` (``embedding.py``): ``nn.Embedding``; the output feature is the embedding dimension.
 - :class:`Linear4bitAdapter` (``bnb.py``): bitsandbytes' 4-bit ``Linear4bit`` (NF4/FP4), QDoRA; the weight stays
   packed and is dequantized a block of rows at a time.
+- :class:`VeraAdapter` (``vera.py``): VeRA / DVoRA on ``nn.Linear`` and ``Conv1D``, with the model's shared
+  :class:`VeraProjection`; :func:`torchdora.inject` builds it when ``DoraConfig(use_vera=True)``.
 
 A new kind of base (a quantized linear layer, another adapter method) is a new file here that subclasses
 :class:`AdapterLayer` and is listed in :func:`adapter_class_for`.
@@ -20,9 +22,12 @@ from torchdora.layers.bnb import Linear4bitAdapter, is_linear4bit
 from torchdora.layers.conv import ConvAdapter
 from torchdora.layers.embedding import EmbeddingAdapter
 from torchdora.layers.linear import LinearAdapter
+from torchdora.layers.vera import VeraAdapter, VeraProjection
 
-__all__ = ["AdapterLayer", "LinearAdapter", "ConvAdapter", "EmbeddingAdapter", "Linear4bitAdapter", "adapter_class_for",
-           "is_conv1d"]
+__all__ = [
+    "AdapterLayer", "LinearAdapter", "ConvAdapter", "EmbeddingAdapter", "Linear4bitAdapter", "VeraAdapter",
+    "VeraProjection", "adapter_class_for", "is_conv1d",
+]
 
 
 def adapter_class_for(module: nn.Module) -> type[AdapterLayer] | None:

@@ -99,9 +99,7 @@ class AdapterLayer(nn.Module):
             self.lora_A: nn.Parameter | None = None
             self.lora_B: nn.Parameter | None = None
         else:
-            self.lora_A = nn.Parameter(torch.empty(self._lora_A_shape(r), **factory))
-            self.lora_B = nn.Parameter(torch.empty(self._lora_B_shape(r), **factory))
-            self.reset_lora_parameters(init)
+            self._init_direction(r, init, factory)
         self.magnitude: nn.Parameter | None = None
         if use_dora:
             with torch.no_grad():
@@ -109,6 +107,12 @@ class AdapterLayer(nn.Module):
             self.magnitude = nn.Parameter(norm.to(**factory))
 
     # ---- what subclasses define -------------------------------------------------------------------
+    def _init_direction(self, r: int, init: str, factory: dict) -> None:
+        """Create the trainable direction update: LoRA's ``lora_A``/``lora_B`` (VeRA overrides this)."""
+        self.lora_A = nn.Parameter(torch.empty(self._lora_A_shape(r), **factory))
+        self.lora_B = nn.Parameter(torch.empty(self._lora_B_shape(r), **factory))
+        self.reset_lora_parameters(init)
+
     def _lora_A_shape(self, r: int) -> tuple[int, ...]:
         raise NotImplementedError
 
@@ -167,9 +171,9 @@ class AdapterLayer(nn.Module):
     def _row_norm(self, detach: bool) -> Tensor:
         """``||W + s·B·A||`` per row, ``(out,)`` in fp32 (fp64 for fp64 weights)."""
         weight = self.weight_2d()
-        if self.lora_A is None:
-            return self.base_sq_norm().sqrt()
         a, b = self.lora_A_2d(), self.lora_B_2d()
+        if a is None or b is None:
+            return self.base_sq_norm().sqrt()
         if detach:
             a, b = a.detach(), b.detach()
         if self.norm_method == "dense":
@@ -265,10 +269,10 @@ class AdapterLayer(nn.Module):
         factor = self._factor_view(self.dora_factor().to(base_out.dtype), base_out.dim())
         dropped_base = None
         lora_in = x
-        if self._dropout_active() and self.lora_A is not None:
+        if self._dropout_active() and not self.magnitude_only:
             lora_in = self.lora_dropout(x)
             dropped_base = self._base_product(lora_in)
-        lora_out = None if self.lora_A is None else self._lora_product(lora_in).to(base_out.dtype)
+        lora_out = None if self.magnitude_only else self._lora_product(lora_in).to(base_out.dtype)
         return self._add_bias(DF.dora_combine(base_out, lora_out, factor, self.scaling, dropped_base))
 
     # ---- merging ----------------------------------------------------------------------------------

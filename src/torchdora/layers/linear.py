@@ -56,7 +56,7 @@ class LinearAdapter(AdapterLayer):
         from torchdora.fast import dora_linear
 
         weight, bias = self.weight_2d(), self._bias()
-        dropout = self._dropout_active() and self.lora_A is not None
+        dropout = self._dropout_active() and not self.magnitude_only
         if (
             x.dtype != weight.dtype
             or torch.is_autocast_enabled(x.device.type)  # autocast would recast the fused matmuls mid-way
@@ -69,6 +69,6 @@ class LinearAdapter(AdapterLayer):
         # or a low-precision output holds a bias that the subtraction y − b would cancel against.
         save_output = (bias is None or x.dtype in (torch.float32, torch.float64)) and not self._magnitude_has_zero()
         return dora_linear(
-            x, weight, bias, self.lora_A, self.lora_B, self.dora_factor(), self.scaling,
+            x, weight, bias, self.lora_A_2d(), self.lora_B_2d(), self.dora_factor(), self.scaling,
             self.dropout_p if dropout else 0.0, save_output=save_output, recompute=self.recompute_output,
         )

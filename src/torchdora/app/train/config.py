@@ -24,7 +24,7 @@ __all__ = ["TrainConfig", "DEFAULT_STEPS", "RUN_FIELDS", "RESUME_CHANGEABLE", "l
 
 DEFAULT_STEPS = 120
 DEFAULT_TARGETS = "q_proj,k_proj,v_proj,up_proj,down_proj"
-METHODS = ("dora", "lora", "full")
+METHODS = ("dora", "lora", "vera", "dvora", "full")
 SCHEDULES = ("linear", "cosine", "constant")
 DTYPES = ("float32", "bfloat16")
 REPORT_TO = ("none", "tensorboard", "wandb")
@@ -35,7 +35,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 RUN_FIELDS = (
     "method", "model", "data", "targets", "rank", "alpha", "dropout", "steps", "epochs", "batch_size",
     "grad_accum", "max_length", "dtype", "seed", "max_train", "max_eval", "magnitude_only", "detach_norm",
-    "packing", "train_only",
+    "packing", "train_only", "d_initial", "projection_seed",
 )
 #: optimisation settings a resume may change on purpose (e.g. a lower ``lr`` after a divergence); each
 #: change is recorded in the checkpoint's ``history``
@@ -52,7 +52,9 @@ class TrainConfig:
     """Everything ``torchdora train`` does, as one validated, JSON-ready dataclass.
 
     Args:
-        method: ``"dora"`` (paper), ``"lora"`` (same code, no magnitude) or ``"full"`` (every parameter trains).
+        method: ``"dora"`` (paper), ``"lora"`` (same code, no magnitude), ``"vera"`` (VeRA: frozen shared random
+            ``A``/``B``, trained vectors ``d``, ``b``), ``"dvora"`` (VeRA's update with DoRA's magnitude, DoRA paper
+            §5.4) or ``"full"`` (every parameter trains). VeRA/DVoRA have no scale: ``alpha`` does not apply.
         model: model name or local folder (:func:`torchdora.app.assets.resolve_model`); ``None``: SmolLM2-135M-Instruct.
         data: dataset name or path (:func:`torchdora.app.data.load_dataset`); ``None``: Rotten Tomatoes.
         targets: comma-separated module names/suffixes, or ``"all-linear"``.
@@ -90,6 +92,8 @@ class TrainConfig:
             that receive every ``metrics.jsonl`` record; files go to ``<output_dir>/trackers``.
         log_every: a non-terminal log gets one line every N steps (and at least one a minute); a terminal
             gets a progress bar. ``metrics.jsonl`` has a record for every step regardless.
+        d_initial, projection_seed: VeRA/DVoRA's initial ``d`` and the seed of the shared random ``A``/``B``
+            (:attr:`torchdora.DoraConfig.d_initial`, ``projection_prng_key``).
     """
 
     method: str = "dora"
@@ -127,6 +131,8 @@ class TrainConfig:
     report_to: str = "none"
     log_every: int = 10
     train_only: str = ""
+    d_initial: float = 0.1
+    projection_seed: int = 0
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -141,7 +147,7 @@ class TrainConfig:
         _choice("dtype", self.dtype, DTYPES)
         for name in ("rank", "batch_size", "grad_accum", "max_length", "eval_batch_size", "val_examples", "log_every"):
             set_(name, _integer(name, getattr(self, name), minimum=1))
-        for name in ("warmup_steps", "eval_every", "save_every", "checkpoint_every", "seed"):
+        for name in ("warmup_steps", "eval_every", "save_every", "checkpoint_every", "seed", "projection_seed"):
             set_(name, _integer(name, getattr(self, name), minimum=0))
         for name in ("steps", "epochs", "max_train", "max_eval"):
             if getattr(self, name) is not None:
@@ -155,7 +161,7 @@ class TrainConfig:
             if value <= low:
                 raise ValueError(f"{name} must be positive, got {name}={value!r}")
             set_(name, value)
-        for name in ("dropout", "max_grad_norm", "weight_decay"):
+        for name in ("dropout", "max_grad_norm", "weight_decay", "d_initial"):
             set_(name, _number(name, getattr(self, name)))
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got dropout={self.dropout!r}")
@@ -200,7 +206,7 @@ class TrainConfig:
         return _names(self.train_only)
 
     def dora_config(self) -> DoraConfig:
-        """The adapter configuration of a ``dora``/``lora`` run; magnitude-only modules are targeted too."""
+        """The adapter configuration of a ``dora``/``lora``/``vera``/``dvora`` run; magnitude-only modules are targeted too."""
         if self.method == "full":
             raise ValueError("method='full' trains every parameter and has no adapter config")
         targets: str | tuple[str, ...]
@@ -210,9 +216,15 @@ class TrainConfig:
             targets = tuple(dict.fromkeys(self.target_list + self.magnitude_only_list))
         return DoraConfig(
             r=self.rank, alpha=self.alpha, dropout=self.dropout, target_modules=targets,
-            magnitude_only_modules=tuple(self.magnitude_only_list), use_dora=self.method == "dora",
+            magnitude_only_modules=tuple(self.magnitude_only_list), use_dora=self.method in ("dora", "dvora"),
             detach_norm=self.detach_norm, recompute_modules=tuple(self.recompute_list),
+            **self._vera_options(),
         )
+
+    def _vera_options(self) -> dict[str, Any]:
+        if self.method not in ("vera", "dvora"):
+            return {}
+        return {"use_vera": True, "d_initial": self.d_initial, "projection_prng_key": self.projection_seed}
 
     def resolved(self) -> "TrainConfig":
         """Defaults filled in: model and data names, step count when neither steps nor epochs is given."""
@@ -334,11 +346,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="override any config value, e.g. lr=1e-4 packing=true (applied last)")
     p.add_argument("--print-config", dest="print_config", action="store_true",
                    help="print the resolved config as YAML (a valid --config file) and exit")
-    p.add_argument("--method", choices=METHODS, help="dora (default), lora or full")
+    p.add_argument("--method", choices=METHODS, help="dora (default), lora, vera, dvora (VeRA + DoRA magnitude) or full")
     p.add_argument("--model", help="model name or local folder (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--data", help="dataset name, file or folder (default: rotten_tomatoes)")
     p.add_argument("--targets", help=f"comma-separated module names, or all-linear (default: {DEFAULT_TARGETS})")
-    p.add_argument("--rank", type=int, help="adapter rank r (default 16)")
+    p.add_argument("--rank", type=int, help="adapter rank r (default 16; VeRA/DVoRA usually take a larger r, e.g. 256)")
     p.add_argument("--alpha", type=float, help="adapter alpha, scale alpha/r (default 32)")
     p.add_argument("--dropout", type=float, help="adapter input dropout (default 0)")
     p.add_argument("--lr", type=float, help="peak learning rate (default 3e-4)")
@@ -381,6 +393,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="without a terminal: one log line every N steps (default 10; a progress bar otherwise)")
     p.add_argument("--train-only", dest="train_only",
                    help="with --method full: train only these modules' weights, e.g. q_proj,v_proj (default: all)")
+    p.add_argument("--d-initial", dest="d_initial", type=float,
+                   help="vera/dvora: initial value of the trained vector d (default 0.1, as PEFT)")
+    p.add_argument("--projection-seed", dest="projection_seed", type=int,
+                   help="vera/dvora: seed of the shared frozen random A and B (PEFT's projection_prng_key, default 0)")
     return p
 
 

@@ -221,6 +221,8 @@ def write_outputs(model: nn.Module, tokenizer: Any, config: TrainConfig, result:
         save_adapter(model, output_dir / "adapter", base_model_name_or_path=config.model)
         if config.magnitude_only:
             print("adapter-peft/ not written: PEFT's format has no magnitude-only modules (adapter/ has them)")
+        elif config.method == "dvora":
+            print("adapter-peft/ not written: PEFT has no DVoRA (adapter/ holds it in torchdora's format)")
         else:
             save_adapter(model, output_dir / "adapter-peft", format="peft", base_model_name_or_path=config.model)
     summary = {
