@@ -146,6 +146,22 @@ def test_gradcheck_exact_gradient(use_dora, fast):
     assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("edit", ["vera_lambda_d", "vera_lambda_b", "projection"])
+def test_inference_cache_sees_every_edit(edit):
+    """The cached DVoRA norm and factor are recomputed after d, b or the shared pair change behind autograd."""
+    layer = _f64_layer(True).eval()
+    x = torch.randn(3, 7, dtype=torch.float64)
+    with torch.no_grad():
+        layer(x)  # fills the caches
+        target = layer.vera_projection.vera_B if edit == "projection" else getattr(layer, edit)
+        target.data.mul_(1.5)
+        got = layer(x)
+    projection = layer.vera_projection
+    want_w = _reference_weight(layer.base.weight, projection.vera_A, projection.vera_B, layer.vera_lambda_d,
+                               layer.vera_lambda_b, layer.magnitude)
+    assert_close(got, x @ want_w.T + layer.base.bias, **F64)
+
+
 def test_initial_state_is_the_base_layer_and_as_in_vera():
     layer = VeraAdapter(nn.Linear(7, 5), projection=VeraProjection(3, 7, 5), r=3, d_initial=0.25, use_dora=True)
     assert torch.equal(layer.vera_lambda_d.detach(), torch.full((3,), 0.25))
