@@ -131,3 +131,47 @@ def test_eval_config_errors():
         EvalConfig(split="train")
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         EvalConfig(batch_size=0)
+
+
+def _plain_greedy(model, ids: list[int], steps: int, eos: int) -> list[int]:
+    """Reference: full forward pass per new token, argmax, no cache, no batching, no padding."""
+    out = []
+    with torch.no_grad():
+        for _ in range(steps):
+            token = int(model(torch.tensor([ids + out])).logits[0, -1].argmax())
+            if token == eos:
+                break
+            out.append(token)
+    return out
+
+
+def test_exact_match_follows_a_plain_greedy_loop(model_and_tokenizer):
+    from torchdora.app.evaluate import greedy_answers
+
+    model, tokenizer = model_and_tokenizer
+    prompts = ["Review: good fun", "Review: the plot was dull and very boring", "Is this"]
+    gold = [" a b c", " d e", " f"]  # never what this model generates: budgets of 4, 3 and 2 new tokens
+    examples = [Example(p, g) for p, g in zip(prompts, gold)]
+    prompt_ids = [tokenize_example(tokenizer, e, 64, add_eos=False)["input_ids"][: -len(g.split())]
+                  for e, g in zip(examples, gold)]
+    eos = tokenizer.eos_token_id
+    expected = [tokenizer.decode(_plain_greedy(model, ids, len(g.split()) + 1, eos), skip_special_tokens=True)
+                for ids, g in zip(prompt_ids, gold)]
+    # batched, left-padded generation reproduces the one-at-a-time loop for prompts of different lengths
+    assert greedy_answers(model, tokenizer, examples, 64, batch_size=3) == expected
+    result = evaluate_examples(model, tokenizer, examples, 64, batch_size=2)
+    assert (result.n_generated, result.n_exact, result.n_scored) == (3, 0, 0)
+    assert math.isnan(result.accuracy) and result.metrics()["exact_match"] == 0.0
+
+    # a match needs the answer and then the end: make the 4th greedy token the eos, the first 3 the gold answer
+    tokens = _plain_greedy(model, prompt_ids[0], 4, eos)
+    assert len(set(tokens)) == 4, tokens  # the stop token must not occur earlier
+    answer = tokenizer.decode(tokens[:3], skip_special_tokens=True)
+    before = tokenizer.eos_token
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(tokens[3])
+    try:
+        hit = [Example(prompts[0], " " + answer), Example(prompts[0], " " + answer + " good")]
+        result = evaluate_examples(model, tokenizer, hit, 64)
+    finally:
+        tokenizer.eos_token = before
+    assert (result.n_generated, result.n_exact, result.exact_match) == (2, 1, 0.5)

@@ -1,5 +1,9 @@
 """Evaluation of a causal LM (+ adapter): multiple-choice accuracy and completion perplexity.
 
+Which metric fits the data: examples with options (multiple choice, text/label rows) get accuracy; every
+example gets perplexity; examples without options whose answer is short (at most :data:`SHORT_ANSWER_TOKENS`
+tokens) get exact match of greedy generations. A metric with no example is NaN here and ``null`` in JSON.
+
 Accuracy follows the usual log-likelihood protocol for classification with a language model: for each
 example, every candidate completion (``Example.options``) is scored by ``sum log p(option tokens | prompt)``
 and the highest-scoring option is the prediction. Perplexity is ``exp`` of the mean negative log-likelihood
@@ -30,12 +34,17 @@ from torchdora.app.data import IGNORE_INDEX, Example, tokenize_example
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+#: examples without options whose gold answer has at most this many tokens also get greedy exact match
+SHORT_ANSWER_TOKENS = 16
+
 __all__ = [
+    "SHORT_ANSWER_TOKENS",
     "EvalResult",
     "EvalConfig",
     "selected_logits",
     "score_options",
     "evaluate_examples",
+    "greedy_answers",
     "run_eval",
     "main",
 ]
@@ -53,6 +62,8 @@ class EvalResult:
     n_scored: int = 0
     nll_sum: float = 0.0
     n_tokens: int = 0
+    n_exact: int = 0
+    n_generated: int = 0
 
     @property
     def accuracy(self) -> float:
@@ -64,12 +75,38 @@ class EvalResult:
         """``exp(mean NLL per gold completion token)`` (NaN if no token was scored)."""
         return math.exp(self.nll_sum / self.n_tokens) if self.n_tokens else float("nan")
 
+    @property
+    def exact_match(self) -> float:
+        """Fraction of short-answer examples whose greedy generation is the gold answer (NaN if none)."""
+        return self.n_exact / self.n_generated if self.n_generated else float("nan")
+
     def __add__(self, other: "EvalResult") -> "EvalResult":
-        return EvalResult(self.n_correct + other.n_correct, self.n_scored + other.n_scored,
-                          self.nll_sum + other.nll_sum, self.n_tokens + other.n_tokens)
+        return EvalResult.from_sums([a + b for a, b in zip(self.sums(), other.sums())])
+
+    def sums(self) -> list[float]:
+        """The fields as numbers, in order (to add them up across processes in one tensor)."""
+        return [float(v) for v in dataclasses.astuple(self)]
+
+    @classmethod
+    def from_sums(cls, values: Sequence[float]) -> "EvalResult":
+        kinds = [f.type for f in dataclasses.fields(cls)]
+        return cls(*(float(v) if kind in (float, "float") else int(round(v)) for v, kind in zip(values, kinds)))
+
+    def metrics(self) -> dict[str, float]:
+        """What a metrics record shows: accuracy and perplexity, and exact match where answers were generated."""
+        out = {"accuracy": self.accuracy, "perplexity": self.perplexity}
+        return {**out, "exact_match": self.exact_match} if self.n_generated else out
 
     def to_dict(self) -> dict[str, float | int]:
-        return {"accuracy": self.accuracy, "perplexity": self.perplexity, **dataclasses.asdict(self)}
+        return {**self.metrics(), **dataclasses.asdict(self)}
+
+    def describe(self) -> str:
+        """One line: the metrics that have examples, with their counts."""
+        parts = [f"accuracy {self.accuracy:.4f} ({self.n_scored} examples)"] if self.n_scored else []
+        parts.append(f"perplexity {self.perplexity:.3f}")
+        if self.n_generated:
+            parts.append(f"exact match {self.exact_match:.4f} ({self.n_generated} generated)")
+        return ", ".join(parts)
 
 
 # ---- logits at chosen positions only -------------------------------------------------------------------
@@ -123,7 +160,8 @@ def _requests(tokenizer: "PreTrainedTokenizerBase", examples: Sequence[Example],
         options = example.options or (example.completion,)
         sequences, prompts, targets = [], [], []
         for option in options:
-            item = tokenize_example(tokenizer, Example(example.prompt, option), max_length, add_eos=False)
+            item = tokenize_example(tokenizer, dataclasses.replace(example, completion=option, options=()), max_length,
+                                add_eos=False)
             labels = item["labels"]
             positions = [p - 1 for p, label in enumerate(labels) if label != IGNORE_INDEX]  # predict p + 1
             sequences.append(item["input_ids"])
@@ -187,8 +225,57 @@ def score_options(
 
 
 def _gold_token_count(tokenizer: "PreTrainedTokenizerBase", example: Example, max_length: int) -> int:
-    item = tokenize_example(tokenizer, example, max_length, add_eos=False)
+    item = tokenize_example(tokenizer, dataclasses.replace(example, options=()), max_length, add_eos=False)
     return sum(label != IGNORE_INDEX for label in item["labels"])
+
+
+def _normalize(text: str) -> str:
+    return " ".join(text.split())
+
+
+@torch.no_grad()
+def greedy_answers(
+    model: nn.Module,
+    tokenizer: "PreTrainedTokenizerBase",
+    examples: Sequence[Example],
+    max_length: int = 256,
+    batch_size: int = 16,
+    autocast: Callable[[], ContextManager] | None = None,
+) -> list[str]:
+    """Greedy continuation of each example's prompt (the ids scoring sees), up to one token more than the gold
+    answer, cut at the end-of-sequence token and decoded. Batches are left-padded (generation appends on the
+    right); ``generate`` derives the position ids from the attention mask."""
+    items = []
+    for example in examples:
+        item = tokenize_example(tokenizer, dataclasses.replace(example, options=()), max_length, add_eos=False)
+        n_prompt = next(i for i, label in enumerate(item["labels"]) if label != IGNORE_INDEX)
+        items.append((item["input_ids"][:n_prompt], len(item["input_ids"]) - n_prompt))
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    eos = tokenizer.eos_token_id
+    answers: list[str] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            width = max(len(ids) for ids, _ in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, (prompt, _) in enumerate(chunk):
+                ids[row, width - len(prompt) :] = torch.as_tensor(prompt)
+                mask[row, width - len(prompt) :] = 1
+            new = max(n for _, n in chunk) + 1  # room for the answer and the token that should end it
+            with autocast() if autocast is not None else contextlib.nullcontext():
+                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new,
+                                     min_new_tokens=0, do_sample=False, pad_token_id=pad, eos_token_id=eos)
+            for row, (_, n_gold) in zip(out[:, width:].tolist(), chunk):
+                row = row[: n_gold + 1]  # each example's own budget, whatever the batch's longest answer
+                row = row[: row.index(eos)] if eos is not None and eos in row else row
+                answers.append(tokenizer.decode(row, skip_special_tokens=True))
+    finally:
+        model.train(was_training)
+    return answers
 
 
 def evaluate_examples(
@@ -198,11 +285,15 @@ def evaluate_examples(
     max_length: int = 256,
     batch_size: int = 16,
     autocast: Callable[[], ContextManager] | None = None,
+    exact_match: bool = True,
 ) -> EvalResult:
-    """Multiple-choice accuracy and gold-completion NLL of ``model`` on ``examples`` (sums, see :class:`EvalResult`)."""
+    """Multiple-choice accuracy, gold-completion NLL and (``exact_match``) greedy exact match of short answers
+    of ``model`` on ``examples`` (sums, see :class:`EvalResult`). Exact match compares whitespace-normalized
+    text: the generation up to the end-of-sequence token against the gold completion."""
     scores = score_options(model, tokenizer, examples, max_length, batch_size, autocast)
     n_correct = n_scored = n_tokens = 0
     nll = 0.0
+    short = []
     for example, option_scores in zip(examples, scores):
         gold = example.options.index(example.completion) if example.options else 0
         if example.options:
@@ -211,8 +302,13 @@ def evaluate_examples(
             best = max(option_scores)
             n_correct += int(option_scores[gold] == best and option_scores.count(best) == 1)
         nll -= option_scores[gold]
-        n_tokens += _gold_token_count(tokenizer, example, max_length)
-    return EvalResult(n_correct, n_scored, nll, n_tokens)
+        count = _gold_token_count(tokenizer, example, max_length)
+        n_tokens += count
+        if exact_match and not example.options and count <= SHORT_ANSWER_TOKENS:
+            short.append(example)
+    answers = greedy_answers(model, tokenizer, short, max_length, batch_size, autocast) if short else []
+    n_exact = sum(_normalize(a) == _normalize(e.completion) for a, e in zip(answers, short))
+    return EvalResult(n_correct, n_scored, nll, n_tokens, n_exact, len(short))
 
 
 # ---- torchdora eval ---------------------------------------------------------------------------------------
@@ -295,8 +391,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError, ModuleNotFoundError) as err:
         print(f"torchdora eval: error: {err}", file=sys.stderr)
         return 2
-    print(f"split={config.split} examples={result.n_scored or '-'} accuracy={result.accuracy:.4f} "
-          f"perplexity={result.perplexity:.4f}")
+    accuracy = f"accuracy={result.accuracy:.4f} " if result.n_scored else "accuracy=- (no options) "
+    exact = f" exact_match={result.exact_match:.4f} ({result.n_generated} generated)" if result.n_generated else ""
+    print(f"split={config.split} examples={result.n_scored or '-'} {accuracy}perplexity={result.perplexity:.4f}"
+          f"{exact}")
     return 0
 
 

@@ -41,13 +41,16 @@ def plot_training(records: Sequence[dict[str, Any]], path: str | os.PathLike, ti
     ax_loss.set_xlabel("optimizer step")
     ax_loss.set_ylabel("training loss (completion tokens)", color="tab:blue")
     ax_acc = ax_loss.twinx()
+    # generative data has no accuracy (null in metrics.jsonl); exact match of short answers takes its place
+    has_accuracy = any(r.get("accuracy") is not None for r in records if "split" in r)
+    metric = "accuracy" if has_accuracy else "exact_match"
     for split, style in (("validation", "o-"), ("test", "s--")):
-        points = [(r["step"], r["accuracy"]) for r in records if r.get("split") == split and "accuracy" in r]
+        points = [(r["step"], r[metric]) for r in records if r.get("split") == split and r.get(metric) is not None]
         if points:
             xs, ys = zip(*points)
             ax_acc.plot(xs, ys, style, color="tab:orange" if split == "validation" else "tab:red",
-                        label=f"{split} accuracy")
-    ax_acc.set_ylabel("accuracy", color="tab:orange")
+                        label=f"{split} {metric.replace('_', ' ')}")
+    ax_acc.set_ylabel(metric.replace("_", " "), color="tab:orange")
     ax_acc.set_ylim(0.0, 1.0)
     handles = ax_loss.get_legend_handles_labels()[0] + ax_acc.get_legend_handles_labels()[0]
     if handles:

@@ -162,9 +162,8 @@ def _train(config: TrainConfig, signals: StopSignals) -> TrainResult:
         position, before = run.restore(checkpoint_dir, saved_state)
     if before is None:
         before = run.evaluate(splits.test)
-        run.metrics.add({"step": 0, "split": "test", "accuracy": before.accuracy, "perplexity": before.perplexity})
-        run.say(f"test accuracy before training: {before.accuracy:.4f} (perplexity {before.perplexity:.3f}, "
-                f"{before.n_scored} examples)")
+        run.metrics.add({"step": 0, "split": "test", **before.metrics()})
+        run.say(f"before training: {before.describe()}")
 
     train_start = time.perf_counter()
     train_loop(run, sampler, loader, position, before, splits.validation[: config.val_examples], signals)
@@ -173,12 +172,12 @@ def _train(config: TrainConfig, signals: StopSignals) -> TrainResult:
         raise interrupted(run, signals.signum or signal.SIGTERM, position.step)
 
     after = run.evaluate(splits.test)
-    run.metrics.add({"step": position.step, "split": "test", "accuracy": after.accuracy,
-                     "perplexity": after.perplexity})
+    run.metrics.add({"step": position.step, "split": "test", **after.metrics()})
     losses = [r["loss"] for r in run.metrics.records if "loss" in r]
     result = TrainResult(
         output_dir=output_dir, steps=position.step, accuracy_before=before.accuracy, accuracy_after=after.accuracy,
         perplexity_before=before.perplexity, perplexity_after=after.perplexity,
+        exact_match_before=before.exact_match, exact_match_after=after.exact_match,
         final_loss=losses[-1] if losses else float("nan"), wall_time_s=time.perf_counter() - start_wall,
         train_time_s=train_time, peak_rss_mb=peak_rss_mb(), trainable_params=trainable, total_params=total,
         losses=losses,
@@ -273,10 +272,8 @@ def after_step(run: Run, position: Position, before: EvalResult, validation: lis
     config, step = run.config, position.step
     if config.eval_every and step % config.eval_every == 0:
         result = run.evaluate(validation)
-        run.metrics.add({"step": step, "split": "validation", "accuracy": result.accuracy,
-                         "perplexity": result.perplexity})
-        progress.write(f"step {step}: validation accuracy {result.accuracy:.4f}" if result.n_scored else
-                       f"step {step}: validation perplexity {result.perplexity:.3f}")
+        run.metrics.add({"step": step, "split": "validation", **result.metrics()})
+        progress.write(f"step {step}: validation {result.describe()}")
         run.model.train()
     if config.save_every and step % config.save_every == 0 and run.main_process:
         save_snapshot(run.raw_model, config, run.output_dir, step)

@@ -39,10 +39,12 @@ class TrainResult:
     trainable_params: int
     total_params: int
     losses: list[float] = field(default_factory=list)
+    exact_match_before: float = float("nan")  # NaN (null in summary.json) when no short answer was generated
+    exact_match_after: float = float("nan")
 
 
 NO_ACCURACY = ("no test example has options or labels (generative data), so there is no multiple-choice "
-               "accuracy; see perplexity (and exact_match for short answers)")
+               "accuracy; see perplexity (and exact_match, greedy generations of short answers)")
 
 
 # ---- small helpers ------------------------------------------------------------------------------------------
@@ -231,6 +233,8 @@ def write_outputs(model: nn.Module, tokenizer: Any, config: TrainConfig, result:
         **({} if after.n_scored else {"accuracy_note": NO_ACCURACY}),
         "accuracy_before": result.accuracy_before, "accuracy_after": result.accuracy_after,
         "perplexity_before": result.perplexity_before, "perplexity_after": result.perplexity_after,
+        "exact_match_before": result.exact_match_before, "exact_match_after": result.exact_match_after,
+        "exact_match_examples": after.n_generated,
         "final_loss": result.final_loss, "wall_time_s": result.wall_time_s, "train_time_s": result.train_time_s,
         "peak_rss_mb": result.peak_rss_mb, "trainable_params": result.trainable_params,
         "total_params": result.total_params,
@@ -247,6 +251,8 @@ def print_summary(config: TrainConfig, result: TrainResult, after: EvalResult) -
         f"\n== torchdora train: {config.method}, {result.steps} steps ==\n"
         f"test accuracy   {accuracy}\n"
         f"perplexity      {result.perplexity_before:.3f} -> {result.perplexity_after:.3f}\n"
+        + (f"exact match     {result.exact_match_before:.4f} -> {result.exact_match_after:.4f}  "
+           f"({after.n_generated} short answers, greedy)\n" if after.n_generated else "") +
         f"final loss      {result.final_loss:.4f}\n"
         f"wall time       {result.wall_time_s:.1f} s (training {result.train_time_s:.1f} s)\n"
         f"peak RSS        {result.peak_rss_mb:.0f} MiB\n"

@@ -278,12 +278,10 @@ class Run:
         shard = examples[acc.process_index :: acc.num_processes]
         local = evaluate_examples(self.raw_model, self.tokenizer, shard, self.config.max_length,
                                   self.config.eval_batch_size, acc.autocast)
-        sums = torch.tensor([local.n_correct, local.n_scored, local.nll_sum, local.n_tokens],
-                            dtype=torch.float64, device=acc.device)
+        sums = torch.tensor(local.sums(), dtype=torch.float64, device=acc.device)
         if acc.num_processes > 1:
             sums = acc.reduce(sums, reduction="sum")
-        n_correct, n_scored, nll, n_tokens = sums.tolist()
-        return EvalResult(int(n_correct), int(n_scored), nll, int(n_tokens))
+        return EvalResult.from_sums(sums.tolist())
 
     def weights_finite(self) -> bool:
         """Whether every trainable parameter and optimizer state tensor is finite, on every process."""
