@@ -14,6 +14,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model  # a test dependency: its absence is a failure, not a skip
 from peft.tuners.lora import LoraLayer
 from torch import nn
+from safetensors.torch import load_file
 from torch.testing import assert_close
 
 from torchdora import DoraConfig, EmbeddingAdapter, adapter_layers, inject, load_adapter, save_adapter
@@ -174,3 +175,126 @@ def test_modules_to_save_round_trip_with_peft(make_tiny_llama, input_ids, tmp_pa
         warnings.simplefilter("ignore")
         theirs = PeftModel.from_pretrained(make_tiny_llama(0), tmp_path / "td").eval()
     assert_close(_logits(theirs, input_ids), expected, **LOGITS)
+
+
+# ---- what the ecosystem opens: AutoPeftModel, PEFT's default embedding files, PEFT options -----------------
+def test_torchdora_peft_export_opens_with_auto_peft_model_alone(make_tiny_llama, input_ids, tmp_path, perturb):
+    from peft import AutoPeftModelForCausalLM
+
+    make_tiny_llama(0).save_pretrained(tmp_path / "base")
+    ours = make_tiny_llama(0)
+    inject(ours, DoraConfig(target_modules=["q_proj", "v_proj"], r=4))
+    perturb(ours)
+    expected = _logits(ours, input_ids)
+    save_adapter(ours, tmp_path / "peft", format="peft", base_model_name_or_path=str(tmp_path / "base"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "peft").eval()  # task_type CAUSAL_LM
+    assert_close(_logits(theirs, input_ids), expected, **LOGITS)
+
+
+@pytest.mark.parametrize("target", ["embed_tokens", "lm_head"])
+def test_peft_default_embedding_and_lm_head_dora_files_load(target, make_tiny_llama, input_ids, tmp_path):
+    """PEFT saves the adapted layer's base weight too (``<m>.base_layer.weight``); it loads into the base layer."""
+    config = DoraConfig(target_modules=[target, "q_proj"], r=4)
+    theirs = _get_peft_model(make_tiny_llama(0), _peft_config(config))
+    _perturb_peft(theirs)
+    with torch.no_grad():  # a base weight that differs from ours shows that it is read from the file
+        theirs.get_submodule(f"base_model.model.{'model.' if target == 'embed_tokens' else ''}{target}") \
+            .base_layer.weight.mul_(1.1)
+    expected = _logits(theirs, input_ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "setting save_embedding_layers to True"
+        theirs.save_pretrained(tmp_path)
+    keys = load_file(tmp_path / "adapter_model.safetensors")
+    assert any(k.endswith(f"{target}.base_layer.weight") for k in keys)  # PEFT's default did write it
+    ours = make_tiny_llama(0)
+    load_adapter(ours, tmp_path)
+    assert_close(_logits(ours, input_ids), expected, **LOGITS)
+
+
+def _option_value(name: str):
+    """A non-default value of every PEFT LoraConfig option (what a user of that option would save)."""
+    return {
+        "bias": "all", "lora_bias": True, "use_qalora": True, "target_parameters": ["mlp.experts.down_proj"],
+        "megatron_config": {"tensor_model_parallel_size": 2}, "trainable_token_indices": [0, 1],
+        "loftq_config": {"loftq_bits": 4}, "corda_config": {"cache_file": "c"}, "lora_ga_config": {"direction": "ArB2r"},
+        "velora_config": {"rank": 1}, "alora_invocation_tokens": [1, 2], "monteclora_config": {"n": 1},
+        "layer_replication": [[0, 1], [0, 1]], "use_bdlora": {"target_modules": ["q_proj"]},
+        "arrow_config": {"top_k": 1}, "kasa_config": {"beta": 1}, "ensure_weight_tying": True,
+    }[name]
+
+
+def test_every_peft_lora_option_is_classified():
+    """A new peft option fails here until it is sorted into honoured (tested equal below) or refused."""
+    import dataclasses
+
+    from torchdora.peft_format import PEFT_OPTIONS_HONOURED, PEFT_OPTIONS_REFUSED
+
+    fields = {f.name for f in dataclasses.fields(LoraConfig)}
+    assert fields == PEFT_OPTIONS_HONOURED | set(PEFT_OPTIONS_REFUSED), fields ^ (PEFT_OPTIONS_HONOURED
+                                                                                  | set(PEFT_OPTIONS_REFUSED))
+    assert not PEFT_OPTIONS_HONOURED & set(PEFT_OPTIONS_REFUSED)
+
+
+def _peft_file(make, tmp_path, **options):
+    theirs = _get_peft_model(make(0), LoraConfig(r=4, lora_alpha=8, use_dora=True, **options))
+    _perturb_peft(theirs)
+    theirs.save_pretrained(tmp_path)
+    return theirs
+
+
+@pytest.mark.parametrize("option", sorted(__import__("torchdora.peft_format", fromlist=["x"]).PEFT_OPTIONS_REFUSED))
+def test_each_unsupported_peft_option_is_refused_by_name(option, make_tiny_llama, tmp_path):
+    import json
+
+    _peft_file(make_tiny_llama, tmp_path, target_modules=["q_proj"])
+    config_path = tmp_path / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config[option] = _option_value(option)  # written as that option's user would have it saved
+    config_path.write_text(json.dumps(config))
+    model = make_tiny_llama(0)
+    with pytest.raises(ValueError, match=option):
+        load_adapter(model, tmp_path)
+    assert not adapter_layers(model)  # refused before anything was injected
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "corda", "loftq"])
+def test_base_changing_inits_are_refused(init, make_tiny_llama, tmp_path):
+    import json
+
+    _peft_file(make_tiny_llama, tmp_path, target_modules=["q_proj"])
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["init_lora_weights"] = init
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="init_lora_weights"):
+        load_adapter(make_tiny_llama(0), tmp_path)
+
+
+HONOURED_CASES = {  # honoured options at a non-default value, through real PEFT models: equal logits
+    "layers_to_transform": ("make_tiny_llama", dict(target_modules=["q_proj", "v_proj"], layers_to_transform=[1])),
+    "layers_pattern": ("make_tiny_llama", dict(target_modules=["q_proj"], layers_to_transform=[0],
+                                               layers_pattern="layers")),
+    "exclude_modules": ("make_tiny_llama", dict(target_modules=["q_proj", "v_proj"], exclude_modules=["v_proj"])),
+    "fan_in_fan_out": ("make_tiny_gpt2", dict(target_modules=["c_attn"], fan_in_fan_out=True)),
+    "init_lora_weights": ("make_tiny_llama", dict(target_modules=["q_proj"], init_lora_weights="orthogonal")),
+    "rank_alpha_patterns_rslora": ("make_tiny_llama", dict(target_modules=["q_proj", "v_proj"], use_rslora=True,
+                                                           rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 5})),
+    "lora_dropout_modules_to_save": ("make_tiny_llama", dict(target_modules=["q_proj"], lora_dropout=0.1,
+                                                             modules_to_save=["lm_head"])),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HONOURED_CASES))
+def test_honoured_peft_options_load_with_equal_logits(case, request, input_ids, tmp_path):
+    fixture, options = HONOURED_CASES[case]
+    make = request.getfixturevalue(fixture)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = _peft_file(make, tmp_path, **options)
+    expected = _logits(theirs, input_ids)
+    ours = make(0)
+    assert not torch.allclose(_logits(ours, input_ids), expected, **LOGITS)
+    load_adapter(ours, tmp_path)
+    assert sorted(adapter_layers(ours)) == sorted(_peft_layers(theirs))
+    assert_close(_logits(ours.eval(), input_ids), expected, **LOGITS)
