@@ -231,3 +231,29 @@ def test_the_wheel_holds_the_shipped_configs(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "torchdora/app/configs/default.yaml" in names
     assert any(n.endswith("entry_points.txt") for n in names)
+
+
+def test_adapters_record_a_loadable_base_and_commands_use_it_without_model(tiny_run, tmp_path, capsys):
+    from torchdora.app.assets import DEFAULT_MODEL_HUB_NAME, model_for_adapter, recorded_base_name
+    from torchdora.hf import adapter_base_model
+
+    model_dir, data, run = tiny_run
+    for folder in ("adapter", "adapter-peft"):
+        assert adapter_base_model(run / folder) == str(model_dir.resolve())
+    assert json.loads((run / "adapter-peft" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+    assert recorded_base_name(None) == recorded_base_name("smollm2-135m") == DEFAULT_MODEL_HUB_NAME
+    assert recorded_base_name("org/name") == "org/name"
+    assert model_for_adapter("given", run / "adapter") == "given"
+    # the hub name of the default maps back to the embedded copy the adapter was trained on
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": DEFAULT_MODEL_HUB_NAME}))
+    assert model_for_adapter(None, tmp_path / "a") is None
+
+    out = tmp_path / "merged"
+    assert cli.main(["merge", "--adapter", str(run / "adapter"), "--output", str(out)]) == 0  # no --model
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == \
+        json.loads((model_dir / "config.json").read_text())["vocab_size"]  # the tiny base, not the default model
+    assert cli.main(["generate", "--adapter", str(run / "adapter-peft"), "--prompt", "Review: good",
+                     "--max-new-tokens", "2"]) == 0
+    assert cli.main(["eval", "--adapter", str(run / "adapter"), "--data", str(data), "--max-eval", "4"]) == 0
+    capsys.readouterr()

@@ -352,3 +352,34 @@ def load_model_and_tokenizer(
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.eval()
     return model, tokenizer
+
+
+#: the Hugging Face hub name the embedded default stands for (recorded in adapters, so PEFT can find a base)
+DEFAULT_MODEL_HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def recorded_base_name(name_or_path: str | os.PathLike[str] | None) -> str:
+    """The base model name to record in an adapter: something other tools can load.
+
+    The embedded default becomes its hub name, a local folder or file its absolute path, a hub id stays.
+    """
+    if name_or_path is None or str(name_or_path).strip().lower() == DEFAULT_MODEL:
+        return DEFAULT_MODEL_HUB_NAME
+    path = Path(os.fspath(name_or_path)).expanduser()
+    return str(path.resolve()) if path.exists() else os.fspath(name_or_path)
+
+
+def model_for_adapter(model: str | None, adapter: str | os.PathLike[str] | None) -> str | None:
+    """``--model`` if given, else the base the adapter records (``None``: the default model).
+
+    The default's hub name maps back to the embedded copy: that is the model torchdora trained on (its Q4_1
+    weights differ slightly from the hub release), and it is there offline.
+    """
+    if model is not None or adapter is None:
+        return model
+    from torchdora.hf import adapter_base_model
+
+    recorded = adapter_base_model(adapter)
+    if recorded is None or recorded == DEFAULT_MODEL_HUB_NAME or recorded.strip().lower() == DEFAULT_MODEL:
+        return None
+    return recorded

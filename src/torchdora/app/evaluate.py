@@ -317,8 +317,8 @@ class EvalConfig:
     """Options of ``torchdora eval``.
 
     Args:
-        model: model name or local folder (see :func:`torchdora.app.assets.resolve_model`); ``None``: the embedded
-            SmolLM2-135M-Instruct.
+        model: model name or local folder (see :func:`torchdora.app.assets.resolve_model`); ``None``: the base ``adapter``
+            records, else the embedded SmolLM2-135M-Instruct.
         adapter: optional adapter folder (torchdora or PEFT format) loaded on top of the model.
         data: dataset name or path (see :func:`torchdora.app.data.load_dataset`); ``None``: Rotten Tomatoes.
         split: ``"test"`` or ``"validation"``.
@@ -354,15 +354,16 @@ class EvalConfig:
 
 def run_eval(config: EvalConfig) -> EvalResult:
     """Load data, model and adapter (cheap checks first), then evaluate one split."""
-    from torchdora.app.assets import load_model_and_tokenizer, resolve_model
+    from torchdora.app.assets import load_model_and_tokenizer, model_for_adapter, resolve_model
     from torchdora.app.data import load_dataset
     from torchdora.io import load_adapter, read_adapter
 
     examples = getattr(load_dataset(config.data, seed=config.seed, max_eval=config.max_eval), config.split)
     if config.adapter is not None:
         read_adapter(config.adapter)  # a missing or corrupt adapter fails before the model loads
-    resolve_model(config.model)
-    model, tokenizer = load_model_and_tokenizer(config.model)
+    base = model_for_adapter(config.model, config.adapter)  # no --model: the base the adapter records
+    resolve_model(base)
+    model, tokenizer = load_model_and_tokenizer(base)
     if config.adapter is not None:
         load_adapter(model, config.adapter)
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if config.dtype == "bfloat16" else None
@@ -371,7 +372,8 @@ def run_eval(config: EvalConfig) -> EvalResult:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="torchdora eval", description="Multiple-choice accuracy and perplexity.")
-    p.add_argument("--model", default=None, help="model name or local folder (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default=None,
+                   help="model name or local folder (default: the one --adapter records, else the embedded SmolLM2-135M)")
     p.add_argument("--adapter", default=None, help="adapter folder (torchdora or PEFT format)")
     p.add_argument("--data", default=None, help="dataset name or path (default: rotten_tomatoes)")
     p.add_argument("--split", default="test", choices=["test", "validation"])

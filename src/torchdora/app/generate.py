@@ -20,7 +20,7 @@ class GenerateConfig:
 
     Args:
         prompt: the text to continue.
-        model: model name or folder; ``None``: the embedded SmolLM2-135M-Instruct.
+        model: model name or folder; ``None``: the base ``adapter`` records, else the embedded SmolLM2-135M-Instruct.
         adapter: optional adapter folder (torchdora or PEFT format), merged before generating.
         max_new_tokens: tokens to generate at most.
         temperature: 0 is greedy decoding (deterministic); above 0 samples.
@@ -47,20 +47,21 @@ class GenerateConfig:
 
 def generate_text(config: GenerateConfig) -> str:
     """The generated continuation of ``config.prompt`` (without the prompt)."""
-    from torchdora.app.assets import load_model_and_tokenizer, resolve_model
+    from torchdora.app.assets import load_model_and_tokenizer, model_for_adapter, resolve_model
     from torchdora.inject import merge_and_unload
     from torchdora.io import load_adapter, read_adapter
 
     if config.adapter is not None:
         read_adapter(config.adapter)
-    resolve_model(config.model)
-    model, tokenizer = load_model_and_tokenizer(config.model)
+    base = model_for_adapter(config.model, config.adapter)  # no --model: the base the adapter records
+    resolve_model(base)
+    model, tokenizer = load_model_and_tokenizer(base)
     if config.adapter is not None:
         load_adapter(model, config.adapter)
         merge_and_unload(model)
     if config.chat:
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError(f"the tokenizer of {config.model!r} has no chat template; drop --chat")
+            raise ValueError(f"the tokenizer of {base!r} has no chat template; drop --chat")
         text = tokenizer.apply_chat_template([{"role": "user", "content": config.prompt}], tokenize=False,
                                              add_generation_prompt=True)
         inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
@@ -77,7 +78,8 @@ def generate_text(config: GenerateConfig) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="torchdora generate", description="Generate text from a model (+ adapter).")
-    p.add_argument("--model", default=None, help="model name or folder (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default=None,
+                   help="model name or folder (default: the one --adapter records, else the embedded SmolLM2-135M)")
     p.add_argument("--adapter", default=None, help="adapter folder (torchdora or PEFT format)")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=64)

@@ -25,7 +25,8 @@ class MergeConfig:
     """Options of ``torchdora merge``.
 
     Args:
-        model: base model name or folder (:func:`torchdora.app.assets.resolve_model`); ``None``: SmolLM2-135M-Instruct.
+        model: base model name or folder (:func:`torchdora.app.assets.resolve_model`); ``None``: the base the adapter
+            records (:func:`torchdora.app.assets.model_for_adapter`), else SmolLM2-135M-Instruct.
         adapter: adapter folder (torchdora or PEFT format) trained on that base model.
         output: folder to write; it must not exist yet unless ``overwrite``.
         overwrite: replace an existing ``output`` folder.
@@ -44,7 +45,7 @@ def merge_to_folder(config: MergeConfig) -> Path:
         FileNotFoundError: the adapter folder or model path does not exist.
         ValueError: ``output`` exists (without ``overwrite``), or the adapter does not fit the model.
     """
-    from torchdora.app.assets import load_model_and_tokenizer, resolve_model
+    from torchdora.app.assets import load_model_and_tokenizer, model_for_adapter, resolve_model
     from torchdora.inject import merge_and_unload
     from torchdora.io import load_adapter, read_adapter, replace_dir
 
@@ -52,8 +53,9 @@ def merge_to_folder(config: MergeConfig) -> Path:
     if output.exists() and not config.overwrite:
         raise ValueError(f"--output {output} already exists; choose another folder or pass --overwrite")
     read_adapter(config.adapter)  # missing or corrupt adapter: fail before the model loads
-    resolve_model(config.model)
-    model, tokenizer = load_model_and_tokenizer(config.model)
+    base = model_for_adapter(config.model, config.adapter)  # no --model: the base the adapter records
+    resolve_model(base)
+    model, tokenizer = load_model_and_tokenizer(base)
     load_adapter(model, config.adapter)
     merge_and_unload(model)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -70,7 +72,8 @@ def merge_to_folder(config: MergeConfig) -> Path:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="torchdora merge",
                                 description="Merge an adapter into its base model; save a plain model folder.")
-    p.add_argument("--model", default=None, help="base model name or folder (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default=None,
+                   help="base model name or folder (default: the one --adapter records, else the embedded SmolLM2-135M)")
     p.add_argument("--adapter", required=True, help="adapter folder (torchdora or PEFT format)")
     p.add_argument("--output", required=True, help="folder to write (save_pretrained + tokenizer)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from torch import Tensor, nn
 
+from torchdora.app.assets import recorded_base_name
 from torchdora.app.evaluate import EvalResult
 from torchdora.app.train.config import TrainConfig
 from torchdora.io import atomic_save_safetensors, atomic_write_bytes, atomic_write_json, replace_dir
@@ -202,7 +203,7 @@ def save_snapshot(model: nn.Module, config: TrainConfig, output_dir: Path, step:
     if config.method == "full":
         save_model_tensors(model, tmp / "model.safetensors")
     else:
-        save_adapter(model, tmp, base_model_name_or_path=config.resolved().model)
+        save_adapter(model, tmp, base_model_name_or_path=recorded_base_name(config.model))
     return replace_dir(tmp, final)
 
 
@@ -220,13 +221,14 @@ def write_outputs(model: nn.Module, tokenizer: Any, config: TrainConfig, result:
         tokenizer.save_pretrained(tmp)
         replace_dir(tmp, output_dir / "model")
     else:
-        save_adapter(model, output_dir / "adapter", base_model_name_or_path=config.model)
+        save_adapter(model, output_dir / "adapter", base_model_name_or_path=recorded_base_name(config.model))
         if config.magnitude_only:
             print("adapter-peft/ not written: PEFT's format has no magnitude-only modules (adapter/ has them)")
         elif config.method == "dvora":
             print("adapter-peft/ not written: PEFT has no DVoRA (adapter/ holds it in torchdora's format)")
         else:
-            save_adapter(model, output_dir / "adapter-peft", format="peft", base_model_name_or_path=config.model)
+            save_adapter(model, output_dir / "adapter-peft", format="peft",
+                         base_model_name_or_path=recorded_base_name(config.model))
     summary = {
         "method": config.method, "model": config.model, "data": config.data, "steps": result.steps,
         "test_examples": after.n_scored,

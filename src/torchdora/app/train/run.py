@@ -18,6 +18,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
+from torchdora.app.assets import recorded_base_name
 from torchdora.app.checkpoint import (
     TMP_CHECKPOINT_DIR,
     begin_checkpoint,
@@ -323,7 +324,8 @@ class Run:
                 else:
                     from torchdora.io import save_adapter
 
-                    save_adapter(self.raw_model, tmp / "adapter", base_model_name_or_path=config.model)
+                    save_adapter(self.raw_model, tmp / "adapter",
+                                 base_model_name_or_path=recorded_base_name(config.model))
                 save_optimizer(tmp, self.optimizer, self.names)
                 atomic_write_json(tmp / "scheduler.json", self.scheduler.state_dict())
                 commit_checkpoint(self.output_dir, tmp, state)
