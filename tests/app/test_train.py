@@ -475,3 +475,30 @@ def test_packing_changes_nothing_when_nothing_is_packed_and_keeps_examples_apart
         # the check can fail: the same rows with one attention span over the whole row give another loss
         leaky = [{k: v for k, v in row.items() if k != "position_ids"} for row in rows]
         assert abs(float(_loss(model, leaky, 0)[0] - reference)) > 1e-3
+
+
+def test_progress_is_a_bar_on_a_terminal_and_sparse_lines_otherwise(capsys):
+    from torchdora.app.train.outputs import Progress
+
+    lines = Progress(total=25, initial=0, enabled=True, every=10, seconds=3600, terminal=False)
+    for _ in range(25):
+        lines.update(1.5, 1e-4, 1000.0)
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[1] for line in out] == ["10/25", "20/25", "25/25"]  # every 10 steps and the last
+    assert lines.bar is None
+    bar = Progress(total=3, initial=1, enabled=True, every=10, terminal=True)
+    bar.update(1.5, 1e-4, 1000.0)
+    assert bar.bar is not None and bar.bar.n == 2
+    bar.close()
+    assert not capsys.readouterr().out  # the bar draws on stderr, no log lines
+
+
+def test_a_missing_tracker_package_fails_before_the_model_loads(tiny, tmp_path, no_model_loading, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    model_dir, data = tiny
+    with pytest.raises(ModuleNotFoundError, match=r"--report-to wandb needs the package 'wandb': "
+                                                  r"pip install 'torchdora\[wandb\]'"):
+        train(tiny_config(model_dir, data, tmp_path / "run", report_to="wandb"))

@@ -5,8 +5,11 @@ q/k/v/up/down projections (the paper's recipe at half rank, REFERENCE §3) on Ro
 evaluates held-out test accuracy before and after, and writes a run folder::
 
     <output_dir>/config.json        the resolved configuration
-    <output_dir>/metrics.jsonl      one JSON object per step (loss, lr, tokens/s) and per evaluation
-    <output_dir>/summary.json       accuracy before/after, wall time, peak memory (RSS), trainable parameters
+    <output_dir>/metrics.jsonl      one JSON object per step (loss, lr, tokens/s) and per evaluation, appended
+                                    and flushed as the run goes (``tail -f``); NaN is written as null
+    <output_dir>/summary.json       accuracy (null with a note when no example has options), perplexity, exact
+                                    match of short answers, wall time, peak memory (RSS), trainable parameters
+    <output_dir>/trackers/          with ``--report-to tensorboard`` / ``wandb``: the accelerate trackers' files
     <output_dir>/training.png       loss and validation accuracy curves
     <output_dir>/adapter/           the adapter in torchdora format (``torchdora.load_adapter``)
     <output_dir>/adapter-peft/      the same adapter in PEFT's format (``PeftModel.from_pretrained``)

@@ -22,6 +22,7 @@ from torchdora.app.train.outputs import (
     TrainResult,
     named_trainable,
     peak_rss_mb,
+    prepare_trackers,
     print_summary,
     quiet_library_bars,
     save_snapshot,
@@ -79,6 +80,7 @@ def _train(config: TrainConfig, signals: StopSignals) -> TrainResult:
     splits = load_dataset(config.data, seed=config.seed, max_train=config.max_train, max_eval=config.max_eval)
     source = resolve_model(config.model)
     check_model_before_loading(source, config)
+    prepare_trackers(config.trackers)
 
     shared_state_reset()
     # accelerate treats a multi-process launch without CUDA as distributed only when told it runs on the CPU

@@ -19,7 +19,7 @@ from torchdora.app.evaluate import EvalResult
 from torchdora.app.train.config import TrainConfig
 from torchdora.io import atomic_save_safetensors, atomic_write_bytes, atomic_write_json, replace_dir
 
-__all__ = ["TrainResult", "Metrics", "Progress", "quiet_library_bars", "json_ready", "peak_rss_mb", "named_trainable", "save_snapshot",
+__all__ = ["TrainResult", "Metrics", "Progress", "prepare_trackers", "quiet_library_bars", "json_ready", "peak_rss_mb", "named_trainable", "save_snapshot",
            "write_outputs", "print_summary", "tracker_values"]
 
 
@@ -120,6 +120,25 @@ def _memory_text() -> str:
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def prepare_trackers(trackers: list[str]) -> None:
+    """Fail before the model loads when a tracker's package is missing; keep wandb offline unless it is set up.
+
+    TensorBoard writes event files only (offline by nature). wandb asks for a login on first use, which would
+    stall an unattended run: without ``WANDB_API_KEY`` or ``WANDB_MODE`` it runs offline (``wandb sync`` later).
+    """
+    import importlib.util
+    import os
+
+    for tracker in trackers:
+        module = "tensorboard" if tracker == "tensorboard" else tracker
+        if importlib.util.find_spec(module) is None:
+            raise ModuleNotFoundError(f"--report-to {tracker} needs the package {module!r}: "
+                                      f"pip install 'torchdora[{tracker}]'")
+    if "wandb" in trackers and not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
+        os.environ["WANDB_MODE"] = "offline"
+        print("wandb: no WANDB_API_KEY or WANDB_MODE set, logging offline (upload later with `wandb sync`)")
 
 
 def quiet_library_bars() -> None:
