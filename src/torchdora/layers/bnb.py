@@ -120,6 +120,9 @@ class Linear4bitAdapter(AdapterLayer):
     accumulated in fp32. ``weight_2d()`` returns a fresh dequantized copy (use it for analysis, not in a loop).
     """
 
+    #: dtype of the ``nn.Linear`` that :meth:`merge` swaps in (``None``: the base's compute dtype)
+    merge_dtype: torch.dtype | None = None
+
     def __init__(self, base: nn.Module, **kwargs) -> None:
         if not is_linear4bit(base):
             raise TypeError(f"Linear4bitAdapter wraps bitsandbytes.nn.Linear4bit, got {type(base).__name__}")
@@ -251,7 +254,7 @@ class Linear4bitAdapter(AdapterLayer):
         if self.merged:
             raise RuntimeError(f"{type(self).__name__} is already merged; call unmerge() first")
         packed = self.base
-        self.base = self.merged_linear()
+        self.base = self.merged_linear(self.merge_dtype)
         self.__dict__["_packed_base"] = packed  # not a submodule: the state dict holds the merged layer only
         self.merged = True
 

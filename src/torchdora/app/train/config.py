@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from torchdora.app.assets import BASE_DTYPES, GRADIENT_CHECKPOINTING, QUANTIZE, add_base_options
 from torchdora.app.checkpoint import find_checkpoint, read_trainer_state
 from torchdora.config import ALL_LINEAR, DoraConfig
 
@@ -36,6 +37,7 @@ RUN_FIELDS = (
     "method", "model", "data", "targets", "rank", "alpha", "dropout", "steps", "epochs", "batch_size",
     "grad_accum", "max_length", "dtype", "seed", "max_train", "max_eval", "magnitude_only", "detach_norm",
     "packing", "train_only", "d_initial", "projection_seed",
+    "base_dtype", "quantize",
 )
 #: optimisation settings a resume may change on purpose (e.g. a lower ``lr`` after a divergence); each
 #: change is recorded in the checkpoint's ``history``
@@ -67,6 +69,11 @@ class TrainConfig:
             processes), micro-batches per optimizer step. Global batch = ``batch_size × grad_accum``.
         max_length: token budget per example (prompts are cut from the left, completions kept).
         dtype: ``"float32"`` or ``"bfloat16"`` (mixed precision through accelerate; weights stay fp32).
+        base_dtype: dtype of the frozen base weights, ``"float32"``, ``"bfloat16"`` or ``"float16"`` (adapters stay
+            fp32; with ``"float16"`` gradients are not loss-scaled).
+        quantize: ``"nf4"``: the base's linear layers in 4 bits (bitsandbytes NF4, QDoRA/QLoRA); ``None``: none.
+        gradient_checkpointing: ``"off"``, ``"reentrant"`` or ``"non-reentrant"``: recompute each decoder block's
+            activations in backward (less memory, about one more forward pass of time).
         seed: seeds the data split, the data order and the adapter initialisation.
         eval_every: validation accuracy every N steps (0: never; the test split is scored at the end).
         save_every: snapshot the adapter (full: the model) every N steps (0: never), for ``torchdora analyze``.
@@ -133,6 +140,9 @@ class TrainConfig:
     train_only: str = ""
     d_initial: float = 0.1
     projection_seed: int = 0
+    base_dtype: str = "float32"
+    quantize: str | None = None
+    gradient_checkpointing: str = "off"
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -145,6 +155,14 @@ class TrainConfig:
         _choice("method", self.method, METHODS)
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("dtype", self.dtype, DTYPES)
+        _choice("base_dtype", self.base_dtype, tuple(BASE_DTYPES))
+        set_("quantize", None if self.quantize in (None, "", "none") else self.quantize)
+        if self.quantize is not None:
+            _choice("quantize", self.quantize, QUANTIZE)
+            if self.method == "full":
+                raise ValueError("quantize='nf4' freezes the base in 4 bits; --method full would train it: "
+                                 "use --method dora or lora")
+        _choice("gradient_checkpointing", self.gradient_checkpointing, GRADIENT_CHECKPOINTING)
         for name in ("rank", "batch_size", "grad_accum", "max_length", "eval_batch_size", "val_examples", "log_every"):
             set_(name, _integer(name, getattr(self, name), minimum=1))
         for name in ("warmup_steps", "eval_every", "save_every", "checkpoint_every", "seed", "projection_seed"):

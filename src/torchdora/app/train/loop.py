@@ -68,7 +68,7 @@ def _train(config: TrainConfig, signals: StopSignals) -> TrainResult:
     start_wall = time.perf_counter()
     from accelerate import Accelerator
 
-    from torchdora.app.assets import load_model_and_tokenizer, resolve_model
+    from torchdora.app.assets import enable_gradient_checkpointing, load_model_and_tokenizer, resolve_model
     from torchdora.app.data import Collator, load_dataset, tokenize_examples
     from torchdora.inject import inject, trainable_parameter_count
 
@@ -102,7 +102,8 @@ def _train(config: TrainConfig, signals: StopSignals) -> TrainResult:
     random.seed(config.seed)
     torch.manual_seed(config.seed)  # the adapter's A initialisation
     quiet_library_bars()
-    model, tokenizer = load_model_and_tokenizer(source)
+    model, tokenizer = load_model_and_tokenizer(source, dtype=config.base_dtype, quantize=config.quantize)
+    enable_gradient_checkpointing(model, config.gradient_checkpointing)
     if config.method == "full":
         model.requires_grad_(not config.train_only)
         if config.train_only:
