@@ -415,6 +415,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="vera/dvora: initial value of the trained vector d (default 0.1, as PEFT)")
     p.add_argument("--projection-seed", dest="projection_seed", type=int,
                    help="vera/dvora: seed of the shared frozen random A and B (PEFT's projection_prng_key, default 0)")
+    add_base_options(p, base_dtype=S, quantize=S)
+    p.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", nargs="?", const="non-reentrant",
+                   choices=GRADIENT_CHECKPOINTING,
+                   help="recompute each decoder block's activations in backward: non-reentrant (the default when "
+                        "given without a value), reentrant, or off (default)")
     return p
 
 
