@@ -16,6 +16,10 @@ its bleurt dependency); download the sdist with an older pip and install the loc
     pip install --no-deps /tmp/bigbench/bigbench-1.0.0.tar.gz
 
     python experiments/rank_sweep.py                          # 2 tasks x 9 configs x 3 seeds = 54 runs
+    python experiments/rank_sweep.py --pilot --tasks rotten_tomatoes --ranks 4 --seeds 0 1 --steps 80
+                                     # does full FT beat zero-shot, and LoRA r = 4 trail full FT? (criterion)
+    python experiments/rank_sweep.py --tasks rotten_tomatoes --ranks 2 4 8 16 --no-half-rank --with-full \\
+        --data-file docs/data/rank_sweep_low.csv --docs docs/results-ranks-low.md  # the low-rank sweep
     python experiments/rank_sweep.py --tasks rotten_tomatoes --ranks 4 8 --seeds 0 1 2 --steps 4 \\
         --max-train 16 --max-eval 8 --output-dir /tmp/rank-smoke --docs /tmp/rank-smoke/results.md \\
         --figures-dir /tmp/rank-smoke                         # smoke run
@@ -39,6 +43,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from torchdora.analysis.stats import describe_difference, paired_difference
 from torchdora.io import atomic_write_bytes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,12 +70,17 @@ class Settings:
     docs: Path
     figures_dir: Path
     skipped: tuple[str, ...] = ()  # tasks asked for whose data is not installed
+    with_full: bool = False
+    full_lr: float = 5e-5
+    half_rank: bool = True
+    pilot: bool = False
+    data_file: Path | None = None
 
 
 @dataclass(frozen=True)
 class Run:
     task: str
-    method: str  # "lora" | "dora"
+    method: str  # "lora" | "dora" | "full"
     rank: int
     seed: int
 
@@ -79,7 +89,8 @@ class Run:
         return 2 * self.rank
 
     def folder(self, root: Path) -> Path:
-        return root / self.task.replace(":", "_") / f"{self.method}-r{self.rank}-seed{self.seed}"
+        name = f"full-seed{self.seed}" if self.method == "full" else f"{self.method}-r{self.rank}-seed{self.seed}"
+        return root / self.task.replace(":", "_") / name
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
@@ -97,11 +108,19 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--output-dir", type=Path, default=REPO / "experiments" / "runs" / "rank_sweep")
     p.add_argument("--docs", type=Path, default=REPO / "docs" / "results-ranks.md")
     p.add_argument("--figures-dir", type=Path, default=REPO / "docs" / "figures")
+    p.add_argument("--with-full", action="store_true", help="also full fine-tuning per task and seed (the reference)")
+    p.add_argument("--full-lr", type=float, default=5e-5, help="learning rate of full fine-tuning")
+    p.add_argument("--no-half-rank", dest="half_rank", action="store_false", help="skip DoRA at r/2")
+    p.add_argument("--pilot", action="store_true",
+                   help="only full fine-tuning and LoRA at the lowest rank: print whether the task passes the "
+                   "criterion (full FT above zero-shot, LoRA at the lowest rank below full FT, both with 95 %% "
+                   "intervals over seeds that exclude 0) and stop")
+    p.add_argument("--data-file", type=Path, default=None, help="CSV of every run (default: none)")
     a = p.parse_args(argv)
     if len(a.seeds) < 2:
         p.error("give at least 2 --seeds: the report states mean ± std over seeds")
-    if any(r < 2 or r % 2 for r in a.ranks):
-        p.error(f"--ranks must be even and >= 2 (DoRA runs at half of each), got {a.ranks}")
+    if a.half_rank and any(r < 2 or r % 2 for r in a.ranks):
+        p.error(f"--ranks must be even and >= 2 (DoRA runs at half of each; or --no-half-rank), got {a.ranks}")
     tasks, skipped = [], []
     for task in a.tasks:
         if task.startswith("bigbench:") and importlib.util.find_spec("bigbench") is None:
@@ -113,26 +132,30 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     if not tasks:
         p.error("no task left to run")
     return Settings(tuple(tasks), tuple(sorted(a.ranks)), tuple(a.seeds), a.model, a.steps, a.batch_size, a.max_length,
-                    a.lr, a.max_train, a.max_eval, a.output_dir, a.docs, a.figures_dir, tuple(skipped))
+                    a.lr, a.max_train, a.max_eval, a.output_dir, a.docs, a.figures_dir, tuple(skipped),
+                    a.with_full or a.pilot, a.full_lr, a.half_rank and not a.pilot, a.pilot, a.data_file)
 
 
 def planned_runs(s: Settings) -> list[Run]:
-    """LoRA and DoRA at every rank, plus DoRA at the half ranks not already in the sweep, for every task and seed."""
-    dora_ranks = sorted(set(s.ranks) | {r // 2 for r in s.ranks})
-    return [
-        Run(task, method, rank, seed)
-        for task in s.tasks
-        for method, ranks in (("lora", s.ranks), ("dora", dora_ranks))
-        for rank in ranks
-        for seed in s.seeds
-    ]
+    """LoRA and DoRA at every rank, plus DoRA at the half ranks not already in the sweep (unless not
+    ``half_rank``) and full fine-tuning (``with_full``), for every task and seed; ``pilot``: full fine-tuning
+    and LoRA at the lowest rank only."""
+    if s.pilot:
+        plan = [("full", [0]), ("lora", [min(s.ranks)])]
+    else:
+        dora_ranks = sorted(set(s.ranks) | ({r // 2 for r in s.ranks} if s.half_rank else set()))
+        plan = [("lora", s.ranks), ("dora", dora_ranks)] + ([("full", [0])] if s.with_full else [])
+    return [Run(task, method, rank, seed) for task in s.tasks for method, ranks in plan for rank in ranks
+            for seed in s.seeds]
 
 
 def train_command(s: Settings, run: Run, folder: Path) -> list[str]:
     cmd = [sys.executable, "-m", "torchdora", "train", "--method", run.method, "--model", s.model,
-           "--data", run.task, "--targets", "q_proj,v_proj", "--rank", str(run.rank), "--alpha", str(run.alpha),
-           "--lr", str(s.lr), "--steps", str(s.steps), "--batch-size", str(s.batch_size),
-           "--max-length", str(s.max_length), "--seed", str(run.seed), "--output-dir", str(folder)]
+           "--data", run.task, "--lr", str(s.full_lr if run.method == "full" else s.lr), "--steps", str(s.steps),
+           "--batch-size", str(s.batch_size), "--max-length", str(s.max_length), "--seed", str(run.seed),
+           "--eval-every", "0", "--checkpoint-every", "0", "--output-dir", str(folder)]
+    if run.method != "full":
+        cmd += ["--targets", "q_proj,v_proj", "--rank", str(run.rank), "--alpha", str(run.alpha)]
     if s.max_train is not None:
         cmd += ["--max-train", str(s.max_train)]
     if s.max_eval is not None:
@@ -179,17 +202,11 @@ def _relative(path: Path, start: Path) -> str:
 
 def _compare(a: dict[int, float], b: dict[int, float]) -> str:
     """Paired by seed (a seed fixes the data split and order, so both runs of a seed see the same test set): the
-    mean ± std of the per-seed differences, and whether every seed agrees on the sign."""
-    diffs = [a[seed] - b[seed] for seed in sorted(set(a) & set(b))]
-    if not diffs:
+    mean of the per-seed differences with its 95 % Student-t interval; "not distinguishable" when it holds 0."""
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
         return "no paired runs"
-    mean, std = _mean_std(diffs)
-    agree = all(d > 0 for d in diffs) or all(d < 0 for d in diffs)
-    if all(d == 0 for d in diffs):
-        verdict = "equal on every seed"
-    else:
-        verdict = ("higher on every seed" if mean > 0 else "lower on every seed") if agree else "mixed across seeds"
-    return f"{100 * mean:+.1f} ± {100 * (std if math.isfinite(std) else 0):.1f} points, {verdict}"
+    return describe_difference(paired_difference([a[k] for k in seeds], [b[k] for k in seeds]))
 
 
 def plot(results: dict[Run, dict[str, float]], s: Settings, path: Path) -> Path:
@@ -231,6 +248,8 @@ def write_report(s: Settings, results: dict[Run, dict[str, float]], figure: Path
     by_seed = lambda task, method, rank: {r.seed: a["after"] for r, a in results.items()  # noqa: E731
                                           if (r.task, r.method, r.rank) == (task, method, rank)}
     acc = lambda task, method, rank: list(by_seed(task, method, rank).values())  # noqa: E731
+    before_by_seed = lambda task: {r.seed: a["before"] for r, a in results.items()  # noqa: E731
+                                   if r.task == task and "before" in a}
     model = "SmolLM2-135M-Instruct" if s.model == "smollm2-135m" else f"`{s.model}`"
     lines = [
         "# LoRA vs DoRA across ranks (the paper's rank-robustness claim), reproduced small",
@@ -263,34 +282,35 @@ def write_report(s: Settings, results: dict[Run, dict[str, float]], figure: Path
         lines += [f"## {task}", ""]
         if before:
             lines += [f"Before training: {_cell(before)} % (the base model; each seed draws its own test split).", ""]
-        lines += ["| rank r | LoRA | DoRA | DoRA, half rank (r/2) |", "|---|---|---|---|"]
+        half = " DoRA, half rank (r/2) |" if s.half_rank else ""
+        lines += ["| rank r | LoRA | DoRA | DoRA − LoRA, paired [95 % CI] |" + half,
+                  "|---|---|---|---|" + ("---|" if s.half_rank else "")]
         for rank in s.ranks:
             lines.append(f"| {rank} | {_cell(acc(task, 'lora', rank))} | {_cell(acc(task, 'dora', rank))} | "
-                         f"{_cell(acc(task, 'dora', rank // 2))} |")
-        lora_means = [_mean_std(acc(task, "lora", r))[0] for r in s.ranks]
-        dora_means = [_mean_std(acc(task, "dora", r))[0] for r in s.ranks]
-        spread = lambda means: 100 * (max(means) - min(means))  # noqa: E731
-        wins = sum(d > l for d, l in zip(dora_means, lora_means))
-        sensitivity = (
-            f"- Sensitivity to rank (best minus worst mean over r = {', '.join(map(str, s.ranks))}): LoRA "
-            f"{spread(lora_means):.1f} points, DoRA {spread(dora_means):.1f} points "
-            + ("(DoRA less sensitive, as the paper claims)." if spread(dora_means) < spread(lora_means)
-               else "(DoRA not less sensitive here, unlike the paper).")
-        ) if len(s.ranks) > 1 else "- Sensitivity to rank: needs at least two ranks."
+                         f"{_compare(by_seed(task, 'dora', rank), by_seed(task, 'lora', rank))} |"
+                         + (f" {_cell(acc(task, 'dora', rank // 2))} |" if s.half_rank else ""))
+        full = by_seed(task, "full", 0)
+        if full:
+            lines += ["", f"Full fine-tuning (lr {s.full_lr:g}): {_cell(list(full.values()))} %; minus zero-shot "
+                      f"(paired): {_compare(full, before_by_seed(task))}; minus LoRA at r = {min(s.ranks)}: "
+                      f"{_compare(full, by_seed(task, 'lora', min(s.ranks)))}."]
+        low, high = min(s.ranks), max(s.ranks)
+        drop = lambda method: {k: v - by_seed(task, method, low).get(k, math.nan)  # noqa: E731
+                               for k, v in by_seed(task, method, high).items()}
         lines += [
             "",
-            "What holds and what does not, compared with the paper:",
+            "What holds and what does not, compared with the paper (every difference paired by seed, with a 95 %",
+            "Student-t interval over seeds; accuracies on one seed's test set also carry a binomial SE of",
+            f"about {100 * math.sqrt(0.25 / (s.max_eval or 200)):.1f} points):",
             "",
-            f"- DoRA's mean is above LoRA's at {wins} of {len(s.ranks)} ranks; rank by rank, DoRA minus LoRA "
-            "(paired by seed) is "
-            + "; ".join(f"r = {r}: {_compare(by_seed(task, 'dora', r), by_seed(task, 'lora', r))}"
-                        for r in s.ranks) + ".",
-            sensitivity,
-            "- DoRA at half rank vs LoRA at full rank: "
-            + "; ".join(f"r = {r}: {_compare(by_seed(task, 'dora', r // 2), by_seed(task, 'lora', r))}"
-                        for r in s.ranks) + ".",
-            "",
+            f"- Rank sensitivity (accuracy at r = {high} minus at r = {low}), LoRA's minus DoRA's, paired: "
+            f"{_compare(drop('lora'), drop('dora'))} (positive: LoRA loses more at low rank, the paper's claim).",
         ]
+        if s.half_rank:
+            lines.append("- DoRA at half rank vs LoRA at full rank: "
+                         + "; ".join(f"r = {r}: {_compare(by_seed(task, 'dora', r // 2), by_seed(task, 'lora', r))}"
+                                     for r in s.ranks) + ".")
+        lines.append("")
     lines += [
         "## How this setting differs from the paper's",
         "",
@@ -305,6 +325,23 @@ def write_report(s: Settings, results: dict[Run, dict[str, float]], figure: Path
     return "\n".join(lines)
 
 
+def pilot_verdict(s: Settings, results: dict[Run, dict[str, float]]) -> int:
+    """Print, per task, whether it can test rank robustness: full fine-tuning beats zero-shot by at least 10
+    points and LoRA at the lowest rank trails full fine-tuning, both with 95 % intervals (paired by seed) above 0."""
+    low = min(s.ranks)
+    for task in s.tasks:
+        seeds = lambda method, rank, key="after": {r.seed: a[key] for r, a in results.items()  # noqa: E731
+                                                   if (r.task, r.method, r.rank) == (task, method, rank)}
+        full, zero, lora = seeds("full", 0), seeds("full", 0, "before"), seeds("lora", low)
+        keys = sorted(set(full) & set(lora))
+        gain = paired_difference([full[k] for k in keys], [zero[k] for k in keys])
+        gap = paired_difference([full[k] for k in keys], [lora[k] for k in keys])
+        ok = gain.estimate >= 0.10 and gain.low > 0 and gap.low > 0
+        print(f"{task}: full fine-tuning minus zero-shot {describe_difference(gain)}; full minus LoRA r = {low} "
+              f"{describe_difference(gap)} -> {'usable' if ok else 'not usable'} for the rank sweep")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     s = parse_args(argv)
@@ -317,6 +354,13 @@ def main(argv: list[str] | None = None) -> int:
     summary = [{"task": r.task, "method": r.method, "rank": r.rank, "alpha": r.alpha, "seed": r.seed, **a}
                for r, a in results.items()]
     atomic_write_bytes(s.output_dir / "rank_sweep.json", (json.dumps(summary, indent=1) + "\n").encode())
+    if s.data_file is not None:
+        columns = ["task", "method", "rank", "alpha", "seed", "before", "after"]
+        text = ",".join(columns) + "\n" + "".join(",".join(str(row.get(c, "")) for c in columns) + "\n"
+                                                  for row in summary)
+        atomic_write_bytes(s.data_file, text.encode())
+    if s.pilot:
+        return pilot_verdict(s, results)
     figure = plot(results, s, s.figures_dir / "rank_sweep.png")
     report = write_report(s, results, figure, argv, minutes)
     atomic_write_bytes(s.docs, report.encode())

@@ -208,3 +208,28 @@ def test_analyze_cli_writes_the_statistics_and_their_null(tmp_path, capsys):
     assert [(v["method"], v["modules"]) for v in data["statistics"]] == [
         ("lora", "q_proj"), ("lora", "v_proj"), ("dora", "q_proj"), ("dora", "v_proj")]
     assert (out / "decomposition_stats.png").stat().st_size > 0 and (out / "decomposition_scatter.png").is_file()
+
+
+@pytest.mark.parametrize("df", [1, 2, 4, 9, 29, 30, 31, 60])
+def test_t_quantile_holds_95_percent_of_the_t_density(df):
+    """Integrate Student's t density (torch.distributions) over [−t, t]: 0.95 to the table's 3 digits."""
+    q = __import__("torchdora.analysis.stats", fromlist=["t_quantile_975"]).t_quantile_975(df)
+    grid = torch.linspace(-q, q, 200_001, dtype=torch.float64)
+    density = torch.distributions.StudentT(torch.tensor(float(df), dtype=torch.float64)).log_prob(grid).exp()
+    mass = float(torch.trapezoid(density, grid))
+    assert mass == pytest.approx(0.95, abs=2e-4)
+
+
+def test_paired_difference_and_its_wording():
+    from torchdora.analysis.stats import binomial_se, describe_difference, paired_difference
+
+    a, b = [0.80, 0.75, 0.70], [0.78, 0.74, 0.67]  # differences 0.02, 0.01, 0.03: mean 0.02, sd 0.01
+    interval = paired_difference(a, b)
+    half = 4.303 * 0.01 / math.sqrt(3)
+    assert (interval.estimate, interval.low, interval.high) == pytest.approx((0.02, 0.02 - half, 0.02 + half))
+    assert describe_difference(interval) == "+2.0 points [-0.5, +4.5], not distinguishable"
+    assert describe_difference(paired_difference([0.9, 0.8], [0.5, 0.45])).endswith("higher")
+    assert math.isnan(paired_difference([0.5], [0.4]).low)
+    assert binomial_se(0.5, 100) == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="same length"):
+        paired_difference([0.1], [0.1, 0.2])

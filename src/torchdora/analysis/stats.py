@@ -20,7 +20,8 @@ from torchdora.analysis.decomposition import DecompositionRow
 __all__ = [
     "LineFit", "fit_line", "fit_rows", "module_type", "STATISTICS", "STATISTIC_NAMES", "VERDICTS", "pearson",
     "average_ranks", "grid_statistics", "bootstrap_layers", "Interval", "percentile_interval", "decide",
-    "decomposition_grid", "Verdict", "compare_to_null",
+    "decomposition_grid", "Verdict", "compare_to_null", "t_quantile_975", "paired_difference", "binomial_se",
+    "describe_difference",
 ]
 
 
@@ -286,3 +287,51 @@ def compare_to_null(
                 said[k] = decide(stats[k], diff[k])
             verdicts.append(Verdict(method, kind, len(snaps), len(layers), stats, null, diff, said, headline))
     return verdicts
+
+
+# ---- comparisons of accuracies -------------------------------------------------------------------------------
+#: two-sided 95 % quantiles t_{0.975, df} of Student's t for df = 1..30
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_quantile_975(df: int) -> float:
+    """Student's ``t_{0.975}`` with ``df`` degrees of freedom: a table to 30, then the Cornish-Fisher expansion
+    ``z + (z³ + z)/(4 df) + (5z⁵ + 16z³ + 3z)/(96 df²)`` around ``z = 1.959964`` (error < 1e-4 for df > 30)."""
+    if df < 1:
+        raise ValueError(f"df must be >= 1, got {df}")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> Interval:
+    """Mean of ``a[i] − b[i]`` (paired, e.g. by seed) with its 95 % Student-t interval
+    ``mean ± t_{0.975, n−1} · sd / sqrt(n)``; the interval is NaN with fewer than 2 pairs."""
+    if len(a) != len(b):
+        raise ValueError(f"paired values need the same length, got {len(a)} and {len(b)}")
+    if not a:
+        raise ValueError("no pairs to compare")
+    d = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
+    mean = float(d.mean())
+    if d.numel() < 2:
+        return Interval(mean, math.nan, math.nan)
+    half = t_quantile_975(d.numel() - 1) * float(d.std(unbiased=True)) / math.sqrt(d.numel())
+    return Interval(mean, mean - half, mean + half)
+
+
+def binomial_se(accuracy: float, n: int) -> float:
+    """Standard error ``sqrt(p (1 − p) / n)`` of an accuracy ``p`` measured on ``n`` examples."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    return math.sqrt(max(accuracy * (1 - accuracy), 0.0) / n)
+
+
+def describe_difference(interval: Interval, unit: float = 100.0, what: str = "points") -> str:
+    """``+2.2 points [−1.0, +5.4], not distinguishable`` (``unit`` scales fractions to percentage points)."""
+    est, low, high = (unit * v for v in (interval.estimate, interval.low, interval.high))
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return f"{est:+.1f} {what} (one pair: no interval)"
+    verdict = "not distinguishable" if low <= 0 <= high else ("higher" if low > 0 else "lower")
+    return f"{est:+.1f} {what} [{low:+.1f}, {high:+.1f}], {verdict}"
