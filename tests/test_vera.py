@@ -327,3 +327,46 @@ def test_torchdora_vera_export_loads_in_peft(make_tiny_llama, make_tiny_gpt2, in
     # PEFT merges to the same weights too
     merged = peft_model.merge_and_unload()
     assert_close(_logits(merged, input_ids), want, rtol=1e-4, atol=1e-5)
+
+
+# ---- analysis and the experiment's statistics ---------------------------------------------------------------
+@pytest.mark.parametrize("use_dora", [False, True], ids=["vera", "dvora"])
+def test_analysis_reads_the_trained_weight_of_a_saved_adapter(make_tiny_llama, tmp_path, use_dora):
+    from torchdora.analysis.decomposition import Checkpoint, _inferred_method, checkpoint_weight
+
+    model = make_tiny_llama()
+    inject(model, _vera_config(use_dora))
+    _perturb(model)
+    folder = save_adapter(model, tmp_path / "snap")
+    assert _inferred_method(folder, "adapter") == ("dvora" if use_dora else "vera")
+    name = "model.layers.1.mlp.down_proj"
+    layer = adapter_layers(model)[name]
+    projection = layer.vera_projection
+    f64 = lambda t: None if t is None else t.detach().double()  # noqa: E731
+    want = _reference_weight(f64(layer.base.weight), f64(projection.vera_A), f64(projection.vera_B),
+                             f64(layer.vera_lambda_d), f64(layer.vera_lambda_b), f64(layer.magnitude))
+    checkpoint = Checkpoint(run="r", method="m", step=1, path=folder, kind="adapter")
+    w0, wt = checkpoint_weight(checkpoint, name, layer.base.weight.detach(), "linear")
+    assert_close(w0, f64(layer.base.weight), rtol=0, atol=0)
+    assert_close(wt, want, **F64)  # the same fp32 tensors, both computed in float64
+    assert (wt - w0).abs().max() > 1e-3
+
+
+def test_compare_vera_statistics():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "compare_vera.py"
+    spec = importlib.util.spec_from_file_location("compare_vera", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    run = lambda acc: {"accuracy_after": acc, "test_examples": 100}  # noqa: E731
+    a = {0: run(0.80), 1: run(0.90)}
+    b = {0: run(0.70), 1: run(0.60)}
+    mean, se, k = module.paired_difference(a, b)
+    # by hand: mean of 0.10 and 0.30; variance sum .16+.21+.09+.24 = .70 over 100, sqrt / 2 seeds
+    assert k == 2 and mean == pytest.approx(0.20) and se == pytest.approx((0.70 / 100) ** 0.5 / 2)
+    assert module.verdict(mean, se, "dvora", "vera") == "DVoRA higher"
+    assert module.verdict(0.01, se, "dvora", "vera") == "not distinguishable"
+    p, se_p, n = module.pooled(list(a.values()))
+    assert (p, n) == (pytest.approx(0.85), 200) and se_p == pytest.approx((0.85 * 0.15 / 200) ** 0.5)

@@ -35,7 +35,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from torchdora.config import DoraConfig
-from torchdora.functional import lora_scaling, merged_weight
+from torchdora.functional import lora_scaling, merged_weight, vera_factors
 from torchdora.inject import closest_names
 from torchdora.io import read_adapter
 
@@ -298,6 +298,8 @@ def _inferred_method(folder: Path, kind: str) -> str:
     if kind == "full":
         return "full"
     config, _, _ = read_adapter(folder)
+    if config.use_vera:
+        return "dvora" if config.use_dora else "vera"
     return "dora" if config.use_dora else "lora"
 
 
@@ -369,6 +371,17 @@ def _shape_error(module: str, checkpoint: Path, what: str, got: Sequence[int], w
     )
 
 
+def _vera_pair(tensors: dict[str, Tensor], module: str, shape: Sequence[int], source: Path) -> tuple[Tensor, Tensor]:
+    """A VeRA/DVoRA module's update as the LoRA pair ``A' = Λ_d A``, ``B' = Λ_b B`` (scale 1), float64, from the
+    shared projections the adapter saves once (``vera_A[:, :in]``, ``vera_B[:out]``)."""
+    if "vera_A" not in tensors or "vera_B" not in tensors:
+        raise ValueError(f"{source} holds no VeRA projections (vera_A, vera_B): save the adapter with torchdora or "
+                         "with PEFT's save_projection=True to analyse it")
+    out, fan_in = shape
+    return vera_factors(tensors["vera_A"][:, :fan_in].double(), tensors["vera_B"][:out].double(),
+                        tensors[f"{module}.vera_lambda_d"].double(), tensors[f"{module}.vera_lambda_b"].double())
+
+
 def checkpoint_weight(
     checkpoint: Checkpoint, module: str, w0: Tensor, kind: str, cache: _SnapshotCache | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -403,6 +416,8 @@ def checkpoint_weight(
     a = tensors.get(f"{module}.lora_A")
     b = tensors.get(f"{module}.lora_B")
     m = tensors.get(f"{module}.magnitude")
+    if config.use_vera and f"{module}.vera_lambda_d" in tensors:
+        a, b = _vera_pair(tensors, module, base.shape, checkpoint.path)
     if a is None and m is None:
         return base, base
     out, fan_in = base.shape
@@ -419,7 +434,7 @@ def checkpoint_weight(
         m = m.reshape(-1).to(torch.float64)  # (out,)
         if m.shape != (out,):
             raise _shape_error(module, checkpoint.path, f"{module}.magnitude", m.shape, (out,))
-    scaling = lora_scaling(r, config.alpha_for(module), config.use_rslora)
+    scaling = 1.0 if config.use_vera else lora_scaling(r, config.alpha_for(module), config.use_rslora)
     merged, _ = merged_weight(base, a, b, m, scaling)
     return base, merged
 
