@@ -570,3 +570,38 @@ def test_pack_examples_fills_rows_in_order_with_restarting_positions() -> None:
     assert batch["position_ids"].tolist()[1] == [0, 1, 2, 3, 4, 0, 0, 0, 0]
     with pytest.raises(ValueError, match="longer than max_length=4"):
         data.pack_examples(items, max_length=4)
+
+
+def test_chat_mask_with_the_real_smollm2_template(tokenizer) -> None:
+    """SmolLM2's own template (it adds a default system turn): exactly the answers and their end-of-turn train."""
+    if not getattr(tokenizer, "chat_template", None):
+        pytest.skip("this tokenizer copy has no chat template")
+    turns = (("user", "Review: great fun. positive?"), ("assistant", "positive"), ("user", "and this?"),
+             ("assistant", "negative, sadly"))
+    item = data.tokenize_chat(tokenizer, turns, max_length=256)
+    assert tokenizer.decode(item["input_ids"]) == data.render_chat(tokenizer, turns)
+    trained, run = [], []
+    for token, label in zip(item["input_ids"], item["labels"], strict=True):
+        if label != IGNORE_INDEX:
+            assert label == token
+            run.append(token)
+        elif run:
+            trained.append(tokenizer.decode(run))
+            run = []
+    trained += [tokenizer.decode(run)] if run else []
+    # the template writes '<|im_start|>assistant\n' + content + '<|im_end|>\n' per answer
+    assert trained == ["positive<|im_end|>\n", "negative, sadly<|im_end|>\n"]
+
+
+def test_hub_dataset_offline_is_a_value_error_with_the_local_alternatives(monkeypatch, hide_packages) -> None:
+    hide_packages("bigbench")
+    fake = types.ModuleType("datasets")
+    fake.__spec__ = importlib.machinery.ModuleSpec("datasets", None)
+
+    def offline(name):
+        raise ConnectionError(f"Couldn't reach {name!r} on the Hub (OfflineModeIsEnabled)")
+
+    fake.load_dataset = offline  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    with pytest.raises(ValueError, match=r"'someone/chat' could not be loaded \(Couldn't reach .*save_to_disk"):
+        load_dataset("someone/chat")

@@ -650,7 +650,14 @@ def _hf_rows(split: Iterable[Mapping[str, Any]], features: Any) -> Iterator[Mapp
 def _load_hf(name: str, seed: int, max_train: int | None, max_eval: int | None) -> DatasetSplits:
     import datasets  # optional dependency
 
-    return _hf_splits(datasets.load_dataset(name), f"Hugging Face dataset {name!r}", seed, max_train, max_eval)
+    try:
+        loaded = datasets.load_dataset(name)
+    except OSError as err:  # ConnectionError offline, DatasetNotFoundError for a wrong name
+        raise ValueError(
+            f"Hugging Face dataset {name!r} could not be loaded ({err}). Check the name, or without a network "
+            "pass a local file or folder (.jsonl/.json/.csv/.parquet/.arrow, or a save_to_disk folder)"
+        ) from None
+    return _hf_splits(loaded, f"Hugging Face dataset {name!r}", seed, max_train, max_eval)
 
 
 def _hf_splits(loaded: Mapping[str, Any], where: str, seed: int, max_train: int | None,
@@ -716,10 +723,10 @@ def load_dataset(
     if importlib.util.find_spec("datasets") is not None:
         return _load_hf(name, seed, max_train, max_eval)
     raise ValueError(
-        f"Unknown dataset {name!r}. Pass {DEFAULT_DATASET!r} (the default), a .jsonl/.json/.csv "
-        "file or a folder of train/validation/test files, or 'bigbench:<task>' for BIG-bench "
+        f"Unknown dataset {name!r}. Pass {DEFAULT_DATASET!r} (the default), a .jsonl/.json/.csv/.parquet/.arrow "
+        "file, a save_to_disk folder or a folder of train/validation/test files, or 'bigbench:<task>' for BIG-bench "
         "tasks such as social_iqa (`pip install --no-deps bigbench`). Hugging Face hub "
-        "datasets need `pip install datasets` and network access."
+        "datasets need `pip install 'torchdora[data]'` and network access."
     )
 
 
