@@ -166,7 +166,7 @@ def _train(config: TrainConfig, signals: StopSignals) -> TrainResult:
     if before is None:
         before = run.evaluate(splits.test)
         run.metrics.add({"step": 0, "split": "test", **before.metrics()})
-        run.say(f"before training: {before.describe()}")
+        run.say(f"test split before training: {before.describe()}")
 
     train_start = time.perf_counter()
     train_loop(run, sampler, loader, position, before, splits.validation[: config.val_examples], signals)
