@@ -317,6 +317,18 @@ class AdapterLayer(nn.Module):
         self._merge_state = None
         self.merged = False
 
+    # Models read their layers' weights directly (ViT checks ``projection.weight.dtype``, generation code the
+    # ``lm_head``'s device); as PEFT's layers do, an adapter answers with its base module's tensors.
+    @property
+    def weight(self) -> Tensor:
+        """The base module's weight (merged into, while merged); not a parameter of this module."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        """The base module's bias, or ``None``."""
+        return getattr(self.base, "bias", None)
+
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         """The trainable tensors under fixed names (``lora_A``, ``lora_B``, ``magnitude``), present ones only."""
         named = {"lora_A": self.lora_A, "lora_B": self.lora_B, "magnitude": self.magnitude}
