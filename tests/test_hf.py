@@ -128,11 +128,17 @@ def test_load_model_is_frozen_for_inference_unless_asked(base_dir, tmp_path, per
         torchdora.load_model(tmp_path / "missing", base_dir)
 
 
-def test_adapter_only_state_dict_loads_strictly_and_a_partial_one_still_reports(base_dir, perturb, input_ids):
-    model = _trained(base_dir, perturb)
+def test_adapter_only_state_dict_loads_strictly_and_a_partial_one_still_reports(base_dir, tmp_path, perturb,
+                                                                                 input_ids):
+    config = DoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
+    model = _trained(base_dir, perturb, config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.5)  # a trained modules_to_save layer must come back too
     expected = _logits(model, input_ids)
-    adapter = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    fresh = _trained(base_dir, lambda m: None)  # same base, adapter at its initial values
+    model.save_pretrained(tmp_path / "out")
+    adapter = load_file(tmp_path / "out" / "model.safetensors")  # what Trainer's resume loads
+    assert "lm_head.weight" in adapter and len(adapter) == 1 + 3 * 2 * 2  # lm_head; A, B, m of 2 layers x 2
+    fresh = _trained(base_dir, lambda m: None, config)  # same base, adapter at its initial values
     assert not torch.allclose(_logits(fresh, input_ids), expected, atol=1e-3)
     assert fresh.load_state_dict(adapter, strict=True).missing_keys == []  # the frozen base may be left out
     assert_close(_logits(fresh, input_ids), expected, rtol=0, atol=0)

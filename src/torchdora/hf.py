@@ -76,12 +76,16 @@ def detach(model: nn.Module) -> None:
 
 
 def _adapter_keys(model: nn.Module) -> dict[str, Tensor]:
-    """The model's state-dict names of its adapter tensors (and ``modules_to_save``), found by tensor identity.
+    """The model's state-dict names of its adapter tensors (and ``modules_to_save``), found by tensor memory.
 
-    By identity rather than by attribute names, so the keys stay right whatever the layers call their parameters.
+    By memory rather than by attribute names, so the keys stay right whatever the layers call their parameters
+    (``adapter_state_dict`` returns detached views of ``modules_to_save`` tensors: same memory, other objects).
     """
-    wanted = {id(t): t for t in adapter_state_dict(model).values()}
-    return {k: v for k, v in model.state_dict(keep_vars=True).items() if id(v) in wanted}
+    def where(t: Tensor) -> tuple:
+        return t.device, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride())
+
+    wanted = {where(t) for t in adapter_state_dict(model).values()}
+    return {k: v for k, v in model.state_dict(keep_vars=True).items() if where(v) in wanted}
 
 
 def _adapter_only_load(model: nn.Module, incompatible: Any) -> None:
