@@ -323,3 +323,41 @@ def test_failed_save_leaves_previous_adapter_loadable(fmt, tmp_path, make_tiny_l
     fresh = make_tiny_llama(0)
     load_adapter(fresh, folder)
     assert_close(_out(fresh, input_ids), expected, rtol=0, atol=0)
+
+
+# ---- values checked on load (issue 11) ------------------------------------------------------------------
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0, 0.0])
+def test_alpha_must_be_positive_and_finite(bad):
+    with pytest.raises(ValueError, match="alpha must be a positive number"):
+        DoraConfig(alpha=bad)
+    with pytest.raises(ValueError, match=r"alpha_pattern\['v_proj'\] must be a positive number"):
+        DoraConfig(alpha_pattern={"v_proj": bad})
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_non_finite_weights_are_refused_on_load(fmt, tmp_path, make_tiny_llama, perturb):
+    from safetensors import safe_open
+
+    _, folder = _saved_adapter(make_tiny_llama, tmp_path, fmt, DoraConfig(r=2), perturb)
+    path = folder / WEIGHT_FILE[fmt]
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(path)
+    key = sorted(tensors)[0]
+    tensors[key][0] = float("nan")
+    atomic_save_safetensors(tensors, path, metadata)
+    with pytest.raises(ValueError, match=rf"NaN or infinite values in {key}"):
+        read_adapter(folder)
+
+
+def test_a_peft_folder_written_elsewhere_loads_without_a_checksum(tmp_path, make_tiny_llama, perturb):
+    """PEFT's own files carry no torchdora metadata: they load (the checksum is checked only where recorded)."""
+    from safetensors import safe_open
+
+    model, folder = _saved_adapter(make_tiny_llama, tmp_path, "peft", DoraConfig(r=2), perturb)
+    path = folder / PEFT_WEIGHTS
+    with safe_open(path, framework="pt") as f:
+        assert {"torchdora_tensors_sha256", "torchdora_config"} <= set(f.metadata())
+    atomic_save_safetensors(load_file(path), path, {"format": "pt"})
+    config, tensors, _ = read_adapter(folder)
+    assert config.r == 2 and tensors

@@ -112,8 +112,8 @@ class DoraConfig:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"r must be a positive integer, got r={self.r!r}")
-        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or self.alpha <= 0:
-            raise ValueError(f"alpha must be a positive number, got alpha={self.alpha!r}")
+        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not 0 < self.alpha < math.inf:
+            raise ValueError(f"alpha must be a positive number, got alpha={self.alpha!r} (finite, above 0)")
         set_("alpha", float(self.alpha))
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got dropout={self.dropout!r}")
@@ -141,8 +141,8 @@ class DoraConfig:
         for name, kind in (("rank_pattern", int), ("alpha_pattern", (int, float))):
             mapping = dict(getattr(self, name))
             for key, value in mapping.items():
-                if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
-                    raise ValueError(f"{name}[{key!r}] must be a positive number, got {value!r}")
+                if isinstance(value, bool) or not isinstance(value, kind) or not 0 < value < math.inf:
+                    raise ValueError(f"{name}[{key!r}] must be a positive number, got {value!r} (finite, above 0)")
                 try:
                     re.compile(key)
                 except re.error as err:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -65,12 +65,36 @@ Format = Literal["torchdora", "peft"]
 
 
 # ---- atomic writes --------------------------------------------------------------------------------------
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux allows (``os.umask`` is set-and-return)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_mode(directory: bool = False) -> int:
+    """The mode ``open``/``mkdir`` would give a new file (0o666) or folder (0o777) under the current umask.
+
+    ``tempfile.mkstemp``/``mkdtemp`` create 0600/0700 on purpose (private until renamed); a file or folder
+    swapped in from them gets this mode first, so other users and serving accounts read it as usual.
+    """
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, default_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -94,6 +118,7 @@ def atomic_save_safetensors(tensors: Mapping[str, Tensor], path: str | os.PathLi
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=dict(metadata or {}))
+        os.chmod(tmp, default_mode())  # after: safetensors writes the file anew (0600)
         with open(tmp, "rb") as f:  # on disk before the rename makes it visible
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -109,6 +134,9 @@ def replace_dir(tmp: str | os.PathLike, target: str | os.PathLike) -> Path:
     complete folder exists under one of the two names (a directory cannot be renamed over a non-empty one).
     """
     tmp, target = Path(tmp), Path(target)
+    # a tempfile.mkdtemp folder is 0700, and some writers (safetensors under transformers) leave files 0600
+    for path in [tmp, *tmp.rglob("*")]:
+        os.chmod(path, default_mode(directory=path.is_dir()))
     old = target.with_name(f".{target.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if target.exists():
@@ -128,13 +156,55 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _read_safetensors(path: Path) -> dict[str, Tensor]:
+def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The tensors and the header metadata of an adapter weights file; every float tensor must be finite."""
     if not path.is_file():
         raise FileNotFoundError(f"adapter weights {path} not found; the adapter folder is incomplete")
     try:
-        return load_file(path)
+        tensors = load_file(path)
+        with safe_open(path, framework="pt") as f:
+            metadata = dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{path} is not a readable safetensors file ({err}); it is truncated or corrupt") from None
+    bad = sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    if bad:
+        raise ValueError(f"{path} holds NaN or infinite values in {', '.join(bad[:5])}"
+                         f"{f' (+{len(bad) - 5} more)' if len(bad) > 5 else ''}: the file is corrupt or comes from a "
+                         "diverged run; use an earlier adapter or checkpoint")
+    return tensors, metadata
+
+
+def tensors_sha256(tensors: Mapping[str, Tensor]) -> str:
+    """SHA-256 of the tensors' names, dtypes, shapes and bytes (sorted by name): a checksum that can be stored
+    inside the safetensors file it describes, which PEFT's ``adapter_config.json`` has no field for."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+#: the PEFT config fields that change what an adapter computes, recorded in the weights file's metadata
+_PEFT_MATH_FIELDS = ("r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern")
+_PEFT_CHECKSUM = "torchdora_tensors_sha256"
+_PEFT_RECORD = "torchdora_config"
+
+
+def _check_peft_record(folder: Path, peft_config: Mapping[str, Any], tensors: Mapping[str, Tensor],
+                       metadata: Mapping[str, str]) -> None:
+    """Where torchdora wrote a PEFT folder, its weights must match the checksum and the config the math fields
+    recorded at save time (PEFT's own loader would accept flipped bytes or an edited ``lora_alpha``)."""
+    if _PEFT_CHECKSUM in metadata and tensors_sha256(tensors) != metadata[_PEFT_CHECKSUM]:
+        raise ValueError(f"{folder / PEFT_WEIGHTS} does not match the checksum torchdora recorded when saving it: "
+                         "the file changed on disk (corrupt or edited); save the adapter again")
+    if _PEFT_RECORD in metadata:
+        recorded = json.loads(metadata[_PEFT_RECORD])
+        changed = [f"{k}={peft_config.get(k)!r} (saved with {v!r})" for k, v in recorded.items()
+                   if peft_config.get(k) != v]
+        if changed:
+            raise ValueError(f"{folder / PEFT_CONFIG} was edited after saving: {', '.join(changed)}; these change "
+                             "what the adapter computes. Restore the saved values")
 
 
 # ---- torchdora format --------------------------------------------------------------------------------------
@@ -229,7 +299,10 @@ def save_adapter(
         from torchdora.peft_format import to_peft
 
         peft_config, peft_tensors = to_peft(model, config, tensors, base_model_name_or_path)
-        atomic_save_safetensors(peft_tensors, folder / PEFT_WEIGHTS, {"format": "pt"})
+        record = {k: peft_config.get(k) for k in _PEFT_MATH_FIELDS}
+        atomic_save_safetensors(peft_tensors, folder / PEFT_WEIGHTS,
+                                {"format": "pt", _PEFT_CHECKSUM: tensors_sha256(peft_tensors),
+                                 _PEFT_RECORD: json.dumps(record, sort_keys=True)})
         atomic_write_json(folder / PEFT_CONFIG, peft_config)
     return folder
 
@@ -252,22 +325,42 @@ def read_adapter(path: str | os.PathLike) -> tuple[DoraConfig, dict[str, Tensor]
         if not isinstance(header.get("config"), dict):
             raise ValueError(f"{folder / TORCHDORA_CONFIG} has no 'config' object; the adapter folder is corrupt, save it again")
         config = DoraConfig.from_dict(header["config"])
-        tensors = _read_safetensors(folder / TORCHDORA_WEIGHTS)
+        tensors, _ = _read_safetensors(folder / TORCHDORA_WEIGHTS)
         expected_sha = header.get("weights_sha256")
         if expected_sha is not None and _sha256(folder / TORCHDORA_WEIGHTS) != expected_sha:
             raise ValueError(
                 f"{folder / TORCHDORA_WEIGHTS} does not match {TORCHDORA_CONFIG} (checksum differs): the save was "
                 "interrupted or the files come from different adapters; save the adapter again"
             )
+        _check_recorded_scaling(folder, config, header.get("modules"))
         return config, tensors, "torchdora"
     if (folder / PEFT_CONFIG).is_file():
         from torchdora.peft_format import from_peft
 
-        config, tensors = from_peft(_read_json(folder / PEFT_CONFIG), _read_safetensors(folder / PEFT_WEIGHTS))
+        peft_config = _read_json(folder / PEFT_CONFIG)
+        tensors, metadata = _read_safetensors(folder / PEFT_WEIGHTS)
+        _check_peft_record(folder, peft_config, tensors, metadata)
+        config, tensors = from_peft(peft_config, tensors)
         return config, tensors, "peft"
     raise FileNotFoundError(
         f"{folder} holds no adapter: expected {TORCHDORA_CONFIG} (torchdora) or {PEFT_CONFIG} (PEFT)"
     )
+
+
+def _check_recorded_scaling(folder: Path, config: DoraConfig, modules: Any) -> None:
+    """The config must give each module the ``r``/``alpha`` recorded beside it at save time (its scale)."""
+    if not isinstance(modules, dict):
+        return
+    wrong = []
+    for name, info in modules.items():
+        if not isinstance(info, dict) or "r" not in info or "alpha" not in info:
+            continue
+        now = (config.rank_for(name), config.alpha_for(name))
+        if now[0] != info["r"] or not math.isclose(now[1], info["alpha"], rel_tol=1e-9):
+            wrong.append(f"{name} (config: r={now[0]}, alpha={now[1]:g}; saved r={info['r']}, alpha={info['alpha']:g})")
+    if wrong:
+        raise ValueError(f"{folder / TORCHDORA_CONFIG} was edited after saving: its r/alpha differ from those each "
+                         f"module was trained with: {', '.join(wrong[:5])}. Restore the saved values")
 
 
 def _like(source: Tensor, target: Tensor) -> Tensor:

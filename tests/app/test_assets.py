@@ -107,8 +107,12 @@ def test_plain_file_is_not_a_model(tmp_path: Path) -> None:
 
 
 def test_hub_name_passes_through_when_online(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    # the hub answers (this machine may have no network: a reachable hub is simulated)
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: socket.socket())
     assert resolve_model("someone/some-model") == "someone/some-model"
 
 

@@ -375,3 +375,112 @@ def test_an_unwritable_output_folder_is_one_line(tiny, tmp_path, capsys):
     assert main(argv(model_dir, data, tmp_path / "file" / "run")) == 2
     err = capsys.readouterr().err
     assert err.startswith("torchdora train: error: Not a directory") and "Traceback" not in err
+
+
+def test_eval_and_generate_option_errors_are_one_line(capsys):
+    from torchdora.app import evaluate, generate
+
+    for args in (["--batch-size", "0"], ["--max-length", "1"]):
+        assert evaluate.main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("torchdora eval: error:") and args[0][2:].replace("-", "_") in err
+    for value in ("nan", "inf", "-1"):
+        assert generate.main(["--prompt", "hi", "--temperature", value]) == 2
+        assert "temperature must be a finite number >= 0" in capsys.readouterr().err
+
+
+def test_a_pickle_only_model_folder_is_refused_by_name(tiny, tmp_path, capsys):
+    model_dir, data = tiny
+    pickled = tmp_path / "pickled"
+    shutil.copytree(model_dir, pickled)
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    assert main(argv(pickled, data, tmp_path / "run")) == 2
+    err = capsys.readouterr().err
+    assert "only as pickle files (pytorch_model.bin)" in err and "save_pretrained" in err
+
+
+def test_an_unreachable_hub_name_fails_at_once(tiny, tmp_path, monkeypatch, capsys):
+    import socket
+
+    _, data = tiny
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy",
+                 "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+
+    def no_network(address, timeout=None):
+        raise OSError(errno.ENETUNREACH, "Network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    start = time.perf_counter()
+    assert main(argv("someorg/not-cached-anywhere", data, tmp_path / "run")) == 2
+    assert time.perf_counter() - start < 10  # huggingface_hub's own retries take about a minute
+    err = capsys.readouterr().err
+    assert "not in the Hugging Face cache, and https://huggingface.co cannot be reached" in err
+
+
+# ---- 7. adapters edited or corrupted on disk -----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def finished_run(tiny, tmp_path_factory) -> Path:
+    model_dir, data = tiny
+    out = tmp_path_factory.mktemp("finished") / "run"
+    train(tiny_config(model_dir, data, out, **{**OPTIONS, "steps": 2}))
+    return out
+
+
+def test_a_flipped_byte_in_a_peft_adapter_is_refused(tiny, finished_run, tmp_path, capsys):
+    from torchdora.app import evaluate
+
+    model_dir, data = tiny
+    adapter = tmp_path / "adapter-peft"
+    shutil.copytree(finished_run / "adapter-peft", adapter)
+    args = ["--model", str(model_dir), "--data", str(data), "--max-eval", "4", "--adapter", str(adapter)]
+    assert evaluate.main(args) == 0  # intact: loads
+    weights = adapter / "adapter_model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-4] ^= 0x01  # the lowest mantissa byte of the last float32: still finite, only slightly different
+    weights.write_bytes(bytes(raw))
+    capsys.readouterr()
+    assert evaluate.main(args) == 2
+    assert "does not match the checksum torchdora recorded" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("layout", ["torchdora", "peft"])
+def test_an_edited_alpha_is_refused_in_either_format(tiny, finished_run, tmp_path, capsys, layout):
+    from torchdora.app import evaluate
+
+    model_dir, data = tiny
+    adapter = tmp_path / "adapter"
+    shutil.copytree(finished_run / ("adapter" if layout == "torchdora" else "adapter-peft"), adapter)
+    config_file = adapter / ("torchdora_config.json" if layout == "torchdora" else "adapter_config.json")
+    config = json.loads(config_file.read_text())
+    if layout == "torchdora":
+        config["config"]["alpha"] = 64.0
+    else:
+        config["lora_alpha"] = 64.0
+        config["base_model_name_or_path"] = "/somewhere/else"  # a harmless edit users make: still accepted
+    config_file.write_text(json.dumps(config))
+    assert evaluate.main(["--model", str(model_dir), "--data", str(data), "--adapter", str(adapter)]) == 2
+    err = capsys.readouterr().err
+    assert "was edited after saving" in err and ("alpha=64" in err or "lora_alpha=64.0" in err)
+
+
+# ---- 8. permissions -------------------------------------------------------------------------------------------
+def test_files_and_folders_follow_the_umask(tiny, finished_run, tmp_path):
+    from torchdora.app import merging
+
+    model_dir, _ = tiny
+    previous = os.umask(0o022)
+    try:
+        merged = tmp_path / "merged"
+        assert merging.main(["--model", str(model_dir), "--adapter", str(finished_run / "adapter"),
+                             "--output", str(merged)]) == 0
+        os.umask(0o027)
+        checkpoint = finished_run.parent / "again"
+        train(tiny_config(model_dir, tiny[1], checkpoint, **{**OPTIONS, "steps": 1}))
+    finally:
+        os.umask(previous)
+    assert (merged.stat().st_mode & 0o777) == 0o755
+    assert {p.stat().st_mode & 0o777 for p in merged.iterdir()} == {0o644}
+    modes = {p.relative_to(checkpoint).as_posix(): p.stat().st_mode & 0o777 for p in checkpoint.rglob("*")}
+    assert all(mode == (0o750 if (checkpoint / name).is_dir() else 0o640) for name, mode in modes.items()), modes

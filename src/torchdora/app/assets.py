@@ -207,16 +207,58 @@ def looks_like_path(name: str, suffixes: tuple[str, ...] = (".gguf",)) -> bool:
     )
 
 
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _check_not_pickle_only(folder: Path) -> None:
+    """Refuse a model folder whose weights exist only as pickle files: loading one can run arbitrary code."""
+    if any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file():
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    if pickles:
+        raise ValueError(
+            f"{folder} holds its weights only as pickle files ({', '.join(pickles[:3])}), which can run code when "
+            "loaded; torchdora reads safetensors only. Convert the folder once where you trust its origin: "
+            "AutoModelForCausalLM.from_pretrained(folder).save_pretrained(new_folder) writes model.safetensors"
+        )
+
+
+def _hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached (one 3 s connection attempt), or ``None`` if it can.
+
+    Without this, a hub name that is neither cached nor reachable fails only after huggingface_hub's retries
+    (about a minute). Behind a proxy the direct attempt proves nothing, so it is skipped.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
+        return None
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=3).close()
+    except OSError as err:
+        return f"{url.geturl()} cannot be reached ({err.strerror or err})"
+    return None
+
+
 def _check_hub_name(name: str) -> str:
-    """Fail fast for a hub id that cannot be loaded offline."""
-    if not _hub_offline():
-        return name
+    """Fail fast for a hub id that cannot be loaded: offline with no cached copy, or the hub unreachable."""
     from huggingface_hub import try_to_load_from_cache
 
     try:
         cached = try_to_load_from_cache(name, "config.json")
     except ValueError:  # not a valid repository id at all
         cached = None
+    if not _hub_offline():
+        problem = None if isinstance(cached, str) else _hub_unreachable()
+        if problem is not None:
+            raise ValueError(
+                f"Unknown model {name!r}: it is not a local folder, not in the Hugging Face cache, and {problem}. "
+                f"Connect to the network, or pass {DEFAULT_MODEL!r} (the embedded SmolLM2-135M-Instruct, the "
+                "default) or a local Hugging Face model folder containing config.json."
+            )
+        return name
     if not isinstance(cached, str):
         raise ValueError(
             f"Unknown model {name!r}: it is not a local folder, and the Hugging Face hub is "
@@ -261,6 +303,7 @@ def resolve_model(name_or_path: str | os.PathLike[str] | None) -> Path | str:
                 "Pass a folder written by save_pretrained(), a .gguf file, or "
                 f"{DEFAULT_MODEL!r}."
             )
+        _check_not_pickle_only(path)
         return path
     if path.is_file():
         if path.suffix != ".gguf":

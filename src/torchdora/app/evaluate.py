@@ -394,8 +394,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    config = EvalConfig(**{k: v for k, v in vars(args).items()})
     try:
+        config = EvalConfig(**{k: v for k, v in vars(args).items()})
         result = run_eval(config)
     except (ValueError, TypeError, FileNotFoundError, ModuleNotFoundError) as err:
         print(f"torchdora eval: error: {err}", file=sys.stderr)
