@@ -187,15 +187,20 @@ def test_sigint_to_the_cli_process_exits_130_with_a_checkpoint_of_that_step(tiny
     model_dir, data = tiny
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    process = subprocess.Popen([sys.executable, "-m", "torchdora", "train",
-                                *argv(model_dir, data, out, steps=400, checkpoint_every=0)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
-    for line in process.stdout:  # training starts after the first evaluation
-        if line.startswith("test accuracy before training"):
-            break
-    time.sleep(random.uniform(0.05, 0.5))
-    process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=120)
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "torchdora", "train",
+                                    *argv(model_dir, data, out, steps=400, checkpoint_every=0)],
+                                   stdout=subprocess.DEVNULL, stderr=stderr, env=env)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:  # until the first step is logged
+            if (out / "metrics.jsonl").is_file() and '"loss"' in (out / "metrics.jsonl").read_text():
+                break
+            time.sleep(0.02)
+        time.sleep(random.uniform(0.0, 0.3))
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=120)
+    err = log.read_text()
     assert process.returncode == 130, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     step = read_trainer_state(find_checkpoint(out))["step"]
