@@ -164,3 +164,16 @@ def test_plain_modules_are_left_alone(make_mixed_net):
     net = make_mixed_net(0)
     inject(net, DoraConfig(r=2, target_modules=["conv1", "head"]))
     assert "save_pretrained" not in vars(net) and adapter_layers(net)
+
+
+def test_a_deep_copy_keeps_its_own_hooks(base_dir, tmp_path, perturb):
+    import copy
+
+    model = _trained(base_dir, perturb)
+    twin = copy.deepcopy(model)
+    torchdora.unload(twin)
+    assert "save_pretrained" not in vars(twin) and "save_pretrained" in vars(model)
+    model.save_pretrained(tmp_path / "out")  # the original still saves the adapter and loads it strictly
+    assert not (tmp_path / "out" / "config.json").exists()
+    adapter = load_file(tmp_path / "out" / "model.safetensors")
+    assert model.load_state_dict(adapter, strict=True).missing_keys == []

@@ -45,7 +45,6 @@ __all__ = ["save_pretrained", "load_model", "adapter_base_model", "attach", "det
 
 #: the file ``Trainer`` reloads on resume (transformers' ``SAFE_WEIGHTS_NAME``)
 RESUME_WEIGHTS = "model.safetensors"
-_HOOK_ATTR = "_torchdora_load_hook"
 
 
 def _is_transformers_model(model: nn.Module) -> bool:
@@ -59,19 +58,18 @@ def attach(model: nn.Module) -> None:
     Called by :func:`torchdora.inject`; a no-op for other modules. The instance attribute shadows the class's
     ``save_pretrained``; :func:`detach` (called by ``unload``/``merge_and_unload``) restores it.
     """
-    if not _is_transformers_model(model) or hasattr(model, _HOOK_ATTR):
+    if not _is_transformers_model(model) or _adapter_only_load in model._load_state_dict_post_hooks.values():
         return
     model.save_pretrained = types.MethodType(save_pretrained, model)
-    setattr(model, _HOOK_ATTR, model.register_load_state_dict_post_hook(_adapter_only_load))
+    model.register_load_state_dict_post_hook(_adapter_only_load)
 
 
 def detach(model: nn.Module) -> None:
     """Undo :func:`attach`: the class's own ``save_pretrained`` (full model) and strict loads again."""
-    handle = getattr(model, _HOOK_ATTR, None)
-    if handle is None:
-        return
-    handle.remove()
-    delattr(model, _HOOK_ATTR)
+    # found by value rather than through a kept handle, which a deep copy of the model would share
+    hooks = model._load_state_dict_post_hooks
+    for key in [k for k, hook in hooks.items() if hook is _adapter_only_load]:
+        del hooks[key]
     model.__dict__.pop("save_pretrained", None)
 
 
