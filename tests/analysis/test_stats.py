@@ -233,3 +233,18 @@ def test_paired_difference_and_its_wording():
     assert binomial_se(0.5, 100) == pytest.approx(0.05)
     with pytest.raises(ValueError, match="same length"):
         paired_difference([0.1], [0.1, 0.2])
+
+
+def test_closed_form_direction_change_equals_measuring_built_weights():
+    """The null's O(rows) ΔD(c) against :func:`row_changes` of ``W_0 + c·E`` built and measured, from angles of
+    1e-7 rad (where 1 − cos cancels) to large ones."""
+    from torchdora.analysis.decomposition import row_changes
+    from torchdora.analysis.null import _mean_direction_change
+
+    gen = torch.Generator().manual_seed(5)
+    w0s = [torch.randn(k, 24, generator=gen, dtype=torch.float64) for k in (8, 16)]
+    updates = [torch.randn(w.shape, generator=gen, dtype=torch.float64) for w in w0s]
+    mean_dd = _mean_direction_change(w0s, updates)
+    for c in (1e-7, 1e-3, 0.3, 5.0):
+        want = sum(float(row_changes(w, w + c * u)[1].mean()) for w, u in zip(w0s, updates)) / 2
+        assert mean_dd(c) == pytest.approx(want, rel=1e-9), c

@@ -323,7 +323,9 @@ def discover_checkpoints(path: str | os.PathLike[str], label: str | None = None)
         run_dir = _run_dir(folder)
     else:
         snap_root = folder / SNAPSHOTS
-        candidates = sorted(p for p in snap_root.iterdir() if p.is_dir()) if snap_root.is_dir() else []
+        # a snapshot still being written is a hidden ".step-*.tmp" folder: not a checkpoint yet
+        candidates = sorted(p for p in snap_root.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+            if snap_root.is_dir() else []
         snapshots = [(p, k) for p in candidates if (k := _snapshot_kind(p)) is not None]
         if not snapshots:
             raise FileNotFoundError(

@@ -100,6 +100,30 @@ def calibrate_scale(mean_dd: Callable[[float], float], target: float, start: flo
     return (lo * hi) ** 0.5
 
 
+def _mean_direction_change(w0s: Sequence[Tensor], updates: Sequence[Tensor]) -> Callable[[float], float]:
+    """``c ↦`` mean over modules of the mean over rows of ``1 − cos(W_0[n], W_0[n] + c·E[n])``, in closed form.
+
+    With ``a = ||w||²``, ``b = w·e``, ``g = ||w||²||e||² − (w·e)²`` per row (computed once), ``||w + ce||² =
+    a + 2cb + c²||e||²``, ``cos = (a + cb)/sqrt(a·||w + ce||²)`` and ``1 − cos = (1 − cos²)/(1 + cos)`` with
+    ``1 − cos² = c²g / (a·||w + ce||²)``: no cancellation at tiny angles, and each call costs O(rows), so the
+    scale is found without rebuilding any weight. (The rows reported are then measured on the built weights.)
+    """
+    a, b, e, g, weight = [], [], [], [], []
+    for w, u in zip(w0s, updates):
+        ww, uu, wu = (w * w).sum(1), (u * u).sum(1), (w * u).sum(1)  # (K,) each
+        a.append(ww), b.append(wu), e.append(uu), g.append((ww * uu - wu * wu).clamp_min(0))
+        weight.append(torch.full_like(ww, 1.0 / (w.shape[0] * len(w0s))))
+    a, b, e, g, weight = (torch.cat(t) for t in (a, b, e, g, weight))
+    a = a.clamp_min(torch.finfo(torch.float64).tiny)  # a zero row has no direction; keep it finite
+
+    def mean_dd(c: float) -> float:
+        norm2 = a + 2 * c * b + c * c * e  # ||w + c·e||²
+        cos = (a + c * b) / (a * norm2).sqrt()
+        return float((weight * (c * c * g / (a * norm2)) / (1 + cos)).sum())
+
+    return mean_dd
+
+
 def random_update_rows(
     weights: Mapping[str, Tensor], rows: Sequence[DecompositionRow], ranks: Mapping[str, int] | None = None,
     seed: int = 0,
@@ -157,11 +181,8 @@ def _null_of_modules(weights: Mapping[str, Tensor], members: Sequence[Decomposit
         target_dd = sum(measured[(m, step)].dD for m in here) / len(here)
         target_dm = sum(measured[(m, step)].dM for m in here) / len(here)
 
-        def mean_dd(c: float) -> float:
-            # the magnitude does not change a row's direction: size ΔD with the magnitude left as is
-            return sum(float(row_changes(w0[m], random_weight(w0[m], "lora" if kind == "dora" else kind, walks[m],
-                                                              c, lora_a.get(m)))[1].mean()) for m in here) / len(here)
-
+        mean_dd = _mean_direction_change(
+            [w0[m] for m in here], [walks[m] if kind == "full" else walks[m] @ lora_a[m] for m in here])
         scale = calibrate_scale(mean_dd, target_dd)
         tau = 0.0
         if kind == "dora":  # ΔM of m·V/||V|| is mean |m − ||W_0|||, linear in τ
