@@ -26,7 +26,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from torchdora.analysis.decomposition import DecompositionRow, magnitude_direction_change, row_changes
+from torchdora.analysis.decomposition import DecompositionRow, magnitude_direction_change
 from torchdora.analysis.stats import module_type
 from torchdora.functional import merged_weight
 
