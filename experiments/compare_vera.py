@@ -8,10 +8,11 @@ rate differ (VeRA's vectors need a much larger learning rate than LoRA's matrice
 A seed fixes the data split and order, so all methods of one seed are scored on the same test examples.
 
 Statistics: each accuracy with its binomial standard error; each difference of two methods paired by seed (mean
-over seeds of the per-seed difference) with a 95 % interval ``± 1.96 · SE``, where the SE adds the two binomial
-variances of every seed. That ignores the positive correlation of two models' answers on the same examples, so
-the interval is conservative (too wide, never too narrow); "not distinguishable" when it contains 0. It does not
-include the spread from training seeds beyond what three seeds show, which the per-seed table gives.
+over seeds of the per-seed difference) with two 95 % intervals: ``± 1.96 · SE`` where the SE adds the two binomial
+variances of every seed (it ignores the positive correlation of two models' answers on the same examples, so it is
+conservative), and the Student-t interval over the per-seed differences
+(:func:`torchdora.analysis.stats.paired_difference`), which carries the spread across training seeds and splits.
+"Not distinguishable" unless both exclude 0.
 
 Writes ``docs/results-vera.md`` and ``docs/data/vera-runs.csv``. Runs two trainings side by side; finished runs
 (``summary.json`` present) are reused, so an interrupted comparison resumes.
@@ -36,6 +37,8 @@ import sys
 import time
 from pathlib import Path
 
+from torchdora.analysis.stats import binomial_se
+from torchdora.analysis.stats import paired_difference as seed_interval
 from torchdora.io import atomic_write_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,10 +97,6 @@ def run_all(args: argparse.Namespace) -> dict[tuple[str, int], dict]:
 
 
 # ---- statistics --------------------------------------------------------------------------------------------
-def binomial_se(p: float, n: int) -> float:
-    return math.sqrt(p * (1 - p) / n) if n else float("nan")
-
-
 def pooled(runs: list[dict]) -> tuple[float, float, int]:
     """Accuracy over all seeds' test examples together, its binomial SE, and the number of examples."""
     n = sum(r["test_examples"] for r in runs)
@@ -119,9 +118,11 @@ def paired_difference(a: dict[int, dict], b: dict[int, dict]) -> tuple[float, fl
     return statistics.fmean(diffs), math.sqrt(variance) / len(seeds), len(seeds)
 
 
-def verdict(mean: float, se: float, first: str, second: str) -> str:
+def verdict(mean: float, se: float, first: str, second: str, seed_low: float = -math.inf,
+            seed_high: float = math.inf) -> str:
+    """"not distinguishable" unless the binomial interval and (when given) the seeds' t interval both exclude 0."""
     low, high = mean - 1.96 * se, mean + 1.96 * se
-    if low <= 0 <= high:
+    if low <= 0 <= high or (math.isfinite(seed_low) and seed_low <= 0 <= seed_high):
         return "not distinguishable"
     return f"{NAMES[first]} higher" if mean > 0 else f"{NAMES[first]} lower"
 
@@ -140,7 +141,7 @@ def write_csv(results: dict[tuple[str, int], dict], args: argparse.Namespace, pa
 
 
 def render(results: dict[tuple[str, int], dict], args: argparse.Namespace, argv: list[str], csv_path: Path) -> str:
-    by_method = {m: {s: r for (mm, s), r in results.items() if mm == m} for m in args.methods}
+    by_method = {m: {s: r for (mm, s), r in results.items() if mm == m} for m in METHODS if m in args.methods}
     by_method = {m: runs for m, runs in by_method.items() if runs}
     seeds = sorted({s for _, s in results})
     n_eval = sorted({r["test_examples"] for r in results.values()})
@@ -179,23 +180,39 @@ def render(results: dict[tuple[str, int], dict], args: argparse.Namespace, argv:
         lines.append(f"| {NAMES[method]} | {params:,} | {share} | {100 * p:.1f} ± {100 * se:.1f} % (n = {n}) | {per_seed} |")
     before = [r["accuracy_before"] for r in results.values()]
     lines += ["", f"Before training (the base model): {100 * statistics.fmean(before):.1f} % on the same test examples.",
-              "", "Paired differences (by seed; 95 % interval = ± 1.96 SE, SE from the binomial variances, "
-              "conservative):", "", "| comparison | difference (points) | 95 % interval | seeds | verdict |",
-              "|---|---|---|---|---|"]
+              "", "Paired differences (by seed). Two 95 % intervals: ± 1.96 SE with the SE from the binomial variances "
+              "of the test accuracies (conservative: it ignores that two models answer the same examples alike), "
+              "and the Student-t interval over the per-seed differences (training and split spread, t with "
+              "seeds − 1 degrees of freedom). \"Not distinguishable\" unless both exclude 0.", "",
+              "| comparison | difference (points) | binomial 95 % interval | seed t 95 % interval | seeds | verdict |",
+              "|---|---|---|---|---|---|"]
     for first, second in PAIRS:
         if first not in by_method or second not in by_method:
             continue
         mean, se, k = paired_difference(by_method[first], by_method[second])
+        seeds_both = sorted(set(by_method[first]) & set(by_method[second]))
+        t = seed_interval([by_method[first][s]["accuracy_after"] for s in seeds_both],
+                          [by_method[second][s]["accuracy_after"] for s in seeds_both])
+        t_text = f"[{100 * t.low:+.1f}, {100 * t.high:+.1f}]" if math.isfinite(t.low) else "– (one seed)"
         lines.append(f"| {NAMES[first]} − {NAMES[second]} | {100 * mean:+.1f} | [{100 * (mean - 1.96 * se):+.1f}, "
-                     f"{100 * (mean + 1.96 * se):+.1f}] | {k} | {verdict(mean, se, first, second)} |")
-    lines += [
-        "",
-        "What this says about the paper's claim (DVoRA above VeRA, close to DoRA/LoRA with a small fraction of the "
-        "trainable parameters): read the verdicts above; a difference whose interval contains 0 is not evidence "
-        "either way at this size. The paper's setting (LLaMA-7B instruction tuning scored on MT-Bench) is far from "
-        "this one (a 135 M model, a two-way classification task, minutes of training).",
-        "",
-    ]
+                     f"{100 * (mean + 1.96 * se):+.1f}] | {t_text} | {k} | "
+                     f"{verdict(mean, se, first, second, t.low, t.high)} |")
+    lines += ["", "The paper's claim (§5.4: DVoRA above VeRA, close to DoRA and LoRA with a small fraction of their "
+              "trainable parameters), checked here:", ""]
+    for first, second in (("dvora", "vera"), ("dvora", "dora"), ("dvora", "lora")):
+        if first in by_method and second in by_method:
+            mean, se, _ = paired_difference(by_method[first], by_method[second])
+            seeds_both = sorted(set(by_method[first]) & set(by_method[second]))
+            t = seed_interval([by_method[first][s]["accuracy_after"] for s in seeds_both],
+                              [by_method[second][s]["accuracy_after"] for s in seeds_both])
+            lines.append(f"- {NAMES[first]} vs {NAMES[second]}: {100 * mean:+.1f} points, "
+                         f"{verdict(mean, se, first, second, t.low, t.high)}.")
+    if "dvora" in by_method and lora_params:
+        params = next(iter(by_method["dvora"].values()))["trainable_params"]
+        lines.append(f"- Trainable parameters: DVoRA {params:,}, {100 * params / lora_params:.1f} % of LoRA's.")
+    lines += ["", "A difference that is not distinguishable is not evidence either way at this size. The paper's "
+              "setting (LLaMA-7B and LLaMA2-7B instruction tuning scored on MT-Bench) is far from this one (a 135 M "
+              "model, a two-way classification task, minutes of CPU training).", ""]
     return "\n".join(lines)
 
 
