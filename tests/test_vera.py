@@ -243,6 +243,22 @@ def test_shared_projections_identical_across_layers_and_save_load(make_tiny_llam
     assert_close(_logits(other, input_ids), want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("use_dora", [False, True], ids=["vera", "dvora"])
+def test_save_pretrained_round_trip(make_tiny_llama, input_ids, tmp_path, use_dora):
+    """transformers' save_pretrained of an injected model writes the adapter (PEFT's file too for VeRA, not for
+    DVoRA, which PEFT cannot express) and load_model gives the trained model back."""
+    from torchdora.hf import load_model
+
+    model = make_tiny_llama()
+    inject(model, _vera_config(use_dora, projection_prng_key=4))
+    _perturb(model)
+    want = _logits(model, input_ids)
+    model.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "adapter_config.json").is_file() == (not use_dora)
+    loaded = load_model(tmp_path / "saved", base=make_tiny_llama())
+    assert_close(_logits(loaded, input_ids), want, rtol=0, atol=0)
+
+
 def test_config_and_injection_errors(make_mixed_net, make_tiny_llama, tmp_path):
     with pytest.raises(ValueError, match="rank_pattern"):
         DoraConfig(use_vera=True, rank_pattern={"q_proj": 2})

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from torchdora.inject import adapter_layers
+from torchdora.layers import VeraAdapter
 from torchdora.io import (
     PEFT_CONFIG,
     TORCHDORA_CONFIG,
@@ -133,7 +134,9 @@ def save_pretrained(
     folder = Path(save_directory)
     base = base_model_name_or_path or _recorded_name(self)
     save_adapter(self, folder, base_model_name_or_path=base)
-    if not any(layer.magnitude_only for layer in adapter_layers(self).values()):
+    # PEFT has no magnitude-only modules and no DVoRA (VeRA with DoRA's magnitude)
+    if not any(layer.magnitude_only or (isinstance(layer, VeraAdapter) and layer.use_dora)
+               for layer in adapter_layers(self).values()):
         save_adapter(self, folder, format="peft", base_model_name_or_path=base)
     else:  # a stale PEFT export from an earlier save would disagree with the torchdora files
         (folder / PEFT_CONFIG).unlink(missing_ok=True)
