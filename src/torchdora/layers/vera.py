@@ -91,11 +91,11 @@ class VeraAdapter(LinearAdapter):
                  **kwargs) -> None:
         if kwargs.get("magnitude_only"):
             raise ValueError("a VeRA/DVoRA layer always trains d and b; magnitude_only applies to DoRA only")
-        kwargs.pop("alpha", None)
         kwargs.pop("init", None)
-        # alpha = r makes AdapterLayer's scale exactly 1: VeRA has none. AdapterLayer.__init__ calls
-        # _init_direction below; the projection is attached after it, so DVoRA's magnitude starts at ||W0||.
-        super().__init__(base, r=r, alpha=float(r), **kwargs)
+        # AdapterLayer.__init__ calls _init_direction below; the projection is attached after it, so the update is
+        # zero there and DVoRA's magnitude starts at ||W0||.
+        super().__init__(base, r=r, **kwargs)
+        self.scaling = 1.0  # VeRA has no scale (alpha is recorded with the config but does not apply)
         if projection.r != r or projection.in_features < self.in_features or projection.out_features < self.out_features:
             raise ValueError(
                 f"the shared VeRA projection ({projection.extra_repr()}) does not fit this layer (r={r}, "
