@@ -19,6 +19,7 @@ from torch.testing import assert_close
 
 import torchdora
 from torchdora import DoraConfig, adapter_layers, inject
+from torchdora.hf import adapter_base_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -116,7 +117,8 @@ def test_an_adapter_with_no_recorded_base_refuses_to_load_alone(tmp_path, tiny_l
 def test_load_model_is_frozen_for_inference_unless_asked(base_dir, tmp_path, perturb, input_ids, make_tiny_llama):
     model = _trained(base_dir, perturb)
     expected = _logits(model, input_ids)
-    torchdora.save_adapter(model, tmp_path / "td")  # a plain torchdora folder: no recorded base
+    torchdora.save_adapter(model, tmp_path / "td")
+    assert adapter_base_model(tmp_path / "td") == str(base_dir.resolve())  # recorded without being asked
     frozen = torchdora.load_model(tmp_path / "td", base_dir)
     assert not any(p.requires_grad for p in frozen.parameters()) and not frozen.training
     assert_close(_logits(frozen, input_ids), expected, **LOGITS)

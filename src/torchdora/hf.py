@@ -42,7 +42,7 @@ from torchdora.io import (
     save_adapter,
 )
 
-__all__ = ["save_pretrained", "load_model", "adapter_base_model", "attach", "detach"]
+__all__ = ["save_pretrained", "load_model", "adapter_base_model", "recorded_name", "attach", "detach"]
 
 #: the file ``Trainer`` reloads on resume (transformers' ``SAFE_WEIGHTS_NAME``)
 RESUME_WEIGHTS = "model.safetensors"
@@ -99,7 +99,7 @@ def _adapter_only_load(model: nn.Module, incompatible: Any) -> None:
     incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k in adapter_keys]
 
 
-def _recorded_name(model: nn.Module) -> str | None:
+def recorded_name(model: nn.Module) -> str | None:
     """Where ``model`` was loaded from: an existing local folder as an absolute path, else the hub name."""
     name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
     if not name:
@@ -132,7 +132,7 @@ def save_pretrained(
     if not is_main_process and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
     folder = Path(save_directory)
-    base = base_model_name_or_path or _recorded_name(self)
+    base = base_model_name_or_path  # None: save_adapter records where the model was loaded from
     save_adapter(self, folder, base_model_name_or_path=base)
     # PEFT has no magnitude-only modules and no DVoRA (VeRA with DoRA's magnitude)
     if not any(layer.magnitude_only or (isinstance(layer, VeraAdapter) and layer.use_dora)

@@ -264,16 +264,19 @@ def save_adapter(
     """Save ``model``'s adapters (and ``modules_to_save``) to the folder ``path``; returns the folder.
 
     ``format="peft"`` writes PEFT's ``adapter_config.json`` + ``adapter_model.safetensors`` so that
-    ``peft.PeftModel.from_pretrained`` loads it. Tensors are saved in fp32.
+    ``peft.PeftModel.from_pretrained`` loads it. Tensors are saved in fp32. ``base_model_name_or_path``
+    defaults to where a transformers model was loaded from (a local folder as its absolute path).
 
     The torchdora config is written last and records the weights file's SHA-256, so a folder whose save
     was interrupted between the two files is detected on load. Under torch.distributed every rank must
     call this (FSDP2-sharded tensors are gathered); only rank 0 writes.
     """
     from torchdora.distributed import full_tensor, is_main_process
+    from torchdora.hf import recorded_name
 
     config = adapter_config(model)
     _check_not_merged(model)
+    base_model_name_or_path = base_model_name_or_path or recorded_name(model)
     if format not in ("torchdora", "peft"):
         raise ValueError(f"format must be 'torchdora' or 'peft', got format={format!r}")
     folder = Path(path)
