@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import sys
@@ -388,6 +389,9 @@ def _quantization_config(quantize: str, dtype: torch.dtype):
     """transformers' ``BitsAndBytesConfig`` for ``quantize`` (REFERENCE §7), computing in ``dtype``."""
     if quantize not in QUANTIZE:
         raise ValueError(f"quantize must be one of {list(QUANTIZE)} or None, got quantize={quantize!r}")
+    # bitsandbytes warns at import that the optional CPU inference kernel (for its repacked AVX512-BF16 layout) is
+    # missing; torchdora turns that layout off (it breaks gradients, REFERENCE §7), so the warning is only noise
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     import bitsandbytes  # noqa: F401  (a missing extra fails here, with its install hint upstream)
     from transformers import BitsAndBytesConfig
 

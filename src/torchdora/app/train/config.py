@@ -86,7 +86,9 @@ class TrainConfig:
             to ``targets``. DoRA only.
         detach_norm: treat ``||W + s·B·A||`` as a constant in back-propagation (paper §4.3).
         recompute: comma-separated DoRA modules that recompute ``x Wᵀ`` in backward rather than keep their
-            output (:attr:`torchdora.DoraConfig.recompute_modules`): less memory, a little more time.
+            output (:attr:`torchdora.DoraConfig.recompute_modules`): less memory, a little more time; ``"auto"``
+            (default): the layers whose output nothing else keeps and whose input is narrowest, found by one short
+            forward (:func:`torchdora.recompute.choose_recompute`); ``"none"``: never.
         max_grad_norm: gradient clipping (0: off). weight_decay: AdamW weight decay.
         train_only: ``method="full"`` only: comma-separated module names/suffixes whose weights alone train
             (e.g. ``q_proj,v_proj``, the control of the decomposition analysis); empty: every parameter.
@@ -129,7 +131,7 @@ class TrainConfig:
     max_eval: int | None = 200
     magnitude_only: str = ""
     detach_norm: bool = True
-    recompute: str = ""
+    recompute: str = "auto"
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
     eval_batch_size: int = 16
@@ -194,8 +196,10 @@ class TrainConfig:
             raise ValueError(f"report_to={self.report_to!r} lists 'none' with trackers; give one or the other")
         if not self.target_list and self.method != "full":
             raise ValueError("targets is empty: name modules, e.g. --targets q_proj,v_proj, or 'all-linear'")
+        if self.recompute.strip() in ("", "none"):
+            set_("recompute", "none")
         for name in ("magnitude_only", "recompute"):
-            if getattr(self, name) and self.method != "dora":
+            if getattr(self, name) and getattr(self, name) not in ("auto", "none") and self.method != "dora":
                 raise ValueError(f"{name}={getattr(self, name)!r} needs --method dora: {self.method} has no magnitude")
         if self.train_only and self.method != "full":
             raise ValueError(f"train_only={self.train_only!r} needs --method full; adapters train --targets")
@@ -212,7 +216,8 @@ class TrainConfig:
 
     @property
     def recompute_list(self) -> list[str]:
-        return _names(self.recompute)
+        """The modules named by ``recompute`` (none for ``"auto"``, chosen after loading, or ``"none"``)."""
+        return [] if self.recompute in ("auto", "none") else _names(self.recompute)
 
     @property
     def trackers(self) -> list[str]:
@@ -396,8 +401,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="comma-separated modules that train only the magnitude (paper section 5.6)")
     p.add_argument("--no-detach-norm", dest="detach_norm", action="store_const", const=False,
                    help="keep ||W + sBA|| in the backward pass (exact gradient; paper section 4.3 ablation)")
-    p.add_argument("--recompute", help="comma-separated DoRA modules that recompute x·Wᵀ in backward instead of "
-                   "keeping their output: less memory, one more matrix product each (e.g. q_proj,k_proj,v_proj)")
+    p.add_argument("--recompute", help="DoRA modules that recompute x·Wᵀ in backward instead of keeping their "
+                   "output: auto (default: where nothing else keeps the output and the input is narrowest, e.g. "
+                   "q,k,v,o in a Llama), none, or comma-separated names (e.g. q_proj,k_proj,v_proj)")
     p.add_argument("--max-grad-norm", dest="max_grad_norm", type=float, help="gradient clipping, 0: off (default 1)")
     p.add_argument("--weight-decay", dest="weight_decay", type=float, help="AdamW weight decay (default 0)")
     p.add_argument("--eval-batch-size", dest="eval_batch_size", type=int, help="sequences per scoring pass (default 16)")

@@ -113,6 +113,14 @@ def _train(config: TrainConfig, signals: StopSignals) -> TrainResult:
     trainable, total = trainable_parameter_count(model)
 
     train_items = tokenize_examples(tokenizer, splits.train, config.max_length)
+    recomputed = []
+    # one 16-token forward finds what is kept anyway (checkpointed blocks keep nothing: nothing to choose there)
+    if config.method == "dora" and config.recompute == "auto" and config.gradient_checkpointing == "off":
+        from torchdora.recompute import choose_recompute
+
+        ids = torch.tensor([list(train_items[0]["input_ids"])[:16]], device=next(model.parameters()).device)
+        model.train()
+        recomputed = choose_recompute(model, lambda: model(input_ids=ids, labels=ids).loss)
     if config.packing:
         from torchdora.app.data import pack_examples, packing_isolates_examples
 
@@ -158,7 +166,9 @@ def _train(config: TrainConfig, signals: StopSignals) -> TrainResult:
             f"steps: {total_steps}, global batch {config.batch_size} x {config.grad_accum} "
             f"({config.batch_size // accelerator.num_processes} per process per micro-batch on "
             f"{accelerator.num_processes} process(es)), {len(train_items)} training examples "
-            f"({steps_per_epoch} steps per epoch)")
+            f"({steps_per_epoch} steps per epoch)"
+            + (f"\nrecompute x·Wᵀ in backward (--recompute auto): {len(recomputed)} DoRA layers, "
+               f"{','.join(sorted({n.rsplit('.', 1)[-1] for n in recomputed}))}" if recomputed else ""))
 
     position, before = Position(), None
     if checkpoint_dir is not None and saved_state is not None:
