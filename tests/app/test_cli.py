@@ -289,3 +289,11 @@ def test_the_asset_pins_of_the_hint_and_of_setup_sh_agree():
     setup = (Path(__file__).resolve().parents[2] / "scripts" / "setup.sh").read_text()
     for requirement in ASSET_PACKAGES.values():
         assert f'"{requirement}"' in setup, requirement
+
+
+def test_the_shipped_default_config_is_the_no_argument_run(capsys):
+    """configs/default.yaml says it is `torchdora train` with no arguments: the two resolve to the same values."""
+    assert cli.main(["train", "--print-config"]) == 0
+    plain = capsys.readouterr().out
+    assert cli.main(["train", "--config", "default", "--print-config"]) == 0
+    assert capsys.readouterr().out == plain
