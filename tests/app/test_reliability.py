@@ -489,3 +489,20 @@ def test_files_and_folders_follow_the_umask(tiny, finished_run, tmp_path):
     assert {p.stat().st_mode & 0o777 for p in merged.iterdir()} == {0o644}
     modes = {p.relative_to(checkpoint).as_posix(): p.stat().st_mode & 0o777 for p in checkpoint.rglob("*")}
     assert all(mode == (0o750 if (checkpoint / name).is_dir() else 0o640) for name, mode in modes.items()), modes
+
+
+def test_a_signal_during_setup_stops_before_the_first_step(tiny, tmp_path, monkeypatch, capsys):
+    import torchdora.app.train.run as run_module
+
+    model_dir, data = tiny
+    real = run_module.Run.evaluate
+
+    def evaluate_then_signal(self, examples):
+        result = real(self, examples)
+        os.kill(os.getpid(), signal.SIGTERM)  # during the evaluation before training
+        return result
+
+    monkeypatch.setattr(run_module.Run, "evaluate", evaluate_then_signal)
+    assert main(argv(model_dir, data, tmp_path / "run")) == 143
+    assert "stopped by SIGTERM before step 1; nothing new to save" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "checkpoint").exists()

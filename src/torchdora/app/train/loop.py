@@ -178,6 +178,10 @@ def _train(config: TrainConfig, signals: StopSignals) -> TrainResult:
         run.metrics.add({"step": 0, "split": "test", **before.metrics()})
         run.say(f"test split before training: {before.describe()}")
 
+    if _any_process(accelerator, signals.signum is not None):  # during setup: no step to save yet
+        signum = signals.signum or signal.SIGTERM
+        raise TrainingInterrupted(signum, f"stopped by {signal.Signals(signum).name} before step {position.step + 1}; "
+                                          "nothing new to save")
     train_start = time.perf_counter()
     train_loop(run, sampler, loader, position, before, splits.validation[: config.val_examples], signals)
     train_time = time.perf_counter() - train_start

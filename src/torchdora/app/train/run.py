@@ -95,7 +95,7 @@ class StopSignals:
             signal.raise_signal(signum)
             return
         self.signum = signum
-        print(f"\ntorchdora train: {name} received: saving a checkpoint at the end of this step, then stopping "
+        print(f"\ntorchdora train: {name} received: stopping after the current step, with a checkpoint of it "
               f"(send it again to stop at once)", file=sys.stderr, flush=True)
 
 
