@@ -102,9 +102,11 @@ def test_a_folder_peft_cannot_express_never_loads_as_a_partial_model(base_dir, t
     assert_close(_logits(torchdora.load_model(tmp_path / "out"), input_ids), expected, **LOGITS)
 
 
-def test_an_adapter_with_no_recorded_base_refuses_to_load_alone(tmp_path, tiny_llama, perturb):
+def test_an_adapter_with_no_recorded_base_refuses_to_load_alone(tmp_path, tiny_llama, perturb, monkeypatch):
+    import huggingface_hub
     from transformers import AutoModelForCausalLM
 
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # fail at once, no network retries
     inject(tiny_llama, CONFIG)  # built from a config: no name or folder to record
     perturb(tiny_llama)
     tiny_llama.save_pretrained(tmp_path / "out")
