@@ -343,7 +343,8 @@ def small_disk(tmp_path):
 
 def test_a_full_disk_gives_a_clear_error_and_keeps_the_last_checkpoint(tiny, tmp_path, monkeypatch, capsys,
                                                                        small_disk, reference):
-    """Full disk after the step-4 checkpoint: the step-6 save fails; on a tmpfs for real, else a patched write."""
+    """Full disk after the step-4 checkpoint: the next write fails (a metrics line, or the step-6 checkpoint where
+    only safetensors writes are patched); on a tmpfs for real, else a patched write."""
     model_dir, data = tiny
     out = (small_disk or tmp_path) / "run"
     filler = (small_disk or tmp_path) / "filler"

@@ -27,6 +27,7 @@ import os
 import random
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -194,11 +195,25 @@ def load_rng_state(folder: Path, rank: int = 0, num_saved: int = 1) -> bool:
 
 
 # ---- the folder swap -----------------------------------------------------------------------------------------
+_HASHES: dict[tuple[str, int, int, int], str] = {}  # (path, inode, size, mtime) -> SHA-256, per process
+
+
 def _sha256(path: Path) -> str:
+    """SHA-256 of a file, remembered while the file is unchanged (a resume checks the same checkpoint twice).
+
+    Files modified in the last 2 s are always read: file times can be as coarse as a clock tick, so a
+    same-size rewrite right after a hash could otherwise look unchanged.
+    """
+    st = path.stat()
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key in _HASHES:
+        return _HASHES[key]
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
+    if time.time() - st.st_mtime > 2.0:
+        _HASHES[key] = digest.hexdigest()
     return digest.hexdigest()
 
 
