@@ -339,7 +339,9 @@ def test_bad_init_is_rejected():
 def test_only_adapter_parameters_trainable():
     layer, _ = make_layer("linear")
     trainable = {n for n, p in layer.named_parameters() if p.requires_grad}
-    assert trainable == {"lora_A", "lora_B", "magnitude"}
+    assert trainable == {"adapters.default.lora_A", "adapters.default.lora_B", "adapters.default.magnitude"}
+    # the default adapter's state-dict keys are the layer's own, as before named adapters existed
+    assert set(layer.state_dict()) == {"lora_A", "lora_B", "magnitude", "base.weight", "base.bias"}
 
 
 # ---- gradients: detached norm (paper §4.3) vs exact -----------------------------------------------------------

@@ -12,6 +12,17 @@ VeRA and DVoRA (VeRA's shared random projections, with DoRA's magnitude): ``Dora
 use_dora=False)`` and ``DoraConfig(r=256, use_vera=True)``.
 """
 
+from torchdora.adapters import (
+    active_adapters,
+    add_adapter,
+    add_weighted_adapter,
+    delete_adapter,
+    disable_adapter,
+    list_adapters,
+    mixed_batch,
+    set_adapter,
+    using_adapter,
+)
 from torchdora.config import DoraConfig
 from torchdora.inject import (
     adapter_config,
@@ -53,6 +64,15 @@ __all__ = [
     "unload",
     "disable_adapters",
     "clear_cache",
+    "add_adapter",
+    "set_adapter",
+    "delete_adapter",
+    "disable_adapter",
+    "active_adapters",
+    "list_adapters",
+    "using_adapter",
+    "add_weighted_adapter",
+    "mixed_batch",
     "trainable_parameter_count",
     "save_adapter",
     "load_adapter",

@@ -12,7 +12,7 @@ a 2-D ``(out, in)`` matrix of output-feature rows; the layers own only the resha
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -34,6 +34,7 @@ __all__ = [
     "vera_projections",
     "vera_factors",
     "vera_update",
+    "weighted_combination",
 ]
 
 
@@ -283,3 +284,24 @@ def vera_update(x: Tensor, vera_A: Tensor, vera_B: Tensor, lambda_d: Tensor, lam
     round-off: two thin products and two scalings per row.
     """
     return lambda_b * ((lambda_d * (x @ vera_A.T)) @ vera_B.T)  # (..., r) -> (..., out)
+
+
+def weighted_combination(
+    parts: Sequence[tuple[float, Tensor | None, Tensor | None, Tensor | None, float]], base_norm: Tensor
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``(A, B, m)`` at scale 1 of the adapter whose updates are the weighted updates of ``parts``.
+
+    ``parts``: ``(w_i, A_i (r_i, in) | None, B_i (out, r_i) | None, m_i (out,) | None, s_i)``; ``base_norm``:
+    ``||W||`` per row ``(out,)``. ``A = [A_1; …; A_k]`` ``(Σ r_i, in)`` and ``B = [w_1 s_1 B_1, …, w_k s_k B_k]``
+    ``(out, Σ r_i)``, so ``B A = Σ_i w_i s_i B_i A_i`` exactly; DoRA: ``m = ||W|| + Σ_i w_i (m_i − ||W||)``, each
+    magnitude change relative to the base's norm weighted like its directional update (``Σ_i w_i m_i`` when the
+    weights sum to 1); LoRA (``m_i`` is ``None``): ``m`` is ``None``. Magnitude-only parts have no ``A``/``B``.
+    """
+    with_ab = [(w, a, b, s) for w, a, b, _, s in parts if a is not None]
+    a = torch.cat([a for _, a, _, _ in with_ab]) if with_ab else None
+    b = torch.cat([w * s * b for w, _, b, s in with_ab], dim=1) if with_ab else None
+    if parts[0][3] is None:
+        return a, b, None
+    base = base_norm.to(parts[0][3].dtype)
+    m = base + sum(w * (m_i - base) for w, _, _, m_i, _ in parts)
+    return a, b, m

@@ -11,6 +11,7 @@ from torch import nn
 
 from torchdora.config import ALL_LINEAR, DoraConfig, module_matches
 from torchdora.layers import AdapterLayer, LinearAdapter, VeraAdapter, VeraProjection, adapter_class_for, is_conv1d
+from torchdora.layers.base import DEFAULT_ADAPTER
 
 __all__ = [
     "inject",
@@ -28,6 +29,8 @@ __all__ = [
 ]
 
 _CONFIG_ATTR = "torchdora_config"
+#: every named adapter's config, ``{name: DoraConfig}`` (see :mod:`torchdora.adapters`)
+_CONFIGS_ATTR = "torchdora_configs"
 
 
 def _output_head_names(model: nn.Module) -> set[str]:
@@ -104,8 +107,9 @@ def find_targets(model: nn.Module, config: DoraConfig) -> list[str]:
 
 
 def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
-    """Every adapter layer of ``model`` by dotted name."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
+    """Every adapter layer of ``model`` by dotted name (inside :func:`torchdora.using_adapter`, those that hold
+    that adapter)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer) and m._current is not None}
 
 
 def adapter_config(model: nn.Module) -> DoraConfig:
@@ -122,8 +126,10 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def inject(model: nn.Module, config: DoraConfig) -> dict[str, nn.Module]:
+def inject(model: nn.Module, config: DoraConfig, adapter_name: str = DEFAULT_ADAPTER) -> dict[str, nn.Module]:
     """Wrap every module ``config`` targets in a DoRA (or LoRA) adapter layer, in place.
+
+    The adapter is named ``adapter_name`` (``"default"``); :func:`torchdora.add_adapter` adds more.
 
     Afterwards only adapter parameters and the parameters of ``config.modules_to_save`` are trainable.
     Returns the replaced base modules by name (they live on inside the adapters as ``.base``).
@@ -199,6 +205,7 @@ def inject(model: nn.Module, config: DoraConfig) -> dict[str, nn.Module]:
                 init=config.init,
                 dtype=config.torch_dtype,
                 **vera,
+                adapter_name=adapter_name,
             )
             layer.train(base.training)  # a model put in eval mode before injecting stays there (dropout off)
             _set_submodule(model, name, layer)
@@ -213,8 +220,16 @@ def inject(model: nn.Module, config: DoraConfig) -> dict[str, nn.Module]:
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
     setattr(model, _CONFIG_ATTR, config)
+    setattr(model, _CONFIGS_ATTR, {adapter_name: config})
     _hf_hooks(model, attach=True)
     return replaced
+
+
+def _forget_configs(model: nn.Module) -> None:
+    for attr in (_CONFIG_ATTR, _CONFIGS_ATTR):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    _hf_hooks(model, attach=False)
 
 
 def _hf_hooks(model: nn.Module, attach: bool) -> None:
@@ -224,10 +239,16 @@ def _hf_hooks(model: nn.Module, attach: bool) -> None:
     (hf.attach if attach else hf.detach)(model)
 
 
-def merge(model: nn.Module) -> None:
-    """Merge every adapter into its base weight (idempotence is an error: merging twice raises)."""
+def merge(model: nn.Module, adapter_names: Sequence[str] | None = None) -> None:
+    """Merge the active adapters (or ``adapter_names``) into the base weights (merging twice raises).
+
+    Adapters not merged stay: an active one then computes on top of the merged weight.
+    """
     for layer in adapter_layers(model).values():
-        layer.merge()
+        if adapter_names is None:
+            layer.merge()
+        else:
+            layer.merge([n for n in adapter_names if n in layer.adapters])
 
 
 def unmerge(model: nn.Module) -> None:
@@ -242,9 +263,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         if not layer.merged:
             layer.merge()
         _set_submodule(model, name, layer.base)
-    if hasattr(model, _CONFIG_ATTR):
-        delattr(model, _CONFIG_ATTR)
-    _hf_hooks(model, attach=False)
+    _forget_configs(model)
     return model
 
 
@@ -254,15 +273,16 @@ def unload(model: nn.Module) -> nn.Module:
         if layer.merged:
             layer.unmerge()
         _set_submodule(model, name, layer.base)
-    if hasattr(model, _CONFIG_ATTR):
-        delattr(model, _CONFIG_ATTR)
-    _hf_hooks(model, attach=False)
+    _forget_configs(model)
     return model
 
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the base model as if no adapter were there (``modules_to_save`` stay as trained)."""
+    """Run the base model as if no adapter were there (``modules_to_save`` stay as trained).
+
+    PEFT's name for it, :func:`torchdora.disable_adapter`, is the same context manager.
+    """
     layers = list(adapter_layers(model).values())
     merged = [layer for layer in layers if layer.merged]
     if merged:

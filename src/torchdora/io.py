@@ -25,17 +25,19 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from torchdora.adapters import add_adapter, delete_adapter, list_adapters, using_adapter
 from torchdora.config import DoraConfig, module_matches
 from torchdora.functional import lora_scaling
 from torchdora.inject import adapter_config, adapter_layers, inject, unload
 from torchdora.layers import AdapterLayer, ConvAdapter, EmbeddingAdapter
+from torchdora.layers.base import DEFAULT_ADAPTER
 from torchdora.layers.vera import shared_projection
 
 __all__ = [
@@ -259,9 +261,24 @@ def _check_not_merged(model: nn.Module) -> None:
 
 def save_adapter(
     model: nn.Module, path: str | os.PathLike, format: Format = "torchdora",
-    base_model_name_or_path: str | None = None,
+    base_model_name_or_path: str | None = None, adapter_name: str | Sequence[str] | None = None,
 ) -> Path:
     """Save ``model``'s adapters (and ``modules_to_save``) to the folder ``path``; returns the folder.
+
+    ``adapter_name``: the named adapter(s) to save (default: all). PEFT's multi-adapter layout: the adapter
+    ``"default"`` goes to ``path`` itself, any other adapter ``name`` to ``path/name/``, in either format.
+    """
+    names = list_adapters(model) if adapter_name is None else (
+        [adapter_name] if isinstance(adapter_name, str) else list(adapter_name))
+    folder = Path(path)
+    for name in names:
+        with using_adapter(model, name):
+            _save_one(model, folder if name == DEFAULT_ADAPTER else folder / name, format, base_model_name_or_path)
+    return folder
+
+
+def _save_one(model: nn.Module, path: Path, format: Format, base_model_name_or_path: str | None) -> Path:
+    """Save the model's one adapter (see :func:`save_adapter`).
 
     ``format="peft"`` writes PEFT's ``adapter_config.json`` + ``adapter_model.safetensors`` so that
     ``peft.PeftModel.from_pretrained`` loads it. Tensors are saved in fp32. ``base_model_name_or_path``
@@ -429,30 +446,40 @@ def _load_tensors(model: nn.Module, tensors: Mapping[str, Tensor], source: Path)
             target.copy_(_like(tensors[key], target))
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike) -> DoraConfig:
+def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None) -> DoraConfig:
     """Load an adapter folder (torchdora or PEFT format, detected) into ``model``; returns its config.
 
-    If ``model`` has no adapters yet they are injected from the saved config first; if it has, their
-    scaling (``alpha / r``) must match the file's. Every key is checked before anything is copied: on a
+    ``adapter_name`` (default ``"default"``): the name it gets. If ``model`` has no adapters yet they are
+    injected from the saved config first; if it has others, the adapter is added under that name
+    (:func:`torchdora.add_adapter`, inactive until :func:`torchdora.set_adapter`); if it has one by that name,
+    its scaling (``alpha / r``) must match the file's. Every key is checked before anything is copied: on a
     mismatch the model is left as it was.
     """
+    name = DEFAULT_ADAPTER if adapter_name is None else adapter_name
     folder = Path(path)
     config, tensors, _ = read_adapter(folder)
-    injected_here = False
+    created = None
     flags = [(p, p.requires_grad) for p in model.parameters()]
     if not adapter_layers(model):
-        inject(model, config)
-        injected_here = True
+        inject(model, config, adapter_name=name)
+        created = "injected"
+    elif name not in list_adapters(model):
+        add_adapter(model, name, config)
+        created = "added"
     else:
-        _check_not_merged(model)
-        _check_scaling(model, config, folder)
+        with using_adapter(model, name):
+            _check_not_merged(model)
+            _check_scaling(model, config, folder)
     try:
-        _load_tensors(model, tensors, folder)
+        with using_adapter(model, name):
+            _load_tensors(model, tensors, folder)
     except BaseException:
-        if injected_here:  # leave the model as it was, trainable flags included
+        if created == "injected":  # leave the model as it was, trainable flags included
             unload(model)
             for p, flag in flags:
                 p.requires_grad_(flag)
+        elif created == "added":
+            delete_adapter(model, name)
         raise
     return config
 

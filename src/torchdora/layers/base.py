@@ -3,11 +3,20 @@
 :class:`AdapterLayer` wraps its base module by composition (``self.base``) and sees the base weight as a 2-D
 matrix of output-feature rows, ``(out, in)``; the equations live in :mod:`torchdora.functional`. A layer kind
 (one file each in this package) says only how its base weight is viewed as rows and how ``A``/``B`` are applied.
+
+A layer holds one or more named adapters (:class:`Adapter`: ``A``, ``B``, ``m``, the scale and the caches of one
+fine-tune) in ``layer.adapters``, a ``ModuleDict`` by name; ``"default"`` is the one :func:`torchdora.inject`
+creates. ``layer.lora_A``, ``layer.scaling`` and the other per-adapter attributes read and write the adapter the
+layer is computing with (the first active one, or each active one in turn), so a layer kind's code is written
+for one adapter. The default adapter's state-dict keys are the layer's own (``<layer>.lora_A``), as before named
+adapters existed; another adapter's are ``<layer>.adapters.<name>.lora_A``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -15,7 +24,9 @@ from torch import Tensor, nn
 from torchdora import functional as DF
 from torchdora.cache import CachedValue, sample_of
 
-__all__ = ["AdapterLayer", "is_conv1d"]
+__all__ = ["AdapterLayer", "Adapter", "DEFAULT_ADAPTER", "is_conv1d"]
+
+DEFAULT_ADAPTER = "default"
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -27,6 +38,91 @@ def is_conv1d(module: nn.Module) -> bool:
     return isinstance(module, Conv1D)
 
 
+class Adapter(nn.Module):
+    """One named adapter of a layer: ``A`` ``(r, in, *kernel)``, ``B`` ``(out, r, *ones)`` (``None`` for a
+    magnitude-only module, paper §5.6), ``m`` ``(out,)`` (``None`` for plain LoRA), the scale ``s`` and the
+    dropout, and the caches of its norm ``||W + s·B·A||`` and factor ``m / ||W + s·B·A||``.
+
+    The layer that holds it creates ``A`` and ``B`` in its geometry and initialises ``m`` from the base weight
+    (:meth:`AdapterLayer.add_adapter`).
+    """
+
+    def __init__(self, *, r: int, alpha: float, dropout: float, use_dora: bool, use_rslora: bool,
+                 magnitude_only: bool) -> None:
+        super().__init__()
+        if magnitude_only and not use_dora:
+            raise ValueError("magnitude_only=True needs use_dora=True: plain LoRA has no magnitude to train")
+        self.r = r
+        self.lora_alpha = float(alpha)
+        self.use_rslora = use_rslora
+        self.scaling = DF.lora_scaling(r, alpha, use_rslora)
+        self.use_dora = use_dora
+        self.magnitude_only = magnitude_only
+        self.dropout_p = float(dropout)
+        self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # the layer creates A and B in its geometry (AdapterLayer._init_direction), then m = ||W + s·B·A||
+        for name in ("lora_A", "lora_B", "magnitude"):
+            self.register_parameter(name, None)
+        # cached without autograd, each checked against the contents it was computed from (torchdora.cache)
+        self._norm_cache = CachedValue()
+        self._factor_cache = CachedValue()
+        self._zero_magnitude_cache = CachedValue()
+
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        """The trainable tensors under fixed names (``lora_A``, ``lora_B``, ``magnitude``), present ones only."""
+        named = {"lora_A": self.lora_A, "lora_B": self.lora_B, "magnitude": self.magnitude}
+        return {k: v for k, v in named.items() if v is not None}
+
+    def clear_cache(self) -> None:
+        for cache in (self._norm_cache, self._factor_cache, self._zero_magnitude_cache):
+            cache.clear()
+
+    def extra_repr(self) -> str:
+        kind = "dora" if self.use_dora else "lora"
+        extra = ", magnitude_only" if self.magnitude_only else ""
+        return f"{kind}, r={self.r}, alpha={self.lora_alpha:g}, scaling={self.scaling:g}, dropout={self.dropout_p:g}{extra}"
+
+
+class _OfAdapter:
+    """``layer.<name>`` reads and writes the attribute of the adapter the layer is computing with."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, layer: "AdapterLayer | None", owner: type | None = None) -> Any:
+        if layer is None:
+            return self
+        return getattr(layer.adapter, self.name)
+
+    def __set__(self, layer: "AdapterLayer", value: Any) -> None:
+        setattr(layer.adapter, self.name, value)
+
+
+# state-dict hooks: the default adapter's tensors keep the keys they had before named adapters existed
+_DEFAULT_PREFIX = f"adapters.{DEFAULT_ADAPTER}."
+
+
+def _default_keys_out(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+    inner = prefix + _DEFAULT_PREFIX
+    for key in [k for k in state_dict if k.startswith(inner)]:
+        state_dict[prefix + key[len(inner):]] = state_dict.pop(key)
+
+
+def _default_keys_in(module: "AdapterLayer", state_dict: dict, prefix: str, *args: Any) -> None:
+    if DEFAULT_ADAPTER not in module.adapters:
+        return
+    names = {n.split(".", 1)[0] for n, _ in module.adapters[DEFAULT_ADAPTER].state_dict(keep_vars=True).items()}
+    for key in [k for k in state_dict if k.startswith(prefix) and k[len(prefix):].split(".", 1)[0] in names]:
+        state_dict[prefix + _DEFAULT_PREFIX + key[len(prefix):]] = state_dict.pop(key)
+
+
+def _default_keys_reported(module: nn.Module, incompatible: Any) -> None:
+    """Missing keys of the default adapter are reported under its state-dict keys too."""
+    for keys in (incompatible.missing_keys, incompatible.unexpected_keys):
+        keys[:] = [k.replace("." + _DEFAULT_PREFIX, ".") if not k.startswith(_DEFAULT_PREFIX)
+                   else k[len(_DEFAULT_PREFIX):] for k in keys]
+
+
 class AdapterLayer(nn.Module):
     """Common DoRA/LoRA logic; subclasses say how the base weight maps to ``(out, in)`` rows.
 
@@ -36,8 +132,10 @@ class AdapterLayer(nn.Module):
     - dropout ``x~`` in training: ``y = x Wᵀ + b + (factor − 1) ⊙ (x~ Wᵀ) + factor ⊙ s·(x~ Aᵀ) Bᵀ``
     - plain LoRA: ``y = x Wᵀ + b + s·(x~ Aᵀ) Bᵀ``
 
-    Parameters: ``lora_A`` ``(r, in, *kernel)``, ``lora_B`` ``(out, r, *ones)``, ``magnitude`` ``(out,)``;
-    magnitude-only modules (paper §5.6) have no ``lora_A``/``lora_B``.
+    Parameters (of each named :class:`Adapter`): ``lora_A`` ``(r, in, *kernel)``, ``lora_B`` ``(out, r, *ones)``,
+    ``magnitude`` ``(out,)``; magnitude-only modules (paper §5.6) have no ``lora_A``/``lora_B``. Several active
+    adapters add their updates: ``y = base(x) + Σ_i (y_i − base(x))`` with ``y_i`` adapter ``i``'s output (PEFT's
+    rule for several active DoRA adapters).
     """
 
     #: which dim of the output holds the output features (-1 for linear/embedding, 1 for conv)
@@ -47,6 +145,19 @@ class AdapterLayer(nn.Module):
     #: use the fused forward/backward of :mod:`torchdora.fast` where the layer type has one (``False``: the plain
     #: autograd composition of :func:`torchdora.functional.dora_combine`, the reference path)
     use_fast_path: bool = True
+
+    # per-adapter attributes, of the adapter the layer is computing with (see the module doc)
+    lora_A = _OfAdapter()
+    lora_B = _OfAdapter()
+    magnitude = _OfAdapter()
+    lora_dropout = _OfAdapter()
+    r = _OfAdapter()
+    lora_alpha = _OfAdapter()
+    scaling = _OfAdapter()
+    use_rslora = _OfAdapter()
+    use_dora = _OfAdapter()
+    magnitude_only = _OfAdapter()
+    dropout_p = _OfAdapter()
 
     def __init__(
         self,
@@ -62,53 +173,126 @@ class AdapterLayer(nn.Module):
         init: str = "kaiming",
         dtype: torch.dtype | None = torch.float32,
         recompute_output: bool = False,
+        adapter_name: str = DEFAULT_ADAPTER,
     ) -> None:
         super().__init__()
-        if magnitude_only and not use_dora:
-            raise ValueError("magnitude_only=True needs use_dora=True: plain LoRA has no magnitude to train")
-        if init not in ("kaiming", "gaussian"):
-            raise ValueError(f"init must be 'kaiming' or 'gaussian', got init={init!r}")
         self.base = base
         for p in base.parameters():
             p.requires_grad_(False)
-        self.r = r
-        self.lora_alpha = float(alpha)
-        self.use_rslora = use_rslora
-        self.scaling = DF.lora_scaling(r, alpha, use_rslora)
-        self.use_dora = use_dora
         self.detach_norm = detach_norm
-        self.magnitude_only = magnitude_only
         #: fused path: keep what LoRA keeps and recompute ``x Wᵀ`` in backward for the magnitude's gradient,
         #: rather than keep the ``(N, out)`` output (see :func:`torchdora.fast.dora_linear`)
         self.recompute_output = recompute_output
-        self.dropout_p = float(dropout)
-        self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        weight = self.base.weight
-        factory = {"device": weight.device, "dtype": dtype or weight.dtype}
-        self.merged = False
         self.disabled = False
-        #: what merge() applied: the factor, and the adapter and weight it was applied with (see unmerge)
-        self._merge_state: tuple[Tensor | None, Tensor | None, Tensor | None, float, Tensor] | None = None
-        # cached without autograd, each checked against the contents it was computed from (torchdora.cache)
-        self._sq_norm_cache = CachedValue()
-        self._norm_cache = CachedValue()
-        self._factor_cache = CachedValue()
-        self._zero_magnitude_cache = CachedValue()
+        #: adapters written into the base weight by :meth:`merge`, in order, and what each merge applied
+        self.merged_adapters: list[str] = []
+        self._merge_states: dict[str, tuple[Tensor | None, Tensor | None, Tensor | None, float, Tensor]] = {}
+        #: per-row adapter names for a mixed batch (set by :func:`torchdora.mixed_batch`), else ``None``
+        self.row_adapters: Sequence[str | None] | None = None
+        self._sq_norm_cache = CachedValue()  # ||W||² of the shared base, for every adapter
+        self.adapters = nn.ModuleDict()
+        #: the adapters the forward applies, in order
+        self.active_adapters: list[str] = []
+        self._current: str | None = None
+        self.add_adapter(adapter_name, r=r, alpha=alpha, dropout=dropout, use_dora=use_dora, use_rslora=use_rslora,
+                         magnitude_only=magnitude_only, init=init, dtype=dtype)
+        self.set_adapter(adapter_name)
+        self._register_state_dict_hook(_default_keys_out)
+        self._register_load_state_dict_pre_hook(_default_keys_in, with_module=True)
+        self.register_load_state_dict_post_hook(_default_keys_reported)
 
-        if magnitude_only:
-            self.lora_A: nn.Parameter | None = None
-            self.lora_B: nn.Parameter | None = None
+    def __setattr__(self, name: str, value: Any) -> None:
+        # nn.Module routes Parameters and Modules past descriptors; per-adapter names go to the adapter
+        if isinstance(getattr(type(self), name, None), _OfAdapter):
+            adapter = self.adapter
+            if name in adapter._parameters and isinstance(value, Tensor) and not isinstance(value, nn.Parameter):
+                adapter._parameters[name] = value  # a plain tensor in a parameter's place (torch.func.functional_call)
+            else:
+                setattr(adapter, name, value)
         else:
-            self._init_direction(r, init, factory)
-        self.magnitude: nn.Parameter | None = None
-        if use_dora:
-            with torch.no_grad():
-                norm = self._row_norm(detach=True)
-            self.magnitude = nn.Parameter(norm.to(**factory))
+            super().__setattr__(name, value)
+
+    # ---- named adapters -----------------------------------------------------------------------------
+    @property
+    def adapter(self) -> Adapter:
+        """The adapter the per-adapter attributes (``lora_A``, ``scaling``, …) refer to right now."""
+        if self._current is None:
+            raise RuntimeError(f"{type(self).__name__} holds no adapter")
+        return self.adapters[self._current]
+
+    @property
+    def merged(self) -> bool:
+        """Whether some adapter is merged into the base weight."""
+        return bool(self.merged_adapters)
+
+    @merged.setter
+    def merged(self, value: bool) -> None:  # for subclasses that merge their own way (e.g. a 4-bit base)
+        self.merged_adapters = list(self.active_adapters) if value else []
+
+    def add_adapter(self, name: str, *, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+                    use_dora: bool = True, use_rslora: bool = False, magnitude_only: bool = False,
+                    init: str = "kaiming", dtype: torch.dtype | None = torch.float32) -> Adapter:
+        """Add a new adapter ``name`` (inactive until :meth:`set_adapter`); ``m`` starts at ``||W + s·B·A||``."""
+        if not isinstance(name, str) or not name or "." in name:
+            raise ValueError(f"adapter name must be a non-empty string without dots, got {name!r}")
+        if name in self.adapters:
+            raise ValueError(f"{type(self).__name__} already has an adapter named {name!r}; delete_adapter it first")
+        if init not in ("kaiming", "gaussian"):
+            raise ValueError(f"init must be 'kaiming' or 'gaussian', got init={init!r}")
+        weight = self._weight_storage()
+        factory = {"device": weight.device, "dtype": dtype or weight.dtype}
+        adapter = Adapter(r=r, alpha=alpha, dropout=dropout, use_dora=use_dora, use_rslora=use_rslora,
+                          magnitude_only=magnitude_only)
+        adapter.train(self.training)
+        self.adapters[name] = adapter
+        try:
+            with self.using(name):
+                if not magnitude_only:
+                    self._init_direction(r, init, factory)
+                if use_dora:
+                    with torch.no_grad():
+                        adapter.magnitude = nn.Parameter(self._row_norm(detach=True).to(**factory))
+        except BaseException:
+            del self.adapters[name]
+            raise
+        if self._current is None:
+            self._current = name
+        return adapter
+
+    def set_adapter(self, names: str | Sequence[str]) -> None:
+        """Make ``names`` (one or several, applied in that order) the active adapters; ``[]`` runs the base."""
+        names = [names] if isinstance(names, str) else list(names)
+        unknown = [n for n in names if n not in self.adapters]
+        if unknown:
+            raise ValueError(f"no adapter named {unknown} in {type(self).__name__}; it has {list(self.adapters)}")
+        self.active_adapters = names
+        if names:
+            self._current = names[0]
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` and its tensors; an active one leaves the active list."""
+        if name not in self.adapters:
+            raise ValueError(f"no adapter named {name!r} in {type(self).__name__}; it has {list(self.adapters)}")
+        if name in self.merged_adapters:
+            raise RuntimeError(f"adapter {name!r} is merged into the base weight; unmerge() before deleting it")
+        del self.adapters[name]
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+        if self._current == name:
+            self._current = next(iter(self.active_adapters or self.adapters), None)
+
+    @contextlib.contextmanager
+    def using(self, name: str | None) -> Iterator["AdapterLayer"]:
+        """Within the block, the per-adapter attributes refer to adapter ``name``."""
+        previous = self._current
+        self._current = name
+        try:
+            yield self
+        finally:
+            self._current = previous
 
     # ---- what subclasses define -------------------------------------------------------------------
     def _init_direction(self, r: int, init: str, factory: dict) -> None:
-        """Create the trainable direction update: LoRA's ``lora_A``/``lora_B`` (VeRA overrides this)."""
+        """Create the current adapter's direction update: LoRA's ``lora_A``/``lora_B`` (VeRA overrides this)."""
         self.lora_A = nn.Parameter(torch.empty(self._lora_A_shape(r), **factory))
         self.lora_B = nn.Parameter(torch.empty(self._lora_B_shape(r), **factory))
         self.reset_lora_parameters(init)
@@ -197,7 +381,7 @@ class AdapterLayer(nn.Module):
             return self._row_norm(detach=False)
         if torch.compiler.is_compiling():
             return self._row_norm(detach=True).detach()
-        return self._norm_cache.get(lambda: self._row_norm(detach=True), **self._cache_inputs())
+        return self.adapter._norm_cache.get(lambda: self._row_norm(detach=True), **self._cache_inputs())
 
     def dora_factor(self) -> Tensor:
         """``m / ||W + s·B·A||`` per output feature, ``(out,)``, ``0`` for a zero-norm row.
@@ -217,7 +401,7 @@ class AdapterLayer(nn.Module):
             norm = self.row_norm()
             return DF.dora_scale(self.magnitude.to(norm.dtype), norm)
 
-        return self._factor_cache.get(factor, **inputs)
+        return self.adapter._factor_cache.get(factor, **inputs)
 
     def clear_cache(self) -> None:
         """Forget the cached norms and factor (:func:`torchdora.clear_cache` does it for a whole model).
@@ -226,13 +410,14 @@ class AdapterLayer(nn.Module):
         pointer) in a way that may miss the sampled entries (a few rows or columns): every other change is
         seen (:mod:`torchdora.cache`).
         """
-        for cache in (self._sq_norm_cache, self._norm_cache, self._factor_cache, self._zero_magnitude_cache):
-            cache.clear()
+        self._sq_norm_cache.clear()
+        for adapter in self.adapters.values():
+            adapter.clear_cache()
 
     def _magnitude_has_zero(self) -> bool:
         """Whether some ``m`` is exactly 0, cached per content of ``m`` (on CUDA the check is a host sync)."""
         m = self.magnitude
-        return bool(self._zero_magnitude_cache.get(lambda: (m == 0).any(), exact=(m,)))
+        return bool(self.adapter._zero_magnitude_cache.get(lambda: (m == 0).any(), exact=(m,)))
 
     def _fast_forward(self, x: Tensor) -> Tensor | None:
         """The fused DoRA forward for this layer type, or ``None`` where there is none (the reference runs)."""
@@ -255,8 +440,23 @@ class AdapterLayer(nn.Module):
         return self.training and self.dropout_p > 0
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.disabled or self.merged:
+        if self.row_adapters is not None:
+            return self.mixed_forward(x, self.row_adapters)
+        names = [] if self.disabled else [n for n in self.active_adapters if n not in self.merged_adapters]
+        if not names:
             return self.base(x)
+        if len(names) == 1:
+            with self.using(names[0]):
+                return self._adapter_forward(x)
+        base_out = self.base(x)
+        out = base_out
+        for name in names:  # each adapter's update on top of the shared base (PEFT's rule)
+            with self.using(name):
+                out = out + (self._adapter_forward(x) - base_out)
+        return out
+
+    def _adapter_forward(self, x: Tensor) -> Tensor:
+        """The layer's output with the current adapter (:attr:`adapter`) alone."""
         if not self.use_dora:
             out = self.base(x)
             return out + self.scaling * self._lora_product(self.lora_dropout(x)).to(out.dtype)
@@ -275,47 +475,89 @@ class AdapterLayer(nn.Module):
         lora_out = None if self.magnitude_only else self._lora_product(lora_in).to(base_out.dtype)
         return self._add_bias(DF.dora_combine(base_out, lora_out, factor, self.scaling, dropped_base))
 
+    def mixed_forward(self, x: Tensor, row_adapters: Sequence[str | None]) -> Tensor:
+        """Each row ``i`` of the batch (dim 0 of ``x``) through adapter ``row_adapters[i]`` (``None``: the base).
+
+        One base product for the whole batch, then per adapter ``g`` on its rows ``R_g`` only:
+        ``z[R_g] += s_g·(x[R_g] A_gᵀ) B_gᵀ`` and ``y[R_g] = f_g ⊙ z[R_g] + b`` with the cached DoRA factor
+        ``f_g = m_g / ||W + s_g·B_g·A_g||`` (``f = 1`` for LoRA adapters and base rows). The inference form:
+        dropout is not applied. Equals running each row alone through its adapter (to fp32 round-off).
+        """
+        if len(row_adapters) != x.shape[0]:
+            raise ValueError(
+                f"row_adapters has {len(row_adapters)} entries but the batch has {x.shape[0]} rows; give one "
+                "adapter name (or None for the base) per row"
+            )
+        unknown = sorted({n for n in row_adapters if n is not None and n not in self.adapters})
+        if unknown:
+            raise ValueError(f"no adapter named {unknown} in {type(self).__name__}; it has {list(self.adapters)}")
+        if self.merged_adapters:
+            raise RuntimeError("a mixed-adapter batch needs the unmerged base weight; call unmerge() first")
+        z = self._base_product(x)  # (B, ..., out) or (B, out, ...) for a conv
+        out_features = z.shape[self.feature_dim]
+        factors = torch.ones(x.shape[0], out_features, dtype=z.dtype, device=z.device)  # (B, out)
+        for name in dict.fromkeys(n for n in row_adapters if n is not None):
+            rows = torch.tensor([i for i, n in enumerate(row_adapters) if n == name], device=z.device)
+            with self.using(name):
+                if not self.magnitude_only:
+                    z = z.index_add(0, rows, self._lora_product(x.index_select(0, rows)).to(z.dtype),
+                                    alpha=self.scaling)
+                if self.use_dora:
+                    factors[rows] = self.dora_factor().to(z.dtype)
+        shape = [x.shape[0]] + [1] * (z.dim() - 1)
+        shape[self.feature_dim] = out_features
+        return self._add_bias(z * factors.view(shape))
+
     # ---- merging ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def merge(self) -> None:
-        """Write the adapted weight into the base weight (zero inference overhead). Bias is unchanged.
+    def merge(self, adapter_names: Sequence[str] | None = None) -> None:
+        """Write adapters (default: the active ones) into the base weight, one after the other. Bias unchanged.
 
         A merged layer computes with the weight written here: edits of ``A``, ``B`` or ``m`` take effect at
         the next merge, and :meth:`unmerge` undoes exactly what was applied here, whatever happened to the
-        adapter in between.
+        adapter in between. Adapters not merged stay: an active one computes on top of the merged weight.
         """
-        if self.merged:
+        names = list(self.active_adapters if adapter_names is None else adapter_names)
+        if self.merged and adapter_names is None:
             raise RuntimeError(f"{type(self).__name__} is already merged; call unmerge() first")
-        magnitude = None if self.magnitude is None else self.magnitude.detach()
-        a, b = self.lora_A_2d(), self.lora_B_2d()
-        merged, factor = DF.merged_weight(self.weight_2d(), a, b, magnitude, self.scaling)
-        self._set_weight_2d(merged)
-        a, b = (None if t is None else t.detach().clone() for t in (a, b))
-        self._merge_state = (factor, a, b, self.scaling, sample_of(self.weight_2d()).clone())
-        self.merged = True
+        for name in names:
+            if name not in self.adapters:
+                raise ValueError(f"no adapter named {name!r} in {type(self).__name__}; it has {list(self.adapters)}")
+            if name in self.merged_adapters:
+                raise RuntimeError(f"adapter {name!r} is already merged; call unmerge() first")
+        for name in names:
+            with self.using(name):
+                magnitude = None if self.magnitude is None else self.magnitude.detach()
+                a, b = self.lora_A_2d(), self.lora_B_2d()
+                merged, factor = DF.merged_weight(self.weight_2d(), a, b, magnitude, self.scaling)
+                self._set_weight_2d(merged)
+                a, b = (None if t is None else t.detach().clone() for t in (a, b))
+                self._merge_states[name] = (factor, a, b, self.scaling, sample_of(self.weight_2d()).clone())
+                self.merged_adapters.append(name)
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Restore the base weight (to fp32 round-off).
+        """Restore the base weight (to fp32 round-off), undoing every merged adapter, last merged first.
 
         Raises ``RuntimeError`` if the merged weight was replaced since :meth:`merge` (e.g. a state dict loaded
         into the merged model): the base weight cannot be recovered from a weight this layer did not write.
         """
         if not self.merged:
             raise RuntimeError(f"{type(self).__name__} is not merged; nothing to unmerge")
-        *applied, scaling, written = self._merge_state
-        current = sample_of(self.weight_2d())
-        if not torch.equal(current, written.to(current.device, current.dtype)):  # .to() in between is fine
-            raise RuntimeError(
-                f"{type(self).__name__}: the base weight changed since merge() (a state dict or an in-place edit "
-                "replaced the merged weight), so unmerge() cannot restore the original weight. Load the "
-                "unmerged base model and the adapter again"
-            )
-        factor, a, b = (None if t is None else t.to(current.device) for t in applied)
-        weight = DF.unmerged_weight(self.weight_2d(), a, b, factor, scaling)
-        self._set_weight_2d(weight)
-        self._merge_state = None
-        self.merged = False
+        while self.merged_adapters:
+            name = self.merged_adapters[-1]
+            *applied, scaling, written = self._merge_states[name]
+            current = sample_of(self.weight_2d())
+            if not torch.equal(current, written.to(current.device, current.dtype)):  # .to() in between is fine
+                raise RuntimeError(
+                    f"{type(self).__name__}: the base weight changed since merge() (a state dict or an in-place "
+                    "edit replaced the merged weight), so unmerge() cannot restore the original weight. Load the "
+                    "unmerged base model and the adapter again"
+                )
+            factor, a, b = (None if t is None else t.to(current.device) for t in applied)
+            self._set_weight_2d(DF.unmerged_weight(self.weight_2d(), a, b, factor, scaling))
+            del self._merge_states[name]
+            self.merged_adapters.pop()
 
     # Models read their layers' weights directly (ViT checks ``projection.weight.dtype``, generation code the
     # ``lm_head``'s device); as PEFT's layers do, an adapter answers with its base module's tensors.
@@ -330,11 +572,8 @@ class AdapterLayer(nn.Module):
         return getattr(self.base, "bias", None)
 
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
-        """The trainable tensors under fixed names (``lora_A``, ``lora_B``, ``magnitude``), present ones only."""
-        named = {"lora_A": self.lora_A, "lora_B": self.lora_B, "magnitude": self.magnitude}
-        return {k: v for k, v in named.items() if v is not None}
+        """The current adapter's trainable tensors under fixed names (``lora_A``, ``lora_B``, ``magnitude``)."""
+        return self.adapter.adapter_parameters()
 
     def extra_repr(self) -> str:
-        kind = "dora" if self.use_dora else "lora"
-        extra = ", magnitude_only" if self.magnitude_only else ""
-        return f"{kind}, r={self.r}, alpha={self.lora_alpha:g}, scaling={self.scaling:g}, dropout={self.dropout_p:g}{extra}"
+        return f"active={self.active_adapters}" + (f", merged={self.merged_adapters}" if self.merged else "")

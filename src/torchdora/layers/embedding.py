@@ -24,6 +24,9 @@ class EmbeddingAdapter(AdapterLayer):
         kwargs = {**kwargs, "dropout": 0.0}
         super().__init__(base, **kwargs)
 
+    def add_adapter(self, name: str, **kwargs):
+        return super().add_adapter(name, **{**kwargs, "dropout": 0.0})  # token ids: nothing to drop
+
     def _lora_A_shape(self, r: int) -> tuple[int, ...]:
         return (r, self.base.num_embeddings)
 

@@ -105,6 +105,11 @@ class VeraAdapter(LinearAdapter):
         self.d_initial = float(d_initial)
         self.reset_vera_parameters(self.d_initial)
 
+    def add_adapter(self, name: str, **kwargs):
+        if len(self.adapters):  # d and b live on the layer, not in a named adapter: one adapter per layer
+            raise ValueError(f"a VeRA/DVoRA layer holds one adapter; {type(self).__name__} cannot add {name!r}")
+        return super().add_adapter(name, **kwargs)
+
     def _init_direction(self, r: int, init: str, factory: dict) -> None:
         self.lora_A = self.lora_B = None  # no LoRA pair: the update is built from d, b and the shared A, B
         self.vera_lambda_d = nn.Parameter(torch.zeros(r, **factory))
