@@ -329,3 +329,29 @@ def test_save_and_load_named_adapters(fmt, make_tiny_llama, perturb, input_ids, 
             peft_model.set_adapter(name)
             assert_close(_logits(peft_model, input_ids), want[name], rtol=1e-5, atol=1e-5)
         assert json.loads((tmp_path / "all" / "b" / config_file).read_text())["r"] == 2
+
+
+def test_mixed_batch_generate_equals_each_prompt_alone(make_tiny_llama, perturb):
+    """Serving: left-padded prompts of different lengths, each with its adapter or the base, generated as one
+    batch (what examples/serve_adapters.py does) give each prompt's greedy tokens generated alone."""
+    model = _three_adapters(make_tiny_llama, perturb)
+    gen = torch.Generator().manual_seed(11)
+    names = ["a", None, "c", "b", "a"]
+    prompts = [torch.randint(3, 64, (n,), generator=gen) for n in (5, 3, 7, 4, 6)]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
+    settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad(), torchdora.mixed_batch(model, names):
+        batched = model.generate(input_ids=ids, attention_mask=mask, **settings)[:, width:]
+    for i, (name, p) in enumerate(zip(names, prompts)):
+        with torch.no_grad():
+            if name is None:
+                with torchdora.disable_adapter(model):
+                    want = model.generate(input_ids=p[None], **settings)[0, len(p):]
+            else:
+                torchdora.set_adapter(model, name)
+                want = model.generate(input_ids=p[None], **settings)[0, len(p):]
+        assert torch.equal(batched[i], want), f"prompt {i} ({name})"

@@ -169,7 +169,8 @@ def test_initial_state_is_the_base_layer_and_as_in_vera():
     assert_close(layer.magnitude.detach(), torch.linalg.vector_norm(layer.base.weight, dim=1))  # m = ||W0||
     x = torch.randn(4, 7)
     assert_close(layer(x), layer.base(x), rtol=1e-6, atol=1e-6)  # fp32: m/||W0|| = 1 up to round-off
-    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["vera_lambda_d", "vera_lambda_b", "magnitude"]
+    trainable = [n for n, p in layer.state_dict(keep_vars=True).items() if p.requires_grad]
+    assert trainable == ["vera_lambda_d", "vera_lambda_b", "magnitude"]  # state-dict keys (named adapters: issue 18)
 
 
 # ---- a model: merging, shared projections, files -------------------------------------------------------------
