@@ -131,6 +131,28 @@ def test_layer_matches_float64_reference(use_dora, fast):
 
 
 @pytest.mark.parametrize("use_dora", [False, True], ids=["vera", "dvora"])
+def test_dropout_form_matches_reference(use_dora):
+    """Training with dropout: only the update's input is dropped (VeRA/PEFT), DoRA's dropout form for DVoRA."""
+    layer = _f64_layer(use_dora, dropout=0.5).train()
+    layer.use_fast_path = False  # the fused path draws its own mask; its dropout form is tested in test_fast.py
+    x = torch.randn(4, 7, dtype=torch.float64)
+    torch.manual_seed(3)
+    got = layer(x)
+    torch.manual_seed(3)
+    dropped = torch.nn.functional.dropout(x, 0.5, training=True)
+    p = layer.vera_projection
+    w0 = layer.base.weight
+    delta = _reference_weight(torch.zeros_like(w0), p.vera_A, p.vera_B, layer.vera_lambda_d, layer.vera_lambda_b, None)
+    if use_dora:
+        factor = layer.magnitude / torch.linalg.vector_norm(w0 + delta, dim=1)
+        want = x @ w0.T + (factor - 1) * (dropped @ w0.T) + factor * (dropped @ delta.T) + layer.base.bias
+    else:
+        want = x @ w0.T + dropped @ delta.T + layer.base.bias
+    assert_close(got, want, **F64)
+    assert not torch.allclose(dropped, x)  # the mask dropped something
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["vera", "dvora"])
 @pytest.mark.parametrize("fast", [True, False], ids=["fused", "reference-path"])
 def test_gradcheck_exact_gradient(use_dora, fast):
     """``torch.autograd.gradcheck`` in float64 on (x, d, b, m) with the norm kept in the graph (exact gradient)."""

@@ -84,7 +84,7 @@ class VeraAdapter(LinearAdapter):
 
     Parameters: ``vera_lambda_d`` ``(r,)``, ``vera_lambda_b`` ``(out,)`` (PEFT's names), and for DVoRA
     ``magnitude`` ``(out,)``. ``projection`` is the model's shared :class:`VeraProjection` (rank ``r``, at least
-    this layer's size). There is no scale (``scaling = 1``), hence no ``alpha``.
+    this layer's size). There is no scale: ``scaling = 1``, whatever ``alpha`` the config records.
     """
 
     def __init__(self, base: nn.Module, *, projection: VeraProjection, r: int, d_initial: float = 0.1,
