@@ -152,7 +152,8 @@ def render(results: dict[tuple[str, int], dict], args: argparse.Namespace, argv:
         "Written by `experiments/compare_vera.py`; regenerate with",
         "",
         "```",
-        "OMP_NUM_THREADS=1 nice -n 10 " + shlex.join(["python", "experiments/compare_vera.py", *argv]),
+        "OMP_NUM_THREADS=1 nice -n 10 " + shlex.join(["python", "experiments/compare_vera.py",
+                                                      *[a for a in argv if a != "--no-run"]]),
         "```",
         "",
         f"SmolLM2-135M-Instruct (embedded), Rotten Tomatoes sentiment, adapters on q/k/v/up/down_proj, {args.steps} "
@@ -164,10 +165,22 @@ def render(results: dict[tuple[str, int], dict], args: argparse.Namespace, argv:
         "examples use 4e-3 to 1e-2, and these runs are short). The learning rates were not tuned here.",
         "",
         f"These are short runs ({args.steps} steps, {'/'.join(map(str, n_eval))} test examples) so that the "
-        f"{len(results)} runs fit in the compute this comparison was given on a shared 2-core machine; with so few "
+        f"{len(args.seeds) * len(args.methods)} planned runs fit in the compute this comparison was given on a shared "
+        "2-core machine; with so few "
         "test examples only large differences can be told apart. Data per run: "
         f"[{csv_rel}]({csv_rel}).",
         "",
+    ]
+    planned = len(args.seeds) * len(args.methods)
+    if len(results) < planned:
+        missing = sorted(f"{m} seed {s}" for s in args.seeds for m in args.methods if (m, s) not in results)
+        lines += [
+            f"**Incomplete: {len(results)} of the {planned} planned runs finished** within the compute this "
+            f"comparison had (a 2-core machine shared by several jobs); not run: {', '.join(missing)}. The same "
+            "command without `--no-run` runs them (finished runs are reused) and rewrites this page.",
+            "",
+        ]
+    lines += [
         "| method | trainable params | % of LoRA's | test accuracy (all seeds pooled) ± binomial SE | per seed |",
         "|---|---|---|---|---|",
     ]
