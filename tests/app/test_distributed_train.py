@@ -1,13 +1,16 @@
-"""`torchdora train` under torchrun: 2 CPU processes (gloo) against 1, resume across process counts, a failed rank.
+"""`torchdora train` under torchrun: 2 CPU processes (gloo) against 1, DDP and FSDP2 (``--sharding fsdp``),
+resume across process counts and sharding, a failed rank.
 
-Tolerance: the 2-process run averages two half-batch gradients where one process averages the whole batch,
-so losses and adapters agree to fp32 round-off of a few ulps per step (rtol 1e-5, atol 1e-6).
+Tolerance: the 2-process run averages two half-batch gradients where one process averages the whole batch
+(DDP's all-reduce or FSDP2's reduce-scatter), so losses and adapters agree to fp32 round-off of a few ulps per
+step (rtol 1e-5, atol 1e-6). One 1-process reference run serves every comparison.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -55,6 +58,33 @@ def _torchrun(nproc: int, args: list[str]) -> subprocess.Popen:
                "-m", "torchdora", *args]
     return subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
+
+
+def _workers(process: subprocess.Popen) -> list[int]:
+    return [int(pid) for pid in subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True,
+                                               text=True).stdout.split()]
+
+
+def _kill_all(process: subprocess.Popen) -> None:
+    """SIGKILL torchrun and its workers (each worker runs in a session of its own: killpg misses them)."""
+    workers = _workers(process)
+    os.killpg(process.pid, signal.SIGKILL)
+    for pid in workers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait(timeout=60)
+    for pid in workers:  # gone before anything reads or resumes the run folder
+        while Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid):
+            time.sleep(0.01)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0].lower()
+    except (OSError, IndexError):
+        return "zombie"
 
 
 def _losses(run: Path) -> list[float]:
@@ -105,31 +135,81 @@ def test_two_process_checkpoint_resumes_in_one(tiny_assets, reference, tmp_path)
     run = tmp_path / "run"
     process = _torchrun(2, _args(tiny_assets, run))
     _wait_for_checkpoint(process, run, 4)
-    os.killpg(process.pid, signal.SIGKILL)  # torchrun and both workers
-    process.wait(timeout=60)
+    _kill_all(process)
     saved = read_trainer_state(find_checkpoint(run))
     assert saved["num_processes"] == 2 and 4 <= saved["step"] < STEPS
 
     resumed = _single(_args(tiny_assets, run, "--resume", str(run)))
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "2-process checkpoint on 1 process" in resumed.stdout
+    assert f"at step {saved['step']}" in resumed.stdout  # continued from the kill, not from a finished run
     torch.testing.assert_close(torch.tensor(_losses(run)), torch.tensor(_losses(reference)), **TOL)
     for key, value in _adapter(run).items():
         torch.testing.assert_close(value, _adapter(reference)[key], **TOL)
 
 
+def _assert_matches_reference(run: Path, reference: Path) -> None:
+    torch.testing.assert_close(torch.tensor(_losses(run)), torch.tensor(_losses(reference)), **TOL)
+    ours, theirs = _adapter(run), _adapter(reference)
+    assert set(ours) == set(theirs)
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], **TOL, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def test_fsdp_equals_one_process_and_saves_the_same_files(tiny_assets, reference, tmp_path):
+    run = tmp_path / "run"
+    process = _torchrun(2, _args(tiny_assets, run, "--sharding", "fsdp"))
+    output, _ = process.communicate(timeout=300)  # checkpoints every 2 steps: a rank-0-only gather would hang
+    assert process.returncode == 0, output
+    assert "on 2 process(es), FSDP2-sharded" in output
+    _assert_matches_reference(run, reference)
+    assert any(v.abs().max() > 0 for k, v in _adapter(run).items() if k.endswith("lora_B"))  # it trained
+    # the sharded checkpoint holds whole tensors, the same as the 1-process run's (so it resumes anywhere)
+    ours = load_file(run / "checkpoint" / "optimizer.safetensors")
+    theirs = load_file(reference / "checkpoint" / "optimizer.safetensors")
+    assert set(ours) == set(theirs)
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], **TOL, msg=lambda m, k=key: f"{k}: {m}")
+    assert (run / "adapter-peft" / "adapter_model.safetensors").is_file()
+
+
+def test_killed_fsdp_run_resumes_on_two_and_on_one_process(tiny_assets, reference, tmp_path):
+    run = tmp_path / "run"
+    process = _torchrun(2, _args(tiny_assets, run, "--sharding", "fsdp"))
+    _wait_for_checkpoint(process, run, 4)
+    _kill_all(process)  # torchrun and both workers, possibly mid-save
+    checkpoint = find_checkpoint(run)
+    saved = read_trainer_state(checkpoint)
+    assert saved["num_processes"] == 2 and 4 <= saved["step"] < STEPS
+    on_one = tmp_path / "copy"
+    shutil.copytree(run, on_one)
+
+    resumed = _torchrun(2, _args(tiny_assets, run, "--resume", str(run)))  # --sharding fsdp from the checkpoint
+    output, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, output
+    assert "FSDP2-sharded" in output, output[-3000:]
+    assert f"resumed from {checkpoint} at step {saved['step']}" in output, output[-3000:]
+    _assert_matches_reference(run, reference)
+
+    single = _single(_args(tiny_assets, on_one, "--resume", str(on_one)))
+    assert single.returncode == 0, single.stdout + single.stderr
+    assert "2-process checkpoint on 1 process" in single.stdout
+    assert f"at step {saved['step']}" in single.stdout
+    _assert_matches_reference(on_one, reference)
+
+
 def test_a_killed_rank_stops_the_run_and_keeps_the_checkpoint(tiny_assets, tmp_path):
     run = tmp_path / "run"
-    process = _torchrun(2, _args(tiny_assets, run, "--steps", "400", "--checkpoint-every", "2"))
+    process = _torchrun(2, _args(tiny_assets, run, "--steps", "400", "--checkpoint-every", "2", "--sharding", "fsdp"))
     _wait_for_checkpoint(process, run, 2)
-    workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+    workers = _workers(process)
     assert len(workers) == 2, workers
-    os.kill(int(workers[-1]), signal.SIGKILL)
+    os.kill(workers[-1], signal.SIGKILL)
     try:
         output, _ = process.communicate(timeout=120)  # the other rank must not hang in a collective
     finally:
         if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+            _kill_all(process)
     assert process.returncode != 0
     assert "Signal 9 (SIGKILL)" in output or "SIGKILL" in output, output[-3000:]
     assert not (run / "summary.json").exists()

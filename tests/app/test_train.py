@@ -502,3 +502,41 @@ def test_a_missing_tracker_package_fails_before_the_model_loads(tiny, tmp_path, 
     with pytest.raises(ModuleNotFoundError, match=r"--report-to wandb needs the package 'wandb': "
                                                   r"pip install 'torchdora\[wandb\]'"):
         train(tiny_config(model_dir, data, tmp_path / "run", report_to="wandb"))
+
+
+def test_batch_size_per_device_or_over_all_processes(tmp_path):
+    from torchdora.app.train.config import config_from_args
+
+    # per device: multiplied out by the process count, then cleared so a resumed run keeps the global size
+    resolved = TrainConfig(per_device_batch_size=4).resolved(num_processes=2)
+    assert (resolved.batch_size, resolved.per_device_batch_size) == (8, None)
+    assert TrainConfig(batch_size=6).resolved(num_processes=3).batch_size == 6  # counts all processes
+    assert TrainConfig().resolved(num_processes=4).batch_size == 8  # the default: 8 over all processes
+    with pytest.raises(ValueError, match="batch_size .* or per_device_batch_size .*, not both"):
+        TrainConfig(batch_size=8, per_device_batch_size=2)
+    with pytest.raises(SystemExit):
+        config_from_args(["--batch-size", "8", "--per-device-batch-size", "2"])
+    # an old config file's batch_size gives way to a per-device size given on the command line
+    config_file = tmp_path / "old.yaml"
+    config_file.write_text("batch_size: 8\n")
+    config = config_from_args(["--config", str(config_file), "--per-device-batch-size", "2"])
+    assert (config.batch_size, config.per_device_batch_size) == (None, 2)
+    # resuming with a per-device size that gives another global batch on this process count is refused
+    saved = TrainConfig(batch_size=8).resolved().to_dict()
+    assert config_differences(TrainConfig(per_device_batch_size=4), saved, num_processes=2) == {}
+    assert config_differences(TrainConfig(per_device_batch_size=4), saved, num_processes=1) == {"batch_size": (8, 4)}
+
+
+def test_fsdp_refuses_what_it_cannot_shard():
+    from torchdora.app.train.sharding import use_fsdp
+
+    with pytest.raises(ValueError, match="sharding must be one of"):
+        TrainConfig(sharding="zero3")
+    assert not use_fsdp(TrainConfig(sharding="fsdp"), num_processes=1, backend=None)  # nothing to shard
+    assert not use_fsdp(TrainConfig(), num_processes=2, backend="gloo")  # DDP stays the default
+    assert use_fsdp(TrainConfig(sharding="fsdp"), num_processes=2, backend="gloo")
+    with pytest.raises(ValueError, match="full fine-tuning under torchrun uses the default --sharding none"):
+        use_fsdp(TrainConfig(sharding="fsdp", method="full"), num_processes=2, backend="nccl")
+    with pytest.raises(ValueError, match="gloo cannot all-gather bfloat16"):
+        use_fsdp(TrainConfig(sharding="fsdp", dtype="bfloat16"), num_processes=2, backend="gloo")
+    assert use_fsdp(TrainConfig(sharding="fsdp", dtype="bfloat16"), num_processes=2, backend="nccl")

@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config, print_only = command_from_args(argv)
         if print_only:
-            print(config_to_yaml(config.resolved()), end="")
+            from torchdora.distributed import world_size
+
+            print(config_to_yaml(config.resolved(world_size())), end="")
             return 0
         missing = missing_assets(config.model, config.data)
         if missing is not None:

@@ -31,6 +31,8 @@ DTYPES = ("float32", "bfloat16")
 REPORT_TO = ("none", "tensorboard", "wandb")
 #: the configs installed with the package, nameable as ``--config <name>``
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+SHARDINGS = ("none", "fsdp")
+DEFAULT_BATCH_SIZE = 8
 #: fields that define what a run computes; a checkpoint only resumes a run that agrees on all of them
 #: (``max_eval``: the accuracy before and after training must come from the same test examples)
 RUN_FIELDS = (
@@ -65,8 +67,14 @@ class TrainConfig:
         lr, schedule, warmup_steps: AdamW learning rate, its decay after a linear warm-up.
         steps / epochs: optimizer steps to run, or full passes over the training data (not both);
             neither means :data:`DEFAULT_STEPS` steps.
-        batch_size, grad_accum: examples per micro-batch over all processes (divisible by the number of
-            processes), micro-batches per optimizer step. Global batch = ``batch_size × grad_accum``.
+        batch_size, grad_accum: examples per micro-batch over all processes together (divisible by the number
+            of processes), micro-batches per optimizer step. Global batch = ``batch_size × grad_accum``.
+        per_device_batch_size: examples per micro-batch on each process (Trainer's
+            ``per_device_train_batch_size``), instead of ``batch_size``; :meth:`resolved` turns it into
+            ``batch_size = per_device_batch_size × processes``. Neither: ``batch_size`` 8.
+        sharding: ``"none"`` (every process holds the whole model, DDP averages gradients) or ``"fsdp"``
+            (FSDP2 ``fully_shard`` per decoder block and the root; :mod:`torchdora.app.train.sharding`).
+            Not a run field: a checkpoint resumes under either, on any number of processes.
         max_length: token budget per example (prompts are cut from the left, completions kept).
         dtype: ``"float32"`` or ``"bfloat16"`` (mixed precision through accelerate; weights stay fp32).
         base_dtype: dtype of the frozen base weights, ``"float32"``, ``"bfloat16"`` or ``"float16"`` (adapters stay
@@ -117,7 +125,7 @@ class TrainConfig:
     warmup_steps: int = 20
     steps: int | None = None
     epochs: int | None = None
-    batch_size: int = 8
+    batch_size: int | None = None
     grad_accum: int = 1
     max_length: int = 96
     dtype: str = "float32"
@@ -145,6 +153,8 @@ class TrainConfig:
     base_dtype: str = "float32"
     quantize: str | None = None
     gradient_checkpointing: str = "off"
+    per_device_batch_size: int | None = None
+    sharding: str = "none"
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -165,13 +175,19 @@ class TrainConfig:
                 raise ValueError("quantize='nf4' freezes the base in 4 bits; --method full would train it: "
                                  "use --method dora or lora")
         _choice("gradient_checkpointing", self.gradient_checkpointing, GRADIENT_CHECKPOINTING)
-        for name in ("rank", "batch_size", "grad_accum", "max_length", "eval_batch_size", "val_examples", "log_every"):
+        _choice("sharding", self.sharding, SHARDINGS)
+        for name in ("rank", "grad_accum", "max_length", "eval_batch_size", "val_examples", "log_every"):
             set_(name, _integer(name, getattr(self, name), minimum=1))
         for name in ("warmup_steps", "eval_every", "save_every", "checkpoint_every", "seed", "projection_seed"):
             set_(name, _integer(name, getattr(self, name), minimum=0))
-        for name in ("steps", "epochs", "max_train", "max_eval"):
+        for name in ("steps", "epochs", "max_train", "max_eval", "batch_size", "per_device_batch_size"):
             if getattr(self, name) is not None:
                 set_(name, _integer(name, getattr(self, name), minimum=1))
+        if self.batch_size is not None and self.per_device_batch_size is not None:
+            raise ValueError(
+                f"give batch_size (all processes together) or per_device_batch_size (each process), not both "
+                f"(batch_size={self.batch_size}, per_device_batch_size={self.per_device_batch_size})"
+            )
         if self.steps is not None and self.epochs is not None:
             raise ValueError(f"give steps or epochs, not both (steps={self.steps}, epochs={self.epochs})")
         if self.max_length < 2:
@@ -249,14 +265,20 @@ class TrainConfig:
             return {}
         return {"use_vera": True, "d_initial": self.d_initial, "projection_prng_key": self.projection_seed}
 
-    def resolved(self) -> "TrainConfig":
-        """Defaults filled in: model and data names, step count when neither steps nor epochs is given."""
+    def resolved(self, num_processes: int = 1) -> "TrainConfig":
+        """Defaults filled in: model and data names, step count when neither steps nor epochs is given, and
+        ``batch_size`` over ``num_processes`` processes (a per-device size is multiplied out, then cleared, so
+        the saved config names the global micro-batch that any process count resumes with)."""
         from torchdora.app.assets import DEFAULT_MODEL
         from torchdora.app.data import DEFAULT_DATASET
 
         steps = self.steps if (self.steps is not None or self.epochs is not None) else DEFAULT_STEPS
+        batch_size = self.batch_size
+        if self.per_device_batch_size is not None:
+            batch_size = self.per_device_batch_size * num_processes
         return dataclasses.replace(self, model=self.model or DEFAULT_MODEL, data=self.data or DEFAULT_DATASET,
-                                   steps=steps)
+                                   steps=steps, batch_size=batch_size or DEFAULT_BATCH_SIZE,
+                                   per_device_batch_size=None)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -340,9 +362,10 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def config_differences(current: TrainConfig, saved: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+def config_differences(current: TrainConfig, saved: Mapping[str, Any],
+                       num_processes: int = 1) -> dict[str, tuple[Any, Any]]:
     """``{field: (checkpoint value, this run's value)}`` for every :data:`RUN_FIELDS` entry that differs."""
-    ours = current.resolved().to_dict()
+    ours = current.resolved(num_processes).to_dict()
     theirs = TrainConfig.from_mapping(saved, source="checkpoint config").resolved().to_dict()
     return {k: (theirs[k], ours[k]) for k in RUN_FIELDS if theirs[k] != ours[k]}
 
@@ -382,7 +405,13 @@ def _parser() -> argparse.ArgumentParser:
     steps = p.add_mutually_exclusive_group()
     steps.add_argument("--steps", type=int, help=f"optimizer steps (default {DEFAULT_STEPS})")
     steps.add_argument("--epochs", type=int, help="passes over the training data instead of --steps")
-    p.add_argument("--batch-size", dest="batch_size", type=int, help="examples per micro-batch, all processes together (default 8)")
+    batch = p.add_mutually_exclusive_group()
+    batch.add_argument("--batch-size", dest="batch_size", type=int,
+                       help="examples per micro-batch over ALL processes together, split evenly between them "
+                            "(default 8)")
+    batch.add_argument("--per-device-batch-size", dest="per_device_batch_size", type=int,
+                       help="examples per micro-batch on EACH process instead (like Trainer's "
+                            "per_device_train_batch_size): batch-size = this x processes")
     p.add_argument("--grad-accum", dest="grad_accum", type=int, help="micro-batches per optimizer step (default 1)")
     p.add_argument("--max-length", dest="max_length", type=int, help="tokens per example (default 96)")
     p.add_argument("--dtype", choices=DTYPES, help="float32 (default) or bfloat16 mixed precision")
@@ -406,6 +435,9 @@ def _parser() -> argparse.ArgumentParser:
                    "q,k,v,o in a Llama), none, or comma-separated names (e.g. q_proj,k_proj,v_proj)")
     p.add_argument("--max-grad-norm", dest="max_grad_norm", type=float, help="gradient clipping, 0: off (default 1)")
     p.add_argument("--weight-decay", dest="weight_decay", type=float, help="AdamW weight decay (default 0)")
+    p.add_argument("--sharding", choices=SHARDINGS,
+                   help="none (default): each process holds the whole model, DDP averages gradients; fsdp: FSDP2 "
+                        "shards the model over the processes (one fully_shard per decoder block and the root)")
     p.add_argument("--eval-batch-size", dest="eval_batch_size", type=int, help="sequences per scoring pass (default 16)")
     p.add_argument("--val-examples", dest="val_examples", type=int,
                    help="validation examples per periodic evaluation (default 100)")
@@ -453,6 +485,15 @@ def config_to_yaml(config: TrainConfig) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
 
 
+def _override(base: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` updated by ``values``; a batch size given in either form replaces the other form in ``base``."""
+    base = dict(base)
+    for given, other in (("batch_size", "per_device_batch_size"), ("per_device_batch_size", "batch_size")):
+        if values.get(given) is not None:
+            base.pop(other, None)
+    return {**base, **values}
+
+
 def config_from_args(argv: list[str] | None) -> TrainConfig:
     """Defaults ← the ``--resume`` run's saved config ← ``--config`` file ← command-line options.
 
@@ -471,10 +512,9 @@ def command_from_args(argv: list[str] | None) -> tuple[TrainConfig, bool]:
     config_file = given.pop("config", None)
     if config_file is not None:
         values.update({k.replace("-", "_"): v for k, v in load_config_file(config_file).items()})
-    values.update(given)
-    values.update(overrides)
+    values = _override(values, given)
+    values = _override(values, overrides)
     if values.get("resume"):
         saved = read_trainer_state(find_checkpoint(values["resume"]))["config"]
-        base = {k: v for k, v in saved.items() if k not in ("resume", "output_dir")}
-        values = {**base, **values}
+        values = _override({k: v for k, v in saved.items() if k not in ("resume", "output_dir")}, values)
     return TrainConfig.from_mapping(values, source=config_file or "the command line"), print_config

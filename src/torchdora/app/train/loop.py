@@ -44,6 +44,8 @@ from torchdora.app.train.run import (
     shared_state_reset,
     train_only_weights,
 )
+from torchdora.app.train.sharding import refuse_accelerate_sharding, shard_and_fill, skeleton_model, use_fsdp
+from torchdora.distributed import world_size
 from torchdora.io import atomic_write_json
 
 __all__ = ["train"]
@@ -68,15 +70,22 @@ def _train(config: TrainConfig, signals: StopSignals) -> TrainResult:
     start_wall = time.perf_counter()
     from accelerate import Accelerator
 
-    from torchdora.app.assets import enable_gradient_checkpointing, load_model_and_tokenizer, resolve_model
+    from torchdora.app.assets import (
+        enable_gradient_checkpointing,
+        load_model_and_tokenizer,
+        load_tokenizer,
+        resolve_model,
+    )
     from torchdora.app.data import Collator, load_dataset, tokenize_examples
     from torchdora.inject import inject, trainable_parameter_count
 
+    processes = world_size()  # from torchrun's / accelerate's environment; the group starts below
+    config = config.resolved(processes)  # a per-device batch size becomes the global one
     checkpoint_dir, saved_state = check_resume(config)
     resume_run = run_folder_of(checkpoint_dir) if checkpoint_dir else None
     output_dir = Path(config.output_dir or resume_run or default_output_dir(config.method))
     check_output_dir(output_dir, resume_run)
-    config = dataclasses.replace(config.resolved(), output_dir=str(output_dir))
+    config = dataclasses.replace(config, output_dir=str(output_dir))
     splits = load_dataset(config.data, seed=config.seed, max_train=config.max_train, max_eval=config.max_eval)
     source = resolve_model(config.model)
     check_model_before_loading(source, config)
@@ -89,6 +98,9 @@ def _train(config: TrainConfig, signals: StopSignals) -> TrainResult:
     accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, cpu=cpu_processes,
                               mixed_precision="bf16" if config.dtype == "bfloat16" else "no",
                               log_with=config.trackers or None, project_dir=output_dir / "trackers")
+    refuse_accelerate_sharding(accelerator.distributed_type)
+    backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else None
+    fsdp = use_fsdp(config, accelerator.num_processes, backend)
     accelerator.wait_for_everyone()  # every process checked the output folder before the main one fills it
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -102,7 +114,10 @@ def _train(config: TrainConfig, signals: StopSignals) -> TrainResult:
     random.seed(config.seed)
     torch.manual_seed(config.seed)  # the adapter's A initialisation
     quiet_library_bars()
-    model, tokenizer = load_model_and_tokenizer(source, dtype=config.base_dtype, quantize=config.quantize)
+    if fsdp and not accelerator.is_main_process:  # weights come from process 0 in shard_and_fill
+        model, tokenizer = skeleton_model(source, config.base_dtype), load_tokenizer(source)
+    else:
+        model, tokenizer = load_model_and_tokenizer(source, dtype=config.base_dtype, quantize=config.quantize)
     enable_gradient_checkpointing(model, config.gradient_checkpointing)
     if config.method == "full":
         model.requires_grad_(not config.train_only)
@@ -111,6 +126,8 @@ def _train(config: TrainConfig, signals: StopSignals) -> TrainResult:
     else:
         inject(model, config.dora_config())
     trainable, total = trainable_parameter_count(model)
+    if fsdp:
+        model = shard_and_fill(model, config, accelerator.device)
 
     train_items = tokenize_examples(tokenizer, splits.train, config.max_length)
     recomputed = []
@@ -126,10 +143,13 @@ def _train(config: TrainConfig, signals: StopSignals) -> TrainResult:
 
         examples = len(train_items)
         train_items = pack_examples(train_items, config.max_length)
+        # the check runs the model: under FSDP2 every process takes part (its all-gathers are collectives)
+        leaks = (fsdp or accelerator.is_main_process) and not packing_isolates_examples(
+            model, model.get_input_embeddings().num_embeddings)
         if accelerator.is_main_process:
             print(f"packing: {examples} examples in {len(train_items)} rows of up to {config.max_length} tokens",
                   flush=True)
-            if not packing_isolates_examples(model, model.get_input_embeddings().num_embeddings):
+            if leaks:
                 print("packing: warning: this model's attention crosses example boundaries in a packed row (it "
                       "ignores position-id resets); examples see their row neighbours. Drop --packing to keep "
                       "them independent.", flush=True)
@@ -139,7 +159,8 @@ def _train(config: TrainConfig, signals: StopSignals) -> TrainResult:
     if config.batch_size % accelerator.num_processes:
         raise ValueError(
             f"--batch-size {config.batch_size} does not split over {accelerator.num_processes} processes; "
-            f"use a multiple of {accelerator.num_processes} (it counts the examples of all processes together)"
+            f"use a multiple of {accelerator.num_processes} (it counts the examples of all processes together), "
+            "or give --per-device-batch-size instead"
         )
     # accelerate hands process p the batches p, p + N, ... of this loader: with batch_size / N examples each,
     # the N processes together see the same consecutive examples a single process would.
@@ -149,7 +170,10 @@ def _train(config: TrainConfig, signals: StopSignals) -> TrainResult:
                                          generator=torch.Generator().manual_seed(config.seed))
     names = {p: n for n, p in named_trainable(model).items()}
     optimizer = torch.optim.AdamW(list(names), lr=config.lr, weight_decay=config.weight_decay)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    if fsdp:  # already sharded: accelerate must not wrap it in DDP
+        optimizer, loader = accelerator.prepare(optimizer, loader)
+    else:
+        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     steps_per_epoch = math.ceil(len(loader) / config.grad_accum)
     total_steps = config.steps if config.steps is not None else config.epochs * steps_per_epoch
     # Stepped once per optimizer step by the loop (not prepared: accelerate would step it once per process).
@@ -165,7 +189,8 @@ def _train(config: TrainConfig, signals: StopSignals) -> TrainResult:
     run.say(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f} %)\n"
             f"steps: {total_steps}, global batch {config.batch_size} x {config.grad_accum} "
             f"({config.batch_size // accelerator.num_processes} per process per micro-batch on "
-            f"{accelerator.num_processes} process(es)), {len(train_items)} training examples "
+            f"{accelerator.num_processes} process(es){', FSDP2-sharded' if fsdp else ''}), "
+            f"{len(train_items)} training examples "
             f"({steps_per_epoch} steps per epoch)"
             + (f"\nrecompute x·Wᵀ in backward (--recompute auto): {len(recomputed)} DoRA layers, "
                f"{','.join(sorted({n.rsplit('.', 1)[-1] for n in recomputed}))}" if recomputed else ""))
@@ -191,16 +216,17 @@ def _train(config: TrainConfig, signals: StopSignals) -> TrainResult:
     after = run.evaluate(splits.test)
     run.metrics.add({"step": position.step, "split": "test", **after.metrics()})
     losses = [r["loss"] for r in run.metrics.records if "loss" in r]
+    peaks = accelerator.gather(torch.tensor([peak_rss_mb()], dtype=torch.float64, device=accelerator.device))
     result = TrainResult(
         output_dir=output_dir, steps=position.step, accuracy_before=before.accuracy, accuracy_after=after.accuracy,
         perplexity_before=before.perplexity, perplexity_after=after.perplexity,
         exact_match_before=before.exact_match, exact_match_after=after.exact_match,
         final_loss=losses[-1] if losses else float("nan"), wall_time_s=time.perf_counter() - start_wall,
         train_time_s=train_time, peak_rss_mb=peak_rss_mb(), trainable_params=trainable, total_params=total,
-        losses=losses,
+        losses=losses, peak_rss_mb_per_process=[round(x, 1) for x in peaks.tolist()],
     )
+    write_outputs(run.raw_model, tokenizer, config, result, run.metrics, after)  # collective; the main one writes
     if run.main_process:
-        write_outputs(run.raw_model, tokenizer, config, result, run.metrics, after)
         print_summary(config, result, after)
     if config.trackers:
         accelerator.end_training()
@@ -292,7 +318,7 @@ def after_step(run: Run, position: Position, before: EvalResult, validation: lis
         run.metrics.add({"step": step, "split": "validation", **result.metrics()})
         progress.write(f"step {step}: validation {result.describe()}")
         run.model.train()
-    if config.save_every and step % config.save_every == 0 and run.main_process:
+    if config.save_every and step % config.save_every == 0:  # every process: gathering is a collective
         save_snapshot(run.raw_model, config, run.output_dir, step)
     if (config.checkpoint_every and step % config.checkpoint_every == 0) or step == run.total_steps:
         run.save_checkpoint(position, before)

@@ -42,6 +42,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     exact_match_before: float = float("nan")  # NaN (null in summary.json) when no short answer was generated
     exact_match_after: float = float("nan")
+    peak_rss_mb_per_process: list[float] = field(default_factory=list)  # by rank; peak_rss_mb is this process's
 
 
 NO_ACCURACY = ("no test example has options or labels (generative data), so there is no multiple-choice "
@@ -213,25 +214,49 @@ def save_model_tensors(model: nn.Module, path: Path) -> None:
 
 
 def save_snapshot(model: nn.Module, config: TrainConfig, output_dir: Path, step: int) -> Path:
-    """``snapshots/step-NNNNNN/``: a torchdora adapter, or ``model.safetensors`` for full fine-tuning."""
+    """``snapshots/step-NNNNNN/``: a torchdora adapter, or ``model.safetensors`` for full fine-tuning.
+
+    Every process calls it (FSDP2-sharded adapters are gathered by all); the main process writes.
+    """
+    from torchdora.distributed import is_main_process
     from torchdora.io import save_adapter
 
     final = output_dir / "snapshots" / f"step-{step:06d}"
     tmp = final.with_name(f".{final.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    main = is_main_process()
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
     if config.method == "full":
-        save_model_tensors(model, tmp / "model.safetensors")
+        if main:
+            save_model_tensors(model, tmp / "model.safetensors")
     else:
         save_adapter(model, tmp, base_model_name_or_path=recorded_base_name(config.model))
-    return replace_dir(tmp, final)
+    return replace_dir(tmp, final) if main else final
 
 
 def write_outputs(model: nn.Module, tokenizer: Any, config: TrainConfig, result: TrainResult, metrics: Metrics,
                    after: EvalResult) -> None:
+    """The run folder's final files. Every process calls it (FSDP2-sharded adapters are gathered by all);
+    only the main process writes."""
+    from torchdora.distributed import is_main_process
     from torchdora.io import save_adapter
     from torchdora.app.plotting import plot_training
 
     output_dir = result.output_dir
+    main = is_main_process()
+    if config.method != "full":
+        save_adapter(model, output_dir / "adapter", base_model_name_or_path=recorded_base_name(config.model))
+        if config.magnitude_only:
+            if main:
+                print("adapter-peft/ not written: PEFT's format has no magnitude-only modules (adapter/ has them)")
+        elif config.method == "dvora":
+            if main:
+                print("adapter-peft/ not written: PEFT has no DVoRA (adapter/ holds it in torchdora's format)")
+        else:
+            save_adapter(model, output_dir / "adapter-peft", format="peft",
+                         base_model_name_or_path=recorded_base_name(config.model))
+    if not main:
+        return
     metrics.flush()
     if config.method == "full":
         tmp = output_dir / ".model.tmp"
@@ -239,15 +264,6 @@ def write_outputs(model: nn.Module, tokenizer: Any, config: TrainConfig, result:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         replace_dir(tmp, output_dir / "model")
-    else:
-        save_adapter(model, output_dir / "adapter", base_model_name_or_path=recorded_base_name(config.model))
-        if config.magnitude_only:
-            print("adapter-peft/ not written: PEFT's format has no magnitude-only modules (adapter/ has them)")
-        elif config.method == "dvora":
-            print("adapter-peft/ not written: PEFT has no DVoRA (adapter/ holds it in torchdora's format)")
-        else:
-            save_adapter(model, output_dir / "adapter-peft", format="peft",
-                         base_model_name_or_path=recorded_base_name(config.model))
     summary = {
         "method": config.method, "model": config.model, "data": config.data, "steps": result.steps,
         "test_examples": after.n_scored,
@@ -257,7 +273,8 @@ def write_outputs(model: nn.Module, tokenizer: Any, config: TrainConfig, result:
         "exact_match_before": result.exact_match_before, "exact_match_after": result.exact_match_after,
         "exact_match_examples": after.n_generated,
         "final_loss": result.final_loss, "wall_time_s": result.wall_time_s, "train_time_s": result.train_time_s,
-        "peak_rss_mb": result.peak_rss_mb, "trainable_params": result.trainable_params,
+        "peak_rss_mb": result.peak_rss_mb, "peak_rss_mb_per_process": result.peak_rss_mb_per_process,
+        "trainable_params": result.trainable_params,
         "total_params": result.total_params,
     }
     atomic_write_json(output_dir / "summary.json", json_ready(summary))

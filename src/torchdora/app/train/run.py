@@ -18,7 +18,6 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
-from torchdora.app.assets import recorded_base_name
 from torchdora.app.checkpoint import (
     TMP_CHECKPOINT_DIR,
     begin_checkpoint,
@@ -26,16 +25,15 @@ from torchdora.app.checkpoint import (
     discard_checkpoint,
     find_checkpoint,
     latest_checkpoint,
-    load_optimizer,
     load_rng_state,
     read_trainer_state,
-    save_optimizer,
     save_rng_state,
 )
 from torchdora.app.evaluate import EvalResult, evaluate_examples, selected_logits
+from torchdora.app.train import sharding
 from torchdora.app.train.config import TrainConfig, config_differences, resume_changes
 from torchdora.app.train.outputs import Metrics, named_trainable
-from torchdora.io import atomic_save_safetensors, atomic_write_json
+from torchdora.io import atomic_write_json
 
 __all__ = ["Run", "Position", "TrainingDiverged", "TrainingInterrupted", "StopSignals", "lr_factor",
            "train_only_weights", "EpochSampler", "compute_loss", "check_resume"]
@@ -253,7 +251,7 @@ class Run:
 
     config: TrainConfig
     accelerator: Any
-    model: nn.Module  # as prepared by accelerate (DDP-wrapped with several processes)
+    model: nn.Module  # as prepared by accelerate (DDP-wrapped with several processes), or FSDP2-sharded
     raw_model: nn.Module
     tokenizer: Any
     optimizer: Any
@@ -269,6 +267,11 @@ class Run:
     def main_process(self) -> bool:
         return self.accelerator.is_main_process
 
+    @property
+    def sharded(self) -> bool:
+        """FSDP2: saving and evaluation are collectives that every process takes part in."""
+        return sharding.use_fsdp(self.config, self.accelerator.num_processes, None)
+
     def say(self, text: str) -> None:
         if self.main_process:
             print(text, flush=True)
@@ -277,8 +280,9 @@ class Run:
         """Accuracy/perplexity sums over ``examples``, each process scoring its own shard."""
         acc = self.accelerator
         shard = examples[acc.process_index :: acc.num_processes]
-        local = evaluate_examples(self.raw_model, self.tokenizer, shard, self.config.max_length,
-                                  self.config.eval_batch_size, acc.autocast)
+        score = sharding.evaluate_in_lockstep if self.sharded else evaluate_examples
+        local = score(self.raw_model, self.tokenizer, shard, self.config.max_length, self.config.eval_batch_size,
+                      acc.autocast)
         sums = torch.tensor(local.sums(), dtype=torch.float64, device=acc.device)
         if acc.num_processes > 1:
             sums = acc.reduce(sums, reduction="sum")
@@ -295,7 +299,8 @@ class Run:
         return bool(flag.item() == 1.0)
 
     def save_checkpoint(self, position: Position, before: EvalResult) -> None:
-        """Every process writes its RNG state, the main process the rest; then the folder is swapped in.
+        """Every process writes its RNG state and takes part in gathering sharded tensors (FSDP2), the main
+        process writes the rest; then the folder is swapped in.
 
         Refused (:class:`TrainingDiverged`) if a weight or optimizer state is not finite: the checkpoint kept is
         always one that can be resumed. A failed write (a full disk) deletes the unfinished folder and leaves the
@@ -317,16 +322,9 @@ class Run:
         tmp = tmp or self.output_dir / TMP_CHECKPOINT_DIR
         try:
             save_rng_state(tmp, acc.process_index)
+            sharding.save_trainable(tmp, self.raw_model, self.optimizer, self.names, config)
             acc.wait_for_everyone()
             if self.main_process:
-                if config.method == "full":
-                    atomic_save_safetensors(named_trainable(self.raw_model), tmp / "model.safetensors")
-                else:
-                    from torchdora.io import save_adapter
-
-                    save_adapter(self.raw_model, tmp / "adapter",
-                                 base_model_name_or_path=recorded_base_name(config.model))
-                save_optimizer(tmp, self.optimizer, self.names)
                 atomic_write_json(tmp / "scheduler.json", self.scheduler.state_dict())
                 commit_checkpoint(self.output_dir, tmp, state)
                 self.metrics.flush()
@@ -354,7 +352,7 @@ class Run:
             from torchdora.io import load_adapter
 
             load_adapter(self.raw_model, checkpoint_dir / "adapter")
-        load_optimizer(checkpoint_dir, self.optimizer, self.names)
+        sharding.load_optimizer(checkpoint_dir, self.optimizer, self.names)
         self.scheduler.load_state_dict(json.loads((checkpoint_dir / "scheduler.json").read_text()))
         if not load_rng_state(checkpoint_dir, acc.process_index, saved.get("num_processes", 1)):
             print(f"torchdora train: warning: process {acc.process_index} has no random-number state in "
