@@ -95,7 +95,7 @@ def _adapter(run: Path) -> dict[str, torch.Tensor]:
     return load_file(run / "adapter" / "torchdora_adapter.safetensors")
 
 
-def _wait_for_checkpoint(process: subprocess.Popen, run: Path, step: int, timeout: float = 240) -> None:
+def _wait_for_checkpoint(process: subprocess.Popen, run: Path, step: int, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and process.poll() is None:
         try:
@@ -104,6 +104,8 @@ def _wait_for_checkpoint(process: subprocess.Popen, run: Path, step: int, timeou
         except (OSError, ValueError, KeyError):
             pass
         time.sleep(0.02)
+    if process.poll() is None:
+        _kill_all(process)  # no stray workers left behind by a failed test
     raise AssertionError(f"no checkpoint of step {step} appeared (exit code {process.poll()})")
 
 

@@ -183,12 +183,16 @@ def load_optimizer(folder: Path, optimizer: Any, names: Mapping[nn.Parameter, st
 def evaluate_in_lockstep(model: nn.Module, tokenizer: Any, examples: Sequence, max_length: int, batch_size: int,
                          autocast: Callable[[], ContextManager] | None = None) -> EvalResult:
     """:func:`evaluate_examples` on this process's examples, then one-token forwards until every process has run
-    as many forward passes as the busiest one (FSDP's all-gathers pair up across processes)."""
+    as many forward passes as the busiest one (FSDP's all-gathers pair up across processes).
+
+    Without exact match: greedy generation stops when its batch ends, a number of forwards no process knows in
+    advance (the summary then records no exact match for generative data).
+    """
     device = next(model.parameters()).device
     mine = math.ceil(len(_requests(tokenizer, examples, max_length)) / batch_size)
     most = torch.tensor([mine], dtype=torch.long, device=device)
     dist.all_reduce(most, op=dist.ReduceOp.MAX)  # before any forward, so no process is inside one
-    result = evaluate_examples(model, tokenizer, examples, max_length, batch_size, autocast)
+    result = evaluate_examples(model, tokenizer, examples, max_length, batch_size, autocast, exact_match=False)
     was_training = model.training
     model.eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
