@@ -539,4 +539,8 @@ def test_fsdp_refuses_what_it_cannot_shard():
         use_fsdp(TrainConfig(sharding="fsdp", method="full"), num_processes=2, backend="nccl")
     with pytest.raises(ValueError, match="gloo cannot all-gather bfloat16"):
         use_fsdp(TrainConfig(sharding="fsdp", dtype="bfloat16"), num_processes=2, backend="gloo")
+    with pytest.raises(ValueError, match="--base-dtype bfloat16 needs GPUs"):
+        use_fsdp(TrainConfig(sharding="fsdp", base_dtype="bfloat16"), num_processes=2, backend="gloo")
+    with pytest.raises(ValueError, match="cannot shard a quantized base"):
+        use_fsdp(TrainConfig(sharding="fsdp", quantize="nf4"), num_processes=2, backend="nccl")
     assert use_fsdp(TrainConfig(sharding="fsdp", dtype="bfloat16"), num_processes=2, backend="nccl")

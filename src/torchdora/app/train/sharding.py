@@ -52,9 +52,10 @@ def use_fsdp(config: TrainConfig, num_processes: int, backend: str | None) -> bo
     if config.method == "full":
         raise ValueError("--sharding fsdp trains adapters (--method dora or lora); full fine-tuning under "
                          "torchrun uses the default --sharding none (DDP)")
-    if config.dtype == "bfloat16" and backend == "gloo":
-        raise ValueError("--sharding fsdp --dtype bfloat16 needs GPUs (NCCL): the CPU backend gloo cannot "
-                         "all-gather bfloat16 tensors. Use --dtype float32 on CPU processes")
+    for option, value in (("--dtype", config.dtype), ("--base-dtype", config.base_dtype)):
+        if value == "bfloat16" and backend == "gloo":
+            raise ValueError(f"--sharding fsdp {option} bfloat16 needs GPUs (NCCL): the CPU backend gloo cannot "
+                             f"all-gather bfloat16 tensors. Use {option} float32 on CPU processes")
     if config.quantize is not None:  # bitsandbytes' packed 4-bit weights (Params4bit) have no DTensor form
         raise ValueError(f"--sharding fsdp cannot shard a quantized base (--quantize {config.quantize}); use "
                          "--sharding none (DDP, a whole 4-bit base per process)")
