@@ -13,9 +13,9 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _model(make_tiny_llama, perturb, use_dora=True):
+def _model(make_tiny_llama, perturb, use_dora=True, dropout=0.0):
     model = make_tiny_llama(0)
-    inject(model, DoraConfig(target_modules=ALL, r=4, use_dora=use_dora))
+    inject(model, DoraConfig(target_modules=ALL, r=4, use_dora=use_dora, dropout=dropout))
     perturb(model)
     return model.train()
 
@@ -46,6 +46,13 @@ def test_kept_outputs_follow_the_llama_block(make_tiny_llama, perturb, input_ids
     assert by_kind == {"q_proj": False, "k_proj": False, "v_proj": False, "o_proj": False, "gate_proj": True,
                        "up_proj": True, "down_proj": False}
     assert not any(layer.recompute_output for layer in adapter_layers(model).values())  # restored
+
+
+def test_the_probe_leaves_the_random_state_alone(make_tiny_llama, perturb, input_ids):
+    model = _model(make_tiny_llama, perturb, dropout=0.5)  # the probe's forward draws dropout masks
+    state = torch.get_rng_state()
+    kept_outputs(model, lambda: model(input_ids=input_ids, labels=input_ids).loss)
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_choose_recompute_saves_memory_and_keeps_gradients(make_tiny_llama, perturb, input_ids):

@@ -37,7 +37,7 @@ def kept_outputs(model: nn.Module, forward: Callable[[], Any]) -> dict[str, bool
 
     ``forward()`` runs the model once with autograd recording (e.g. one short training batch); meanwhile every
     layer recomputes (so its own backward does not save its output) and the storages autograd saves are recorded.
-    Nothing is trained: the graph is dropped.
+    Nothing is trained: the graph is dropped, and the random number generators are left as they were.
     """
     layers = _fused_dora_layers(model)
     outputs: dict[str, torch.Tensor] = {}
@@ -58,7 +58,10 @@ def kept_outputs(model: nn.Module, forward: Callable[[], Any]) -> dict[str, bool
     try:
         for layer in layers.values():
             layer.recompute_output = True
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        # fork_rng: the probe's dropout draws must not shift the training run's (a resumed run probes again)
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             result = forward()
         del result
     finally:
