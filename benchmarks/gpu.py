@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -37,16 +36,8 @@ HERE = Path(__file__).resolve().parent
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
 
-def _run_module():
-    """``benchmarks/run.py`` as a module: its interleaved timing, peak memory and table helpers."""
-    spec = importlib.util.spec_from_file_location("torchdora_benchmark_run", HERE / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _run_module()
+sys.path.insert(0, str(HERE))
+import run as bench  # noqa: E402  (benchmarks/run.py: interleaved timing, peak memory, tables)
 
 
 def llama_1b(layers: int, hidden: int, intermediate: int, vocab: int, device, dtype) -> nn.Module:

@@ -40,16 +40,8 @@ BASES = [("fp32", "float32", None), ("bf16", "bfloat16", None), ("nf4 (bf16 comp
 METHODS = ("dora", "lora", "peft-dora")
 
 
-def _run_module():
-    """``benchmarks/run.py`` as a module: its interleaved timing and peak-memory helpers."""
-    spec = importlib.util.spec_from_file_location("torchdora_benchmark_run", HERE / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _run_module()
+sys.path.insert(0, str(HERE))
+import run as bench  # noqa: E402  (benchmarks/run.py: interleaved timing, peak memory, tables)
 
 
 def tiny_llama_folder(folder: Path) -> Path:
