@@ -73,14 +73,15 @@ def _current(exact: Sequence[Tensor | None], sampled: Sequence[Tensor | None]) -
 
 
 def _all_equal(current: list[Tensor], kept: list[Tensor]) -> bool:
-    if not current or current[0].device.type == "cpu":
-        # in chunks below ATen's parallel grain (32768): a parallel torch.equal's thread hand-off cost 8 ms on
-        # the loaded 2-core machine, a serial chunk microseconds
-        return all(torch.equal(a.reshape(-1)[i:i + _CHUNK], b.reshape(-1)[i:i + _CHUNK])
-                   for a, b in zip(current, kept) if a.shape == b.shape for i in range(0, a.numel(), _CHUNK)) \
-            and all(a.shape == b.shape for a, b in zip(current, kept))
-    # one host synchronisation for all of them rather than one per tensor
-    return bool(torch.stack([(a == b).all() for a, b in zip(current, kept)]).all())
+    """Element-wise equality; the shapes already agree (:func:`_meta` is compared first)."""
+    if current and current[0].device.type != "cpu":
+        # one host synchronisation for all of them rather than one per tensor
+        return bool(torch.stack([(a == b).all() for a, b in zip(current, kept)]).all())
+    # in chunks below ATen's parallel grain (32768): a parallel torch.equal's thread hand-off cost 8 ms on the
+    # loaded 2-core machine, a serial chunk microseconds
+    return all(torch.equal(a[i:i + _CHUNK], b[i:i + _CHUNK])
+               for a, b in ((x.reshape(-1), y.reshape(-1)) for x, y in zip(current, kept))
+               for i in range(0, a.numel(), _CHUNK))
 
 
 class Snapshot:

@@ -10,25 +10,11 @@ import torch
 from torch.testing import assert_close
 
 from conftest import build_tiny_llama, perturb_adapters
-from test_train import make_tiny_model, tiny_config, write_tiny_data
+from test_train import one_thread, tiny, tiny_config  # noqa: F401 (fixtures: one thread, the tiny model and data)
 from torchdora import DoraConfig, adapter_layers, inject, save_adapter
 from torchdora.app.assets import enable_gradient_checkpointing, load_model_and_tokenizer
 from torchdora.app.train import train
 from torchdora.app.train.config import TrainConfig, config_from_args
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return make_tiny_model(root / "model"), write_tiny_data(root / "data")
 
 
 def _safetensors_dtypes(folder) -> set[str]:
@@ -109,8 +95,7 @@ def test_train_on_an_nf4_base_with_checkpointing(tiny, tmp_path):
     model_dir, data = tiny
     result = train(tiny_config(model_dir, data, tmp_path / "run", quantize="nf4", steps=16,
                                gradient_checkpointing="non-reentrant", eval_every=0))
-    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in metrics if r.get("loss") is not None]
+    losses = result.losses  # the loss records of metrics.jsonl
     assert len(losses) == 16 and sum(losses[-4:]) < sum(losses[:4])  # it learns on a 4-bit base
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["quantize"] == "nf4" and config["gradient_checkpointing"] == "non-reentrant"
