@@ -93,6 +93,9 @@ def _worker(rank: int, mode: str, port: int, out: str) -> None:
         if rank == 0:
             Path(out, "losses.json").write_text(json.dumps(losses))
             save_file(tensors, str(Path(out, "adapter.safetensors")))
+        # leave together: once in a full-suite run a rank aborted in gloo's teardown ("terminate called without
+        # an active exception") while its peer was still finishing
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
