@@ -174,6 +174,29 @@ def test_inject_merge_and_unload_on_a_4bit_model():
         assert_close(model(x), expected, **TIGHT)
 
 
+
+def test_recompute_modules_by_name_on_4bit_layers_gives_the_same_gradients():
+    """``recompute_modules`` names 4-bit layers too (they have the fused backward): same gradients as keeping the
+    output, and backward saves no ``(tokens, out)`` output of the recomputing layer."""
+    def model(recompute):
+        m = nn.Sequential(_linear4bit(64, 64, seed=0), nn.GELU(), _linear4bit(64, 32, seed=1))
+        inject(m, DoraConfig(target_modules=["0", "2"], r=4, recompute_modules=["0", "2"] if recompute else ()))
+        with torch.no_grad():
+            for layer in adapter_layers(m).values():
+                layer.lora_B.add_(0.1)
+        return m
+
+    kept, recomputed = model(False), model(True)
+    assert [layer.recompute_output for layer in adapter_layers(recomputed).values()] == [True, True]
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(9))
+    grads = []
+    for m in (kept, recomputed):
+        m(x).square().sum().backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        assert_close(grads[1][name], grads[0][name], **TIGHT, msg=name)
+
 # ---- PEFT's QDoRA files, both ways (transformers' own 4-bit load path) -------------------------------------------
 def _quantized_tiny_llama(folder):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig

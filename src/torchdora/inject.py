@@ -10,7 +10,9 @@ from typing import Iterator, Sequence
 from torch import nn
 
 from torchdora.config import ALL_LINEAR, DoraConfig, module_matches
-from torchdora.layers import AdapterLayer, LinearAdapter, VeraAdapter, VeraProjection, adapter_class_for, is_conv1d
+from torchdora.layers import (
+    FUSED_ADAPTERS, AdapterLayer, VeraAdapter, VeraProjection, adapter_class_for, is_conv1d,
+)
 from torchdora.layers.base import DEFAULT_ADAPTER
 
 __all__ = [
@@ -158,10 +160,11 @@ def inject(model: nn.Module, config: DoraConfig, adapter_name: str = DEFAULT_ADA
                 f"{targets[:8]}; they must also be listed in target_modules"
             )
     not_linear = [n for n in targets if config.recomputes(n) and adapter_class_for(model.get_submodule(n))
-                  not in (LinearAdapter, None)]
+                  not in (*FUSED_ADAPTERS, None)]
     if not_linear:
         raise ValueError(
-            f"recompute_modules selects {not_linear[:8]}, which are not Linear/Conv1D layers; only those have "
+            f"recompute_modules selects {not_linear[:8]}, which are not Linear/Conv1D (or 4-bit Linear) layers; "
+            "only those have "
             "the fused DoRA backward that can recompute its product. Narrow recompute_modules"
         )
     unsupported = [(n, type(model.get_submodule(n)).__name__) for n in targets

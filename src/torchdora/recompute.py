@@ -19,17 +19,14 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from torchdora.layers import AdapterLayer, LinearAdapter
+from torchdora.layers import FUSED_ADAPTERS, AdapterLayer
 
 __all__ = ["kept_outputs", "choose_recompute"]
 
 
 def _fused_dora_layers(model: nn.Module) -> dict[str, AdapterLayer]:
     """DoRA layers with the fused linear path (the only ones that can recompute), by name."""
-    from torchdora.layers.bnb import Linear4bitAdapter
-
-    return {name: m for name, m in model.named_modules()
-            if isinstance(m, (LinearAdapter, Linear4bitAdapter)) and m.use_dora}
+    return {name: m for name, m in model.named_modules() if isinstance(m, FUSED_ADAPTERS) and m.use_dora}
 
 
 def kept_outputs(model: nn.Module, forward: Callable[[], Any]) -> dict[str, bool]:

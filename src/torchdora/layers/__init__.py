@@ -26,8 +26,12 @@ from torchdora.layers.vera import VeraAdapter, VeraProjection
 
 __all__ = [
     "AdapterLayer", "LinearAdapter", "ConvAdapter", "EmbeddingAdapter", "Linear4bitAdapter", "VeraAdapter",
-    "VeraProjection", "adapter_class_for", "is_conv1d",
+    "VeraProjection", "FUSED_ADAPTERS", "adapter_class_for", "is_conv1d",
 ]
+
+#: adapter classes whose DoRA forward is the fused autograd function (:mod:`torchdora.fast`): the ones that can
+#: recompute ``x Wᵀ`` in backward rather than keep their output (``recompute_modules``)
+FUSED_ADAPTERS: tuple[type[AdapterLayer], ...] = (LinearAdapter, Linear4bitAdapter)
 
 
 def adapter_class_for(module: nn.Module) -> type[AdapterLayer] | None:
