@@ -6,10 +6,13 @@ checkpointing, torchdora-DoRA vs torchdora-LoRA vs PEFT-DoRA, side by side in on
 
 The model is the one ``torchdora train`` fine-tunes by default (the embedded SmolLM2-135M-Instruct, loaded through
 :func:`torchdora.app.assets.load_model_and_tokenizer` with ``--base-dtype`` / ``--quantize`` exactly as the CLI
-does), one default training micro-batch (8 sequences × 96 tokens), adapters r = 16, alpha = 32 on q, k, v, up,
-down (fp32 adapters, the default). For each base (fp32, bf16, NF4 with fp32 compute... see ``BASES``) the three
-methods are loaded together and their steps (loss, backward, AdamW) interleaved in every repeat (``benchmarks/run.py``'s
-helpers); then gradient checkpointing (non-reentrant) is switched on for all three and the same is done again.
+does), one default training micro-batch (8 sequences × 96 tokens, every token a target), adapters r = 16,
+alpha = 32 on q, k, v, up, down (fp32 adapters, the default). The step is the CLI's: its loss
+(:func:`torchdora.app.train.run.compute_loss`), and for DoRA its default ``--recompute auto`` choice (off under
+gradient checkpointing, as in the CLI). For each base (fp32, bf16, NF4 with bf16 compute; see ``BASES``) the three
+methods are loaded together and their steps (loss, backward, AdamW) interleaved in every repeat
+(``benchmarks/run.py``'s helpers); then gradient checkpointing (non-reentrant) is switched on for all three and the
+same is done again.
 
 Columns: ``step`` is what the step allocates on top of what existed before it (activations, gradients,
 temporaries; the CPU allocator's events replayed from ``torch.profiler``, exact, not sampled), ``resident`` the
@@ -81,6 +84,8 @@ def variants(model: str | None, base_dtype: str, quantize: str | None, r: int) -
                 m = get_peft_model(m, LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, use_dora=True))
         else:
             inject(m, DoraConfig(target_modules=TARGETS, r=r, alpha=2.0 * r, use_dora=name == "dora"))
+            if name == "dora":
+                bench.recompute_as_cli(m)  # torchdora train's default, --recompute auto
         gen = torch.Generator().manual_seed(2)
         with torch.no_grad():
             for pname, p in m.named_parameters():
@@ -104,12 +109,17 @@ def resident(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
 
 def measure(models: dict[str, nn.Module], ids: torch.Tensor, repeats: int, checkpointing: bool) -> dict[str, dict]:
     from torchdora.app.assets import enable_gradient_checkpointing
+    from torchdora.app.train.run import compute_loss
 
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     opts = {n: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4) for n, m in models.items()}
     for m in models.values():
         inner = m.get_base_model() if hasattr(m, "get_base_model") else m
         if checkpointing:
             enable_gradient_checkpointing(inner, "non-reentrant")
+            for layer in inner.modules():  # as torchdora train: checkpointed blocks keep nothing, nothing to recompute
+                if getattr(layer, "recompute_output", False):
+                    layer.recompute_output = False
         elif any(getattr(m, "gradient_checkpointing", False) for m in inner.modules()):
             (getattr(inner, "activation_checkpointing_disable", None) or inner.gradient_checkpointing_disable)()
         m.train()
@@ -118,7 +128,7 @@ def measure(models: dict[str, nn.Module], ids: torch.Tensor, repeats: int, check
         model, opt = models[name], opts[name]
 
         def run() -> None:
-            model(input_ids=ids, labels=ids).loss.backward()
+            compute_loss(model, batch)[0].backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         return run
@@ -154,9 +164,11 @@ def estimate(shape: str, base: str, method: str, tokens: int, checkpointing: boo
     - activations per token and layer (in the activation dtype, fp32 for an fp32 base, else bf16): what autograd
       keeps for a Llama block with sdpa attention and repeated KV heads, counted from the model code:
       ``10·h + 4·i`` elements (norm inputs and outputs, q/k/v as attention keeps them, attention output, the gated
-      MLP's four ``i``-wide tensors); DoRA adds the q, k, v and down outputs its magnitude gradient keeps
-      (``2·h + 2·kv``); with gradient checkpointing only each block's input ``h`` stays, plus one block recomputed;
-    - the loss: logits, their fp32 copy and log-softmax, ``(2 + 4 + 4)·vocab`` bytes per token (bf16) or ``12·vocab``.
+      MLP's four ``i``-wide tensors); DoRA adds the down projection's output, which its magnitude gradient keeps
+      (``h``; q, k and v recompute ``x Wᵀ`` instead, ``--recompute auto``); with gradient checkpointing only each
+      block's input ``h`` stays, plus one block recomputed;
+    - the loss (:func:`torchdora.app.train.loss.cross_entropy`): the logits and their gradient in the activation
+      dtype, ``2·vocab`` elements per token.
     """
     layers, h, i, heads, kv_heads, vocab, tied = SHAPES[shape]
     kv = h // heads * kv_heads
@@ -167,12 +179,12 @@ def estimate(shape: str, base: str, method: str, tokens: int, checkpointing: boo
     weights = linear * WEIGHT_BYTES[base] + other * plain_bytes
     adapted = [(h, h), (h, kv), (h, kv), (h, i), (i, h)]  # (in, out) of q, k, v, up, down
     adapter = layers * sum(r * (a + b) + (b if method == "dora" else 0) for a, b in adapted)
-    per_layer = 10 * h + 4 * i + (2 * h + 2 * kv if method == "dora" else 0) + 5 * r
+    per_layer = 10 * h + 4 * i + (h if method == "dora" else 0) + 5 * r
     if checkpointing:
         activations = tokens * act_bytes * (layers * h + per_layer)
     else:
         activations = tokens * act_bytes * layers * per_layer
-    loss = tokens * vocab * (12 if base == "fp32" else 10)
+    loss = tokens * vocab * 2 * act_bytes
     return {"weights": weights, "adapter": 16.0 * adapter, "activations": activations + loss}
 
 

@@ -198,41 +198,85 @@ def bench_layer(in_f: int, out_f: int, r: int, tokens: int, repeats: int, device
 
 
 # ---- whole model -------------------------------------------------------------------------------------------------
-def smollm2_architecture(layers: int, device, dtype) -> nn.Module:
+#: Llama shapes of the whole-model rows: (hidden, intermediate, heads, kv heads, vocab); embeddings tied
+MODEL_SHAPES = {
+    "smollm2-135m": (576, 1536, 9, 3, 49152),  # the embedded model, the one ``torchdora train`` fine-tunes
+    "4096-wide": (4096, 14336, 32, 8, 32000),  # a Llama-3-8B block (hidden 4096, intermediate 14336, 32/8 heads)
+}
+
+
+def llama_architecture(shape: str, layers: int, device, dtype) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    hidden, intermediate, heads, kv_heads, vocab = MODEL_SHAPES[shape]
     config = LlamaConfig(
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
-        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True,
-        rms_norm_eps=1e-5, rope_theta=100000.0, attn_implementation="sdpa",
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=2048,
+        tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=100000.0, attn_implementation="sdpa",
     )
     torch.manual_seed(0)
     return LlamaForCausalLM(config).to(device, dtype)
 
 
+def smollm2_architecture(layers: int, device, dtype) -> nn.Module:
+    return llama_architecture("smollm2-135m", layers, device, dtype)
+
+
+def recompute_as_cli(model: nn.Module) -> list[str]:
+    """What ``torchdora train --recompute auto`` (the default) does after injecting DoRA: one 16-token probe forward
+    decides which layers recompute ``x Wᵀ`` in backward (:func:`torchdora.recompute.choose_recompute`)."""
+    from torchdora.recompute import choose_recompute
+
+    probe = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(4))
+    probe = probe.to(next(model.parameters()).device)
+    model.train()
+    return choose_recompute(model, lambda: model(input_ids=probe, labels=probe).loss)
+
+
 def model_variants(base: nn.Module, r: int) -> dict[str, nn.Module]:
-    dora = copy.deepcopy(base)
-    inject(dora, DoraConfig(target_modules=TARGETS, r=r, alpha=2.0 * r, dtype=None))
-    lean = copy.deepcopy(base)
-    inject(lean, DoraConfig(target_modules=TARGETS, r=r, alpha=2.0 * r, dtype=None, recompute_modules=RECOMPUTE))
-    lora = copy.deepcopy(base)
-    inject(lora, DoraConfig(target_modules=TARGETS, r=r, alpha=2.0 * r, dtype=None, use_dora=False))
-    peft = peft_dora(copy.deepcopy(base), TARGETS, r, 2.0 * r)
+    """DoRA as ``torchdora train`` runs it (``--recompute auto``: :func:`torchdora.recompute.choose_recompute` on a
+    16-token probe), DoRA keeping every output, DoRA recomputing ``RECOMPUTE``, LoRA and PEFT-DoRA, on copies of
+    ``base`` (the last variant gets ``base`` itself) with the same trained-looking ``B``."""
+    configs = {
+        "dora": DoraConfig(target_modules=TARGETS, r=r, alpha=2.0 * r, dtype=None),
+        "dora-keep": DoraConfig(target_modules=TARGETS, r=r, alpha=2.0 * r, dtype=None),
+        "dora-recompute": DoraConfig(target_modules=TARGETS, r=r, alpha=2.0 * r, dtype=None,
+                                     recompute_modules=RECOMPUTE),
+        "lora": DoraConfig(target_modules=TARGETS, r=r, alpha=2.0 * r, dtype=None, use_dora=False),
+    }
+    models = {name: copy.deepcopy(base) for name in configs}
+    for name, config in configs.items():
+        inject(models[name], config)
+    models["peft-dora"] = peft_dora(base, TARGETS, r, 2.0 * r)
+    recompute_as_cli(models["dora"])
     gen = torch.Generator().manual_seed(2)
     with torch.no_grad():  # trained-looking B, the same in all of them
-        for model in (dora, lean, lora, peft):
+        for model in models.values():
             for name, p in model.named_parameters():
                 if name.endswith("lora_B") or name.endswith("lora_B.default.weight"):
                     p.copy_(0.02 * torch.randn(p.shape, generator=gen).to(p.dtype))
             gen.manual_seed(2)
-    return {"dora": dora, "dora-recompute": lean, "lora": lora, "peft-dora": peft}
+    return models
 
 
-def bench_model(layers: int, batch: int, seq: int, r: int, repeats: int, device, dtype) -> tuple[Row, Row, Row]:
-    """Training step with DoRA's defaults, the same with ``recompute_modules=RECOMPUTE`` (timed in the same
-    interleaved repeats), and the unmerged eval forward."""
-    models = model_variants(smollm2_architecture(layers, device, dtype), r)
-    ids = torch.randint(0, 49152, (batch, seq), generator=torch.Generator().manual_seed(3)).to(device)
+def recomputing(model: nn.Module) -> list[str]:
+    """The short names of the DoRA layers that recompute their product (e.g. ``['k_proj', 'q_proj', 'v_proj']``)."""
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if getattr(m, "recompute_output", 0)})
+
+
+def bench_model(shape: str, layers: int, batch: int, seq: int, r: int, repeats: int, device,
+                dtype) -> tuple[Row, Row, Row, Row]:
+    """Training steps as ``torchdora train`` takes them (its loss, :func:`torchdora.app.train.run.compute_loss`,
+    on every token), all variants timed in the same interleaved repeats; and the unmerged eval forward.
+
+    Returns the rows of DoRA as the CLI runs it (``--recompute auto``), DoRA keeping every output, DoRA with
+    ``recompute_modules=RECOMPUTE``, and the eval forward; LoRA and PEFT-DoRA are the same in all of them."""
+    from torchdora.app.train.run import compute_loss
+
+    models = model_variants(llama_architecture(shape, layers, device, dtype), r)
+    ids = torch.randint(0, models["lora"].config.vocab_size, (batch, seq),
+                        generator=torch.Generator().manual_seed(3)).to(device)
+    batch_ = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     opts = {n: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4) for n, m in models.items()}
 
     def train_step(name: str) -> Callable[[], None]:
@@ -240,8 +284,7 @@ def bench_model(layers: int, batch: int, seq: int, r: int, repeats: int, device,
 
         def run() -> None:
             model.train()
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
+            compute_loss(model, batch_)[0].backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         return run
@@ -259,16 +302,19 @@ def bench_model(layers: int, batch: int, seq: int, r: int, repeats: int, device,
     seconds = interleaved_medians(train, repeats, warmup=1, device=device)
     peak = {n: peak_bytes(fn, device) for n, fn in train.items()}
     total = {n: peak[n] + resident_bytes(models[n], opts[n]) for n in models}
-    what = f"training step, {layers} layers, {batch}×{seq} tokens, r={r}"
-    train_row = Row(what, seconds, peak, total)
-    lean_row = Row(f"{what}, DoRA with recompute_modules={','.join(RECOMPUTE)}",  # the same row, recompute as DoRA
-                   *({**v, "dora": v["dora-recompute"]} for v in (seconds, peak, total)))
-    evals = {n: eval_forward(n) for n in models if n != "dora-recompute"}  # recompute changes backward only
+    what = f"{shape}, {layers} layers, training step, {batch}×{seq} tokens, r={r}"
+    as_dora = lambda variant: [{**v, "dora": v[variant]} for v in (seconds, peak, total)]  # noqa: E731
+    rows = (Row(f"{what}, DoRA as `torchdora train` runs it (recompute auto: {','.join(recomputing(models['dora']))})",
+                seconds, peak, total),
+            Row(f"{what}, DoRA keeping every output", *as_dora("dora-keep")),
+            Row(f"{what}, DoRA with recompute_modules={','.join(RECOMPUTE)}", *as_dora("dora-recompute")))
+    evals = {n: eval_forward(n) for n in ("dora", "lora", "peft-dora")}  # recompute changes backward only
     seconds = interleaved_medians(evals, repeats, warmup=1, device=device)
     peak = {n: peak_bytes(fn, device) for n, fn in evals.items()}
     total = {n: peak[n] + resident_bytes(models[n]) for n in evals}
-    eval_row = Row(f"unmerged eval forward, {layers} layers, {batch}×{seq} tokens, r={r}", seconds, peak, total)
-    return train_row, lean_row, eval_row
+    eval_row = Row(f"{shape}, {layers} layers, unmerged eval forward, {batch}×{seq} tokens, r={r}", seconds, peak,
+                   total)
+    return (*rows, eval_row)
 
 
 # ---- report ------------------------------------------------------------------------------------------------------
@@ -300,20 +346,21 @@ def table(rows: list[Row], total: bool = False) -> list[str]:
     return out
 
 
-def verdicts(layer_rows: list[tuple[tuple[int, int, int, int], Row]], trains: list[Row], ev: Row | None) -> list[str]:
+def verdicts(layer_rows: list[tuple[tuple[int, int, int, int], Row]], model_rows: dict[str, list[Row]]) -> list[str]:
     """The targets, each judged from the numbers above (CPU fp32 targets; on other setups informative only)."""
     lines = []
 
     def verdict(ok: bool) -> str:
         return "**met**" if ok else "**not met**"
 
-    for train, label in zip(trains, ("DoRA defaults", f"recompute_modules={','.join(RECOMPUTE)}")):
-        t = train.seconds["dora"] / train.seconds["lora"]
-        m = train.total_peak["dora"] / train.total_peak["lora"]
-        ma = train.peak["dora"] / train.peak["lora"]
-        lines.append(f"- Whole-model training step ({label}) DoRA/LoRA time ≤ 1.10: {t:.2f} → {verdict(t <= 1.10)}; "
-                     f"peak memory ≤ 1.05: {m:.3f} including weights and optimizer state → {verdict(m <= 1.05)}, "
-                     f"{ma:.3f} counting only what the step allocates → {verdict(ma <= 1.05)}")
+    for shape, (default, keep, _, _) in model_rows.items():
+        for train, label in ((default, "DoRA as `torchdora train` runs it"), (keep, "DoRA keeping every output")):
+            t = train.seconds["dora"] / train.seconds["lora"]
+            m = train.total_peak["dora"] / train.total_peak["lora"]
+            ma = train.peak["dora"] / train.peak["lora"]
+            lines.append(f"- {shape} training step ({label}) DoRA/LoRA time ≤ 1.10: {t:.2f} → {verdict(t <= 1.10)}; "
+                         f"peak memory ≤ 1.05: {m:.3f} including weights and optimizer state → "
+                         f"{verdict(m <= 1.05)}, {ma:.3f} counting only what the step allocates → {verdict(ma <= 1.05)}")
     big = [(k, row) for k, row in layer_rows if k[3] >= 2048]
     if big:
         worst_key, worst = max(big, key=lambda kr: kr[1].seconds["dora"] / kr[1].seconds["lora"])
@@ -327,9 +374,9 @@ def verdicts(layer_rows: list[tuple[tuple[int, int, int, int], Row]], trains: li
         lines.append(f"- ≥ 2× faster than PEFT-DoRA on the 4096-wide shapes: smallest speed-up {slowest:.2f}× "
                      f"→ {verdict(slowest >= 2.0)} (LoRA itself is only {ceiling:.2f}× faster than PEFT-DoRA on the least "
                      "favourable of these rows: all three share the frozen base's products, which dominate)")
-    if ev is not None:
-        e = ev.seconds["dora"] / ev.seconds["lora"]
-        lines.append(f"- Unmerged eval forward DoRA/LoRA ≤ 1.05: {e:.2f} → {verdict(e <= 1.05)}")
+    for shape, rows in model_rows.items():
+        e = rows[-1].seconds["dora"] / rows[-1].seconds["lora"]
+        lines.append(f"- {shape} unmerged eval forward DoRA/LoRA ≤ 1.05: {e:.2f} → {verdict(e <= 1.05)}")
     return lines
 
 
@@ -348,7 +395,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default=str(Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"))
     parser.add_argument("--no-model", action="store_true", help="skip the whole-model rows")
     parser.add_argument("--no-layers", action="store_true", help="skip the per-layer rows")
-    parser.add_argument("--layers", type=int, default=None, help="model depth (default 30, quick 4)")
+    parser.add_argument("--layers", type=int, default=None, help="depth of the SmolLM2 model (default 30, quick 4)")
+    parser.add_argument("--wide-layers", type=int, default=2,
+                        help="depth of the 4096-wide model, measured in the same run (0: skip it; quick: skipped)")
+    parser.add_argument("--wide-seq", type=int, default=128, help="tokens per sequence of the 4096-wide rows")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=256)
     args = parser.parse_args(argv)
@@ -369,11 +419,15 @@ def main(argv: list[str] | None = None) -> int:
                     row = bench_layer(in_f, out_f, r, tokens, repeats, device, dtype, args.budget)
                     layer_rows.append(((in_f, out_f, r, tokens), row))
                     print("\n".join(table([row])[2:]), flush=True)
-    model_rows: list[Row] = []
+    model_rows: dict[str, list[Row]] = {}
     model_repeats = args.model_repeats or (1 if args.quick else max(repeats, 7))
-    if not args.no_model:
-        model_rows = list(bench_model(depth, args.batch, args.seq, 32, model_repeats, device, dtype))
-        print("\n".join(table(model_rows, total=True)[2:]), flush=True)
+    models = [("smollm2-135m", depth, args.seq)]
+    if args.wide_layers > 0 and not args.quick:
+        models.append(("4096-wide", args.wide_layers, args.wide_seq))
+    for shape, layers, seq in [] if args.no_model else models:
+        model_rows[shape] = list(bench_model(shape, layers, args.batch, seq, 32, model_repeats, device, dtype))
+        gc.collect()
+        print("\n".join(table(model_rows[shape], total=True)[2:]), flush=True)
     elapsed = time.perf_counter() - started
 
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -389,11 +443,13 @@ def main(argv: list[str] | None = None) -> int:
         f"more) and of {model_repeats} per whole-model row, after one warm-up, the methods interleaved in every "
         "repeat (rotating order).",
         "",
-        "- **DoRA**: torchdora's default path (factored norm, cached `||W||²`, fused autograd function).",
+        "- **DoRA**: torchdora's default path (factored norm, cached `||W||²`, fused autograd function); in the "
+        "whole-model rows, as `torchdora train` runs it: `--recompute auto` lets the layers whose output no later op "
+        "keeps recompute `x Wᵀ` in backward (`torchdora.recompute.choose_recompute`, on a 16-token probe).",
         "- **LoRA**: torchdora with `use_dora=False` (the plain `base(x) + s·B(A(x))` composition, as in PEFT).",
         "- **PEFT-DoRA**: `peft.get_peft_model(..., LoraConfig(use_dora=True))` on the same module or model.",
-        f"- **DoRA, recompute**: DoRA with `recompute_modules={RECOMPUTE}` (whole model only): these layers keep "
-        "what LoRA keeps and multiply `x Wᵀ` again in backward rather than keep an output no later op keeps.",
+        "- **DoRA keeping every output** / **DoRA with recompute_modules=...** (whole model only): the same model "
+        "with no layer recomputing, or with the named ones (the library's default is to keep every output).",
         "",
         "Time: forward + backward of one layer (the input needs a gradient, as inside a network), or a whole training",
         "step. Peak memory: " + ("`torch.cuda.max_memory_allocated` during one step, minus what was allocated "
@@ -401,21 +457,23 @@ def main(argv: list[str] | None = None) -> int:
                                  "one extra step under `torch.profiler` with `profile_memory=True`; its allocation "
                                  "and free events are replayed in time order and the peak of the running sum is the "
                                  "most the step held on top of what existed before it."),
-        "For the whole model, *total* adds the resident weights, gradients and AdamW state to that peak.",
+        "For the whole model, *total* adds the resident weights, gradients and AdamW state to that peak; the step is "
+        "`torchdora train`'s (its loss, `compute_loss`, on every token), the variants interleaved in every repeat.",
         "Random weights (timings do not depend on values); `B` is set to small random values in all methods.",
         "",
     ]
     if layer_rows:
         lines += ["## One linear layer (in × out), forward + backward", ""] + table([r for _, r in layer_rows]) + [""]
-    if model_rows:
-        lines += [f"## SmolLM2-135M architecture (hidden 576, intermediate 1536, 9/3 heads, vocab 49152), "
-                  f"adapters on {', '.join(TARGETS)}", ""] + table(model_rows, total=True) + [""]
-    trains, ev = model_rows[:2], (model_rows[2] if model_rows else None)
+    for shape, rows in model_rows.items():
+        hidden, intermediate, heads, kv_heads, vocab = MODEL_SHAPES[shape]
+        lines += [f"## Whole model: {shape} (Llama, hidden {hidden}, intermediate {intermediate}, {heads}/{kv_heads} "
+                  f"heads, vocab {vocab}, tied), adapters on {', '.join(TARGETS)}", ""]
+        lines += table(rows, total=True) + [""]
     if device.type == "cpu" and dtype == torch.float32:
-        lines += ["## Targets (CPU, fp32, medians)", ""] + verdicts(layer_rows, trains, ev) + [""]
+        lines += ["## Targets (CPU, fp32, medians)", ""] + verdicts(layer_rows, model_rows) + [""]
     else:
         lines += ["## Ratios against the CPU targets (informative: the targets are stated for CPU fp32)", ""]
-        lines += verdicts(layer_rows, trains, ev) + [""]
+        lines += verdicts(layer_rows, model_rows) + [""]
     text = "\n".join(lines)
     print(text)
     out = Path(args.output)

@@ -25,11 +25,28 @@ def test_quick_benchmark_writes_layer_model_and_target_rows(tmp_path):
     text = out.read_text()
     layer_rows = [line for line in text.splitlines() if line.startswith("| 576×")]
     assert len(layer_rows) == 8  # two shapes × ranks 8, 64 × 512, 2048 tokens
-    assert "| training step, 1 layers, 1×8 tokens, r=32 |" in text
+    assert "| smollm2-135m, 1 layers, training step, 1×8 tokens, r=32, DoRA as `torchdora train` runs it" in text
+    assert "| smollm2-135m, 1 layers, training step, 1×8 tokens, r=32, DoRA keeping every output |" in text
     assert f"DoRA with recompute_modules={','.join(bench.RECOMPUTE)} |" in text
-    assert "| unmerged eval forward, 1 layers" in text
+    assert "| smollm2-135m, 1 layers, unmerged eval forward" in text
     verdicts = [line for line in text.splitlines() if line.startswith("- ") and "→ **" in line]
-    assert len(verdicts) == 4  # whole model ×2, per layer, eval (no 4096-wide rows in --quick)
+    assert len(verdicts) == 4  # whole model ×2, per layer, eval (no 4096-wide model, layer rows in --quick)
+
+
+def test_whole_model_rows_of_the_wide_shape_and_the_cli_recompute_choice(tmp_path, monkeypatch):
+    """The 4096-wide model's rows are written beside the SmolLM2 ones (shrunk here), and the default DoRA variant
+    recomputes what ``torchdora train --recompute auto`` would."""
+    bench = _load_benchmark()
+    monkeypatch.setitem(bench.MODEL_SHAPES, "4096-wide", (64, 224, 4, 2, 500))  # the real one needs ~12 GB
+    monkeypatch.setitem(bench.MODEL_SHAPES, "smollm2-135m", (36, 96, 3, 1, 500))
+    out = tmp_path / "bench.md"
+    assert bench.main(["--no-layers", "--layers", "1", "--wide-layers", "1", "--batch", "1", "--seq", "8",
+                       "--wide-seq", "8", "--model-repeats", "1", "--output", str(out)]) == 0
+    text = out.read_text()
+    assert "recompute auto: k_proj,q_proj,v_proj)" in text  # what the CLI picks for a Llama block
+    for shape in ("smollm2-135m", "4096-wide"):
+        assert f"## Whole model: {shape}" in text
+        assert sum(line.startswith(f"- {shape} training step") for line in text.splitlines()) == 2
 
 
 def test_gpu_benchmark_runs_at_tiny_sizes_on_cpu(tmp_path):

@@ -32,6 +32,7 @@ from torchdora.app.checkpoint import (
 from torchdora.app.evaluate import EvalResult, evaluate_examples, selected_logits
 from torchdora.app.train import sharding
 from torchdora.app.train.config import TrainConfig, config_differences, resume_changes
+from torchdora.app.train.loss import cross_entropy
 from torchdora.app.train.outputs import Metrics, named_trainable
 from torchdora.io import atomic_write_json
 
@@ -141,7 +142,8 @@ class EpochSampler(torch.utils.data.Sampler[int]):
 def compute_loss(model: nn.Module, batch: Mapping[str, Tensor]) -> tuple[Tensor, int]:
     """Mean cross-entropy over the completion tokens of a batch, and their number.
 
-    Logits are computed only where a completion token follows (see :func:`selected_logits`).
+    Logits are computed only where a completion token follows (see :func:`selected_logits`); the loss keeps only
+    them and one number per token for backward (:func:`torchdora.app.train.loss.cross_entropy`).
     """
     labels = batch["labels"]  # (B, T), -100 on prompt and padding
     targets_follow = labels[:, 1:] != -100  # position t predicts token t + 1
@@ -150,7 +152,7 @@ def compute_loss(model: nn.Module, batch: Mapping[str, Tensor]) -> tuple[Tensor,
     logits = selected_logits(model, batch["input_ids"], batch["attention_mask"], keep,
                              batch.get("position_ids"))  # (N, V); position_ids: packed rows
     targets = labels[:, 1:][targets_follow]  # (N,)
-    return torch.nn.functional.cross_entropy(logits.float(), targets), int(targets.numel())
+    return cross_entropy(logits, targets), int(targets.numel())
 
 
 
