@@ -86,6 +86,38 @@ def test_train_options_parse_and_validate():
         TrainConfig(base_dtype="half")
 
 
+
+@pytest.mark.parametrize(("base_dtype", "adapter_dtype", "stored"), [
+    ("float32", "bfloat16", "BF16"), ("bfloat16", "base", "BF16"), ("bfloat16", "float32", "F32"),
+])
+def test_adapter_dtype_sets_weights_gradients_and_optimizer_state(tiny, tmp_path, base_dtype, adapter_dtype, stored):
+    from torchdora import load_adapter
+
+    model_dir, data = tiny
+    result = train(tiny_config(model_dir, data, tmp_path / "run", steps=12, eval_every=0, checkpoint_every=0,
+                               base_dtype=base_dtype, adapter_dtype=adapter_dtype))
+    assert sum(result.losses[-3:]) < sum(result.losses[:3])  # it learns
+    assert _safetensors_dtypes(tmp_path / "run" / "adapter") == {"F32"}  # files hold fp32 (exact for bf16)
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "run" / "checkpoint" / "optimizer.safetensors", "pt") as f:
+        moments = {f.get_slice(k).get_dtype() for k in f.keys() if k.endswith(("/exp_avg", "/exp_avg_sq"))}
+    assert moments == {stored}  # AdamW's moments follow the adapter weights
+    model, _ = load_model_and_tokenizer(model_dir, dtype=base_dtype)
+    load_adapter(model, tmp_path / "run" / "adapter")
+    wanted = {"BF16": torch.bfloat16, "F32": torch.float32}[stored]
+    assert {p.dtype for layer in adapter_layers(model).values() for p in layer.adapter_parameters().values()} \
+        == {wanted}
+
+
+def test_adapter_dtype_is_validated():
+    assert config_from_args(["--adapter-dtype", "bfloat16"]).adapter_dtype == "bfloat16"
+    assert TrainConfig(adapter_dtype="base", base_dtype="float16").dora_config().dtype == "float16"
+    with pytest.raises(ValueError, match="adapter_dtype must be one of"):
+        TrainConfig(adapter_dtype="fp8")
+    with pytest.raises(ValueError, match="--method full has no adapter"):
+        TrainConfig(method="full", adapter_dtype="bfloat16")
+
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes (the qdora extra) is not installed")
 
 

@@ -28,6 +28,8 @@ DEFAULT_TARGETS = "q_proj,k_proj,v_proj,up_proj,down_proj"
 METHODS = ("dora", "lora", "vera", "dvora", "full")
 SCHEDULES = ("linear", "cosine", "constant")
 DTYPES = ("float32", "bfloat16")
+#: dtypes of the trained adapter parameters (and so of their gradients and AdamW state); "base": the base's
+ADAPTER_DTYPES = ("float32", "bfloat16", "float16", "base")
 REPORT_TO = ("none", "tensorboard", "wandb")
 #: the configs installed with the package, nameable as ``--config <name>``
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -39,7 +41,7 @@ RUN_FIELDS = (
     "method", "model", "data", "targets", "rank", "alpha", "dropout", "steps", "epochs", "batch_size",
     "grad_accum", "max_length", "dtype", "seed", "max_train", "max_eval", "magnitude_only", "detach_norm",
     "packing", "train_only", "d_initial", "projection_seed",
-    "base_dtype", "quantize",
+    "base_dtype", "quantize", "adapter_dtype",
 )
 #: optimisation settings a resume may change on purpose (e.g. a lower ``lr`` after a divergence); each
 #: change is recorded in the checkpoint's ``history``
@@ -80,6 +82,9 @@ class TrainConfig:
         base_dtype: dtype of the frozen base weights, ``"float32"``, ``"bfloat16"`` or ``"float16"`` (adapters stay
             fp32; with ``"float16"`` gradients are not loss-scaled).
         quantize: ``"nf4"``: the base's linear layers in 4 bits (bitsandbytes NF4, QDoRA/QLoRA); ``None``: none.
+        adapter_dtype: dtype of the adapter parameters, their gradients and optimizer state: ``"float32"``
+            (default), ``"bfloat16"``, ``"float16"`` or ``"base"`` (the base weights' dtype). The DoRA norm is
+            accumulated in fp32 whatever it is.
         gradient_checkpointing: ``"off"``, ``"reentrant"`` or ``"non-reentrant"``: recompute each decoder block's
             activations in backward (less memory, about one more forward pass of time).
         seed: seeds the data split, the data order and the adapter initialisation.
@@ -152,6 +157,7 @@ class TrainConfig:
     projection_seed: int = 0
     base_dtype: str = "float32"
     quantize: str | None = None
+    adapter_dtype: str = "float32"
     gradient_checkpointing: str = "off"
     per_device_batch_size: int | None = None
     sharding: str = "none"
@@ -174,6 +180,10 @@ class TrainConfig:
             if self.method == "full":
                 raise ValueError("quantize='nf4' freezes the base in 4 bits; --method full would train it: "
                                  "use --method dora or lora")
+        _choice("adapter_dtype", self.adapter_dtype, ADAPTER_DTYPES)
+        if self.adapter_dtype != "float32" and self.method == "full":
+            raise ValueError(f"adapter_dtype={self.adapter_dtype!r} sets the adapters' dtype; --method full has no "
+                             "adapter and trains the base in its --base-dtype: drop --adapter-dtype")
         _choice("gradient_checkpointing", self.gradient_checkpointing, GRADIENT_CHECKPOINTING)
         _choice("sharding", self.sharding, SHARDINGS)
         for name in ("rank", "grad_accum", "max_length", "eval_batch_size", "val_examples", "log_every"):
@@ -257,7 +267,7 @@ class TrainConfig:
             r=self.rank, alpha=self.alpha, dropout=self.dropout, target_modules=targets,
             magnitude_only_modules=tuple(self.magnitude_only_list), use_dora=self.method in ("dora", "dvora"),
             detach_norm=self.detach_norm, recompute_modules=tuple(self.recompute_list),
-            **self._vera_options(),
+            dtype=self.base_dtype if self.adapter_dtype == "base" else self.adapter_dtype, **self._vera_options(),
         )
 
     def _vera_options(self) -> dict[str, Any]:
@@ -454,6 +464,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--projection-seed", dest="projection_seed", type=int,
                    help="vera/dvora: seed of the shared frozen random A and B (PEFT's projection_prng_key, default 0)")
     add_base_options(p, base_dtype=S, quantize=S)
+    p.add_argument("--adapter-dtype", dest="adapter_dtype", choices=ADAPTER_DTYPES,
+                   help="dtype of the adapter weights, their gradients and AdamW state: float32 (default), bfloat16, "
+                        "float16 (no loss scaling) or base (the --base-dtype)")
     p.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", nargs="?", const="non-reentrant",
                    choices=GRADIENT_CHECKPOINTING,
                    help="recompute each decoder block's activations in backward: non-reentrant (the default when "
