@@ -40,7 +40,8 @@ from torchdora.inject import (
 from torchdora.hf import load_model
 from torchdora.io import load_adapter, read_adapter, save_adapter
 from torchdora.layers import (
-    AdapterLayer, ConvAdapter, EmbeddingAdapter, Linear4bitAdapter, LinearAdapter, VeraAdapter, VeraProjection,
+    AdapterLayer, ConvAdapter, EmbeddingAdapter, Int8LinearAdapter, Linear4bitAdapter, LinearAdapter, VeraAdapter,
+    VeraProjection,
 )
 
 __version__ = "0.1.0"
@@ -52,6 +53,7 @@ __all__ = [
     "ConvAdapter",
     "EmbeddingAdapter",
     "Linear4bitAdapter",
+    "Int8LinearAdapter",
     "VeraAdapter",
     "VeraProjection",
     "inject",

@@ -11,7 +11,7 @@ from torch import nn
 
 from torchdora.config import ALL_LINEAR, DoraConfig, module_matches
 from torchdora.layers import (
-    FUSED_ADAPTERS, AdapterLayer, VeraAdapter, VeraProjection, adapter_class_for, is_conv1d,
+    FUSED_ADAPTERS, AdapterLayer, LinearAdapter, VeraAdapter, VeraProjection, adapter_class_for, is_conv1d,
 )
 from torchdora.layers.base import DEFAULT_ADAPTER
 
@@ -159,13 +159,12 @@ def inject(model: nn.Module, config: DoraConfig, adapter_name: str = DEFAULT_ADA
                 f"{field} entries {unmatched} match none of the targeted modules "
                 f"{targets[:8]}; they must also be listed in target_modules"
             )
-    not_linear = [n for n in targets if config.recomputes(n) and adapter_class_for(model.get_submodule(n))
-                  not in (*FUSED_ADAPTERS, None)]
+    not_linear = [n for n in targets if config.recomputes(n)
+                  and not issubclass(adapter_class_for(model.get_submodule(n)) or LinearAdapter, FUSED_ADAPTERS)]
     if not_linear:
         raise ValueError(
-            f"recompute_modules selects {not_linear[:8]}, which are not Linear/Conv1D (or 4-bit Linear) layers; "
-            "only those have "
-            "the fused DoRA backward that can recompute its product. Narrow recompute_modules"
+            f"recompute_modules selects {not_linear[:8]}, which are not Linear/Conv1D layers (plain or quantized); "
+            "only those have the fused DoRA backward that can recompute its product. Narrow recompute_modules"
         )
     unsupported = [(n, type(model.get_submodule(n)).__name__) for n in targets
                    if adapter_class_for(model.get_submodule(n)) is None]

@@ -52,8 +52,9 @@ __all__ = [
 
 #: dtypes the frozen base weights can be loaded in (adapters stay fp32 unless DoraConfig.dtype says otherwise)
 BASE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-#: base quantizations: NF4 through bitsandbytes (QLoRA's format, double quantization on)
-QUANTIZE = ("nf4",)
+#: base quantizations: NF4 through bitsandbytes (QLoRA's format, double quantization on); int8 weight-only through
+#: torchao (one scale per row)
+QUANTIZE = ("nf4", "int8")
 #: gradient checkpointing modes (torch.utils.checkpoint's use_reentrant=True / False)
 GRADIENT_CHECKPOINTING = ("off", "reentrant", "non-reentrant")
 
@@ -386,9 +387,7 @@ def _base_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 
 def _quantization_config(quantize: str, dtype: torch.dtype):
-    """transformers' ``BitsAndBytesConfig`` for ``quantize`` (REFERENCE §7), computing in ``dtype``."""
-    if quantize not in QUANTIZE:
-        raise ValueError(f"quantize must be one of {list(QUANTIZE)} or None, got quantize={quantize!r}")
+    """transformers' ``BitsAndBytesConfig`` for ``quantize="nf4"`` (REFERENCE §7), computing in ``dtype``."""
     # bitsandbytes warns at import that the optional CPU inference kernel (for its repacked AVX512-BF16 layout) is
     # missing; torchdora turns that layout off (it breaks gradients, REFERENCE §7), so the warning is only noise
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
@@ -397,6 +396,22 @@ def _quantization_config(quantize: str, dtype: torch.dtype):
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=dtype)
+
+
+def quantize_int8(model: PreTrainedModel) -> int:
+    """Quantize every ``nn.Linear`` of ``model`` but the output head to int8, weight only, one scale per row
+    (torchao's ``Int8WeightOnlyConfig``, in place); returns how many layers were quantized."""
+    # torchao warns at import about its CUDA-only extensions, which a CPU build cannot load: noise for this use
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    except ImportError as error:
+        raise ImportError("--quantize int8 needs torchao: pip install 'torchdora[int8]'") from error
+    head = model.get_output_embeddings()
+    chosen = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    ids = {id(m) for m in chosen}
+    quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda module, name: id(module) in ids)
+    return len(chosen)
 
 
 def load_model_and_tokenizer(
@@ -413,7 +428,9 @@ def load_model_and_tokenizer(
             ``quantize``, the dtype of the parameters left unquantized and of the 4-bit layers' compute.
         quantize: ``"nf4"``: every linear layer but the output head as a bitsandbytes 4-bit ``Linear4bit``
             (NF4, double quantization), with the CPU repacking that breaks gradients turned off
-            (:func:`torchdora.layers.bnb.disable_cpu_weight_repacking`); ``None``: unquantized.
+            (:func:`torchdora.layers.bnb.disable_cpu_weight_repacking`); ``"int8"``: every linear layer but the
+            output head with a torchao int8 weight (weight only, one scale per row, quantized from ``dtype``);
+            ``None``: unquantized.
 
     Returns:
         ``(model, tokenizer)``.  The model is in eval mode on the CPU.  The
@@ -428,8 +445,12 @@ def load_model_and_tokenizer(
         # The tokenizer first: it is quick and fails fast for unreachable hub names.
         tokenizer = _prepare_tokenizer(_load_tokenizer_from(source))
         dtype = _base_dtype(dtype)
-        if quantize is None:
+        if quantize is not None and quantize not in QUANTIZE:
+            raise ValueError(f"quantize must be one of {list(QUANTIZE)} or None, got quantize={quantize!r}")
+        if quantize in (None, "int8"):
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+            if quantize == "int8":
+                quantize_int8(model)
         else:
             device = "cuda" if torch.cuda.is_available() else "cpu"
             model = AutoModelForCausalLM.from_pretrained(
@@ -487,8 +508,9 @@ def add_base_options(parser: argparse.ArgumentParser, **defaults: object) -> Non
                         help="dtype of the base model's weights: float32 (default), bfloat16 (half the memory) or "
                              "float16; adapters stay float32")
     parser.add_argument("--quantize", choices=list(QUANTIZE), default=defaults.get("quantize", None),
-                        help="load the base's linear layers in 4 bits (nf4: bitsandbytes NF4 with double "
-                             "quantization, QLoRA's format; the adapter then trains as QDoRA/QLoRA)")
+                        help="load the base's linear layers quantized: nf4 (4 bits, bitsandbytes NF4 with double "
+                             "quantization, QLoRA's format) or int8 (torchao, weight only, one scale per row); the "
+                             "adapter then trains over the dequantized weights (QDoRA/QLoRA)")
 
 
 def enable_gradient_checkpointing(model: PreTrainedModel, mode: str) -> None:

@@ -4,7 +4,7 @@ The merged weight is ``W' = m · (W + s·B·A) / ||W + s·B·A||`` per output ro
 saved model has no adapter modules and no inference overhead, and its logits equal those of the base
 model with the adapter unmerged (to float32 round-off; to one more rounding in a bf16/fp16 base). The weights
 are saved in the base's dtype (``--base-dtype``) unless ``--dtype`` asks for another. An adapter trained on a
-4-bit base (``--quantize nf4``) is merged into the dequantized 4-bit weights, and the whole model is saved
+quantized base (``--quantize nf4`` or ``int8``) is merged into the dequantized weights, and the whole model is saved
 dequantized, in ``--dtype`` (bf16 gives a quarter of the fp32 size). The folder loads with
 ``AutoModelForCausalLM.from_pretrained`` and holds the tokenizer too.
 
@@ -36,7 +36,7 @@ class MergeConfig:
         base_dtype, quantize: how the base is loaded (as in training: an adapter trained on a 4-bit base merges
             into that same dequantized base, not into the original weights).
         dtype: dtype of the saved weights; ``None``: ``base_dtype`` (a bf16 base saves bf16, never a larger one).
-            A 4-bit base merges in fp32 into its dequantized weights and saves them in this dtype.
+            A quantized base merges in fp32 into its dequantized weights and saves them in this dtype.
     """
 
     adapter: str
@@ -70,10 +70,14 @@ def merge_to_folder(config: MergeConfig) -> Path:
     load_adapter(model, config.adapter)
     if config.quantize is not None:
         for layer in adapter_layers(model).values():
-            layer.merge_dtype = dtype  # the merged layers replace 4-bit ones: in the output dtype directly
+            layer.merge_dtype = dtype  # the merged layers replace quantized ones: in the output dtype directly
     merge_and_unload(model)
     if getattr(model, "hf_quantizer", None) is not None:
         model.dequantize()  # the layers left 4-bit become nn.Linear; the quantization config goes away
+    if config.quantize == "int8":
+        from torchdora.layers.torchao import dequantize_int8_layers
+
+        dequantize_int8_layers(model)  # the layers left int8 get their dequantized weights
     model.to(dtype)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))

@@ -81,7 +81,8 @@ class TrainConfig:
         dtype: ``"float32"`` or ``"bfloat16"`` (mixed precision through accelerate; weights stay fp32).
         base_dtype: dtype of the frozen base weights, ``"float32"``, ``"bfloat16"`` or ``"float16"`` (adapters stay
             fp32; with ``"float16"`` gradients are not loss-scaled).
-        quantize: ``"nf4"``: the base's linear layers in 4 bits (bitsandbytes NF4, QDoRA/QLoRA); ``None``: none.
+        quantize: ``"nf4"``: the base's linear layers in 4 bits (bitsandbytes NF4, QDoRA/QLoRA); ``"int8"``: in 8
+            bits (torchao, weight only); ``None``: none.
         adapter_dtype: dtype of the adapter parameters, their gradients and optimizer state: ``"float32"``
             (default), ``"bfloat16"``, ``"float16"`` or ``"base"`` (the base weights' dtype). The DoRA norm is
             accumulated in fp32 whatever it is.
@@ -178,8 +179,8 @@ class TrainConfig:
         if self.quantize is not None:
             _choice("quantize", self.quantize, QUANTIZE)
             if self.method == "full":
-                raise ValueError("quantize='nf4' freezes the base in 4 bits; --method full would train it: "
-                                 "use --method dora or lora")
+                raise ValueError(f"quantize={self.quantize!r} freezes the base quantized; --method full would train "
+                                 "it: use --method dora or lora")
         _choice("adapter_dtype", self.adapter_dtype, ADAPTER_DTYPES)
         if self.adapter_dtype != "float32" and self.method == "full":
             raise ValueError(f"adapter_dtype={self.adapter_dtype!r} sets the adapters' dtype; --method full has no "
