@@ -85,6 +85,53 @@ def perturb_adapters(model: nn.Module, seed: int = 1, scale: float = 0.3) -> Non
                     param.add_(scale * noise)
 
 
+def dense_reference(quantized: nn.Module, weight: torch.Tensor, seed: int = 0, **adapter) -> nn.Module:
+    """For a quantized adapter layer: the fp32 ``LinearAdapter`` around an ``nn.Linear`` holding ``weight`` (its
+    dequantized weight) and its bias, with the same adapter tensors, both moved off the identity together."""
+    from torchdora.layers import LinearAdapter
+
+    bias = quantized.packed_base.bias
+    dense = nn.Linear(quantized.in_features, quantized.out_features, bias=bias is not None)
+    with torch.no_grad():
+        dense.weight.copy_(weight)
+        if bias is not None:
+            dense.bias.copy_(bias)
+    ref = LinearAdapter(dense, **adapter)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for (name, p), p_ref in zip(quantized.adapter_parameters().items(), ref.adapter_parameters().values()):
+            noise = torch.randn(p.shape, generator=gen)
+            p.mul_(1 + 0.2 * noise) if name == "magnitude" else p.add_(0.3 * noise)
+            p_ref.copy_(p)
+    return ref
+
+
+def layer_grads(layer: nn.Module, x: torch.Tensor):
+    """``(output, ∂/∂x, {adapter parameter: gradient})`` of a fixed linear functional of ``layer(x)``."""
+    x = x.clone().requires_grad_(True)
+    y = layer(x)
+    (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+    return y.detach(), x.grad, {k: p.grad.clone() for k, p in layer.adapter_parameters().items()}
+
+
+def assert_same_function(layer: nn.Module, reference: nn.Module, x: torch.Tensor, rtol: float, atol: float,
+                         dropout_seed: int = 5) -> torch.Tensor:
+    """``layer`` and ``reference`` give the same output, input gradient and adapter gradients on ``x`` (the same
+    dropout masks: the generator is seeded alike before each); returns the output."""
+    from torch.testing import assert_close
+
+    torch.manual_seed(dropout_seed)
+    y, gx, grads = layer_grads(layer, x)
+    torch.manual_seed(dropout_seed)
+    y_ref, gx_ref, grads_ref = layer_grads(reference, x)
+    assert_close(y, y_ref, rtol=rtol, atol=atol)
+    assert_close(gx, gx_ref, rtol=rtol, atol=atol)
+    assert grads.keys() == grads_ref.keys()
+    for name in grads_ref:
+        assert_close(grads[name], grads_ref[name], rtol=rtol, atol=atol, msg=name)
+    return y
+
+
 @pytest.fixture
 def single_thread():
     """Run a test on one intra-op thread: tiny tensors gain nothing from more, and on a loaded machine

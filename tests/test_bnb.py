@@ -17,6 +17,7 @@ from torch.testing import assert_close
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes (the qdora extra) is not installed")
 
+from conftest import assert_same_function, dense_reference, layer_grads  # noqa: E402
 from torchdora import DoraConfig, adapter_layers, inject, load_adapter, merge_and_unload, save_adapter  # noqa: E402
 from torchdora import functional as DF  # noqa: E402
 from torchdora.layers import Linear4bitAdapter, LinearAdapter, adapter_class_for  # noqa: E402
@@ -38,27 +39,7 @@ def _linear4bit(in_features=64, out_features=96, bias=True, seed=0, compute_dtyp
 def _pair(seed=0, bias=True, **adapter):
     """(4-bit adapter, fp32 reference adapter on the dequantized weight) with identical A, B, m, off the identity."""
     q = Linear4bitAdapter(_linear4bit(bias=bias, seed=seed), **adapter)
-    dense = nn.Linear(q.in_features, q.out_features, bias=bias)
-    with torch.no_grad():
-        dense.weight.copy_(q.weight_2d())
-        if bias:
-            dense.bias.copy_(q.base.bias)
-    ref = LinearAdapter(dense, **adapter)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for (name, p), p_ref in zip(q.adapter_parameters().items(), ref.adapter_parameters().values()):
-            noise = torch.randn(p.shape, generator=gen)
-            p.mul_(1 + 0.2 * noise) if name == "magnitude" else p.add_(0.3 * noise)
-            p_ref.copy_(p)
-    return q, ref
-
-
-def _grads(layer, x):
-    x = x.clone().requires_grad_(True)
-    y = layer(x)
-    (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
-    grads = {k: p.grad.clone() for k, p in layer.adapter_parameters().items()}
-    return y.detach(), x.grad, grads
+    return q, dense_reference(q, q.weight_2d(), seed, **adapter)
 
 
 def test_row_blocks_dequantize_exactly_like_the_whole_weight():
@@ -85,27 +66,15 @@ def test_qdora_gradients_equal_fp32_dora_on_dequantized_weight(fast, bias):
     q, ref = _pair(bias=bias)
     q.use_fast_path = ref.use_fast_path = fast
     x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(7))
-    y, gx, grads = _grads(q, x)
-    y_ref, gx_ref, grads_ref = _grads(ref, x)
+    y = assert_same_function(q, ref, x, **TIGHT)
     assert not torch.allclose(y, ref.base(x), **TIGHT)  # guard: the adapter changes the output
-    assert_close(y, y_ref, **TIGHT)
-    assert_close(gx, gx_ref, **TIGHT)
-    for name in grads_ref:
-        assert_close(grads[name], grads_ref[name], **TIGHT, msg=name)
 
 
 def test_qdora_dropout_and_exact_norm_gradients_match():
     q, ref = _pair(dropout=0.25, detach_norm=False)
     q.train(), ref.train()
     x = torch.randn(4, 64, generator=torch.Generator().manual_seed(8))
-    torch.manual_seed(5)
-    y, gx, grads = _grads(q, x)
-    torch.manual_seed(5)  # same dropout mask
-    y_ref, gx_ref, grads_ref = _grads(ref, x)
-    assert_close(y, y_ref, **TIGHT)
-    assert_close(gx, gx_ref, **TIGHT)
-    for name in grads_ref:
-        assert_close(grads[name], grads_ref[name], **TIGHT, msg=name)
+    assert_same_function(q, ref, x, **TIGHT)  # the same dropout masks on both sides
 
 
 def test_gradients_stay_right_after_an_eval_mode_forward():
@@ -137,8 +106,8 @@ def test_gradients_stay_right_after_an_eval_mode_forward():
         for p, p_ref in zip(q.adapter_parameters().values(), ref.adapter_parameters().values()):
             p.add_(0.1), p_ref.copy_(p)
     x = torch.randn(3, 64, generator=torch.Generator().manual_seed(2))
-    y, gx, grads = _grads(q.eval(), x)  # eval mode with grads: still the unpacked weight
-    y_ref, gx_ref, grads_ref = _grads(ref, x)
+    y, gx, grads = layer_grads(q.eval(), x)  # eval mode with grads: still the unpacked weight
+    y_ref, gx_ref, grads_ref = layer_grads(ref, x)
     assert_close(gx, gx_ref, **TIGHT)
     for name in grads_ref:
         assert_close(grads[name], grads_ref[name], **TIGHT, msg=name)

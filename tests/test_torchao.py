@@ -16,8 +16,9 @@ from torch.testing import assert_close
 pytest.importorskip("torchao", reason="torchao (the int8 extra) is not installed")
 from torchao.quantization import Int8WeightOnlyConfig, quantize_  # noqa: E402
 
+from conftest import assert_same_function, dense_reference  # noqa: E402
 from torchdora import DoraConfig, adapter_layers, inject, load_adapter, merge_and_unload, save_adapter  # noqa: E402
-from torchdora.layers import Int8LinearAdapter, LinearAdapter, adapter_class_for  # noqa: E402
+from torchdora.layers import Int8LinearAdapter, adapter_class_for  # noqa: E402
 from torchdora.layers import quantized as qbase  # noqa: E402
 from torchdora.layers.torchao import dequantize_int8_layers, is_int8_linear  # noqa: E402
 
@@ -41,26 +42,7 @@ def _reference_weight(layer) -> torch.Tensor:
 def _pair(seed=0, bias=True, **adapter):
     """(int8 adapter, fp32 reference adapter on the dequantized weight) with identical A, B, m, off the identity."""
     q = Int8LinearAdapter(_int8_linear(bias=bias, seed=seed), **adapter)
-    dense = nn.Linear(q.in_features, q.out_features, bias=bias)
-    with torch.no_grad():
-        dense.weight.copy_(_reference_weight(q.base))
-        if bias:
-            dense.bias.copy_(q.base.bias)
-    ref = LinearAdapter(dense, **adapter)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for (name, p), p_ref in zip(q.adapter_parameters().items(), ref.adapter_parameters().values()):
-            noise = torch.randn(p.shape, generator=gen)
-            p.mul_(1 + 0.2 * noise) if name == "magnitude" else p.add_(0.3 * noise)
-            p_ref.copy_(p)
-    return q, ref
-
-
-def _grads(layer, x):
-    x = x.clone().requires_grad_(True)
-    y = layer(x)
-    (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
-    return y.detach(), x.grad, {k: p.grad.clone() for k, p in layer.adapter_parameters().items()}
+    return q, dense_reference(q, _reference_weight(q.base), seed, **adapter)
 
 
 def test_the_layer_is_recognised_and_dequantizes_exactly():
@@ -80,13 +62,8 @@ def test_int8_dora_gradients_equal_fp32_dora_on_the_dequantized_weight(fast, bia
     q, ref = _pair(bias=bias)
     q.use_fast_path = ref.use_fast_path = fast
     x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(7))
-    y, gx, grads = _grads(q, x)
-    y_ref, gx_ref, grads_ref = _grads(ref, x)
+    y = assert_same_function(q, ref, x, **TIGHT)
     assert not torch.allclose(y, ref.base(x), **TIGHT)  # guard: the adapter changes the output
-    assert_close(y, y_ref, **TIGHT)
-    assert_close(gx, gx_ref, **TIGHT)
-    for name in grads_ref:
-        assert_close(grads[name], grads_ref[name], **TIGHT, msg=name)
 
 
 def test_exact_norm_gradient_and_dropout_match(monkeypatch):
@@ -95,14 +72,7 @@ def test_exact_norm_gradient_and_dropout_match(monkeypatch):
     assert len(list(q._row_blocks())) == 12
     q.train(), ref.train()
     x = torch.randn(4, 64, generator=torch.Generator().manual_seed(8))
-    torch.manual_seed(5)
-    y, gx, grads = _grads(q, x)
-    torch.manual_seed(5)  # same dropout mask
-    y_ref, gx_ref, grads_ref = _grads(ref, x)
-    assert_close(y, y_ref, **TIGHT)
-    assert_close(gx, gx_ref, **TIGHT)
-    for name in grads_ref:
-        assert_close(grads[name], grads_ref[name], **TIGHT, msg=name)
+    assert_same_function(q, ref, x, **TIGHT)  # the same dropout masks on both sides
 
 
 def test_inject_save_load_merge_and_dequantize_a_model(tmp_path):
