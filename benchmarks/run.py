@@ -25,7 +25,6 @@ import argparse
 import copy
 import dataclasses
 import gc
-import math
 import platform
 import statistics
 import sys
