@@ -7,6 +7,7 @@ and calls an importable, typed function; only the chosen command's module is imp
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 
 __all__ = ["main", "COMMANDS"]
@@ -29,6 +30,13 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def quiet_import_warnings() -> None:
+    """transformers imports torchao when it is installed (``torchdora[int8]``); on a CPU build torchao logs warnings
+    about its CUDA-only extensions, and torch about torchao's pytree registrations: nothing about the user's run."""
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -49,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing is not None and not any(flag in rest for flag in ("-h", "--help")):
         print(f"torchdora {command}: error: {missing}", file=sys.stderr)
         return 2
+    quiet_import_warnings()
     module = importlib.import_module(COMMANDS[command][0])
     return int(module.main(rest) or 0)
 
