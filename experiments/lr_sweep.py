@@ -216,6 +216,14 @@ def reading(s: Settings, rows: list[dict]) -> list[str]:
     out = []
     diverged = [f"{r['method']} lr {r['lr']:g} seed {r['seed']}" for r in rows if r["diverged"]]
     out.append(f"- Diverged (loss NaN/inf, the run stopped): {', '.join(diverged) if diverged else 'none of the runs'}.")
+    failed = {}
+    for r in rows:
+        if not r["diverged"] and r["accuracy_after"] <= r["accuracy_before"]:
+            failed.setdefault(r["lr"], []).append(f"{r['method'].replace('lora', 'LoRA').replace('dora', 'DoRA')} "
+                                                  f"seed {r['seed']}")
+    if failed:
+        out.append("- Ended no better than the untrained model (training failed without a NaN): "
+                   + "; ".join(f"lr {lr:g}: {', '.join(runs)}" for lr, runs in sorted(failed.items())) + ".")
     resolved = []
     for lr in s.lrs:
         lora = {r["seed"]: r["accuracy_after"] for r in rows if r["method"] == "lora" and r["lr"] == lr
