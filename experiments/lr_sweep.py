@@ -168,7 +168,7 @@ def plot(rows: list[dict], s: Settings) -> Path:
     return s.figure
 
 
-def write_report(s: Settings, rows: list[dict], argv: list[str], minutes: float) -> str:
+def write_report(s: Settings, rows: list[dict], argv: list[str]) -> str:
     rel = lambda p: Path(p).relative_to(s.docs.parent) if Path(p).is_relative_to(s.docs.parent) else p  # noqa: E731
     pick = lambda method, lr: {r["seed"]: r for r in rows if r["method"] == method and r["lr"] == lr}  # noqa: E731
     n_eval = next((r["test_examples"] for r in rows if r["test_examples"]), s.max_eval)
@@ -258,16 +258,14 @@ def reading(s: Settings, rows: list[dict]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     s = parse_args(argv)
-    start = time.perf_counter()
     rows = [run_one(s, method, lr, seed) for lr in s.lrs for seed in s.seeds for method in METHODS]
-    minutes = (time.perf_counter() - start) / 60
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_bytes(s.data_file, buffer.getvalue().encode())
     plot(rows, s)
-    report = write_report(s, rows, argv, minutes)
+    report = write_report(s, rows, argv)
     atomic_write_bytes(s.docs, report.encode())
     print(report)
     return 0

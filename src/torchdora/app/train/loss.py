@@ -22,8 +22,10 @@ __all__ = ["cross_entropy"]
 _BLOCK_ELEMENTS = 1 << 22
 
 
-def _row_blocks(rows: int, vocab: int) -> range:
-    return range(0, rows, max(1, _BLOCK_ELEMENTS // max(vocab, 1)))
+def _row_blocks(rows: int, vocab: int) -> list[slice]:
+    """Consecutive row slices of about :data:`_BLOCK_ELEMENTS` elements each."""
+    step = max(1, _BLOCK_ELEMENTS // max(vocab, 1))
+    return [slice(start, start + step) for start in range(0, rows, step)]
 
 
 class _CrossEntropy(torch.autograd.Function):
@@ -31,9 +33,8 @@ class _CrossEntropy(torch.autograd.Function):
     def forward(ctx, logits: Tensor, targets: Tensor) -> Tensor:  # type: ignore[override]
         rows, vocab = logits.shape
         lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
-        step = _row_blocks(rows, vocab).step
-        for start in _row_blocks(rows, vocab):
-            lse[start:start + step] = torch.logsumexp(logits[start:start + step].float(), dim=1)
+        for block in _row_blocks(rows, vocab):
+            lse[block] = torch.logsumexp(logits[block].float(), dim=1)
         picked = logits.gather(1, targets.unsqueeze(1)).squeeze(1).float()
         ctx.save_for_backward(logits, targets, lse)
         return (lse - picked).mean()
@@ -44,9 +45,7 @@ class _CrossEntropy(torch.autograd.Function):
         rows, vocab = logits.shape
         scale = grad.float() / rows
         out = torch.empty_like(logits)
-        step = _row_blocks(rows, vocab).step
-        for start in _row_blocks(rows, vocab):
-            block = slice(start, start + step)
+        for block in _row_blocks(rows, vocab):
             p = logits[block].float().sub_(lse[block, None]).exp_()  # softmax of the block's rows
             p.scatter_add_(1, targets[block, None], torch.full_like(p[:, :1], -1.0))  # − onehot
             out[block] = p.mul_(scale)
