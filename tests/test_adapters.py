@@ -256,7 +256,15 @@ def test_weighted_adapter_matches_its_definition(use_dora):
         assert_close(model(x), want, **FP32)
 
 
-def test_merge_one_named_adapter_while_others_stay():
+def _dora_update(w: torch.Tensor, ad) -> torch.Tensor:
+    """One DoRA adapter's update of the pre-trained ``w`` in float64, from the definition (paper eq. 5)."""
+    v = w + ad.scaling * ad.lora_B.double() @ ad.lora_A.double()
+    return (ad.magnitude.double() / torch.linalg.vector_norm(v, dim=1))[:, None] * v - w
+
+
+def test_merging_one_adapter_then_another_gives_the_weight_of_both_active():
+    """merge(['a']) then merge(['b']): the weight of a and b active together, each normalised against the
+    pre-trained weight; an active adapter cannot stay unmerged beside a merged one."""
     model = _two_layer_net()
     torchdora.add_adapter(model, "a", DoraConfig(r=3, alpha=6, target_modules=["0", "2"]))
     torchdora.add_adapter(model, "b", DoraConfig(r=2, alpha=4, target_modules=["0", "2"]))
@@ -273,21 +281,20 @@ def test_merge_one_named_adapter_while_others_stay():
         want_a = model(x)
         torchdora.merge(model, adapter_names=["a"])
         assert_close(model(x), want_a, **FP32)  # a, merged: its own output
-        torchdora.set_adapter(model, "b")  # b stays an adapter and computes on top of the merged weight
+        with pytest.raises(RuntimeError, match="unmerge"):
+            torchdora.set_adapter(model, "b")  # b would compute on a changed base weight
+        torchdora.merge(model, adapter_names=["b"])  # b joins: both are applied, both active
+        assert torchdora.active_adapters(model) == ["a", "b"]
         got = model(x)
-    layer = model[0]
-    ad_a, ad_b = layer.adapters["a"], layer.adapters["b"]
-    w_a, _ = DF.merged_weight(weights["0"].double(), ad_a.lora_A.double(), ad_a.lora_B.double(),
-                              ad_a.magnitude.double(), ad_a.scaling)
-    v = w_a + ad_b.scaling * ad_b.lora_B.double() @ ad_b.lora_A.double()
-    w_ab = (ad_b.magnitude.double() / torch.linalg.vector_norm(v, dim=1))[:, None] * v
-    h = torch.tanh(x.double() @ w_ab.T + layer.base.bias.double())
-    ad_a, ad_b, top = model[2].adapters["a"], model[2].adapters["b"], model[2]
-    w_a, _ = DF.merged_weight(weights["2"].double(), ad_a.lora_A.double(), ad_a.lora_B.double(),
-                              ad_a.magnitude.double(), ad_a.scaling)
-    v = w_a + ad_b.scaling * ad_b.lora_B.double() @ ad_b.lora_A.double()
-    w_ab = (ad_b.magnitude.double() / torch.linalg.vector_norm(v, dim=1))[:, None] * v
-    assert_close(got.double(), h @ w_ab.T + top.base.bias.double(), rtol=1e-5, atol=1e-6)
+    h = x.double()
+    for i, n in ((0, "0"), (1, "2")):
+        layer = model[2 * i]
+        w = weights[n].double()
+        w_ab = w + _dora_update(w, layer.adapters["a"]) + _dora_update(w, layer.adapters["b"])
+        h = h @ w_ab.T + layer.base.bias.double()
+        if i == 0:
+            h = torch.tanh(h)
+    assert_close(got.double(), h, rtol=1e-5, atol=1e-6)
     with pytest.raises(RuntimeError, match="merged"):
         torchdora.delete_adapter(model, "a")
     torchdora.unmerge(model)

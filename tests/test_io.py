@@ -295,7 +295,7 @@ def test_atomic_write_keeps_old_file(tmp_path, monkeypatch):
 
 
 def test_atomic_write_cleans_up_when_the_writer_fails(tmp_path, monkeypatch):
-    import torchdora.io as tio
+    import torchdora.files as tio
 
     def broken_save_file(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"half")

@@ -17,28 +17,18 @@ they are set by the first adapter and shared.
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from typing import Iterator, Sequence
 
-import torch
 from torch import nn
 
-from torchdora import functional as DF
-from torchdora.config import ALL_LINEAR, DoraConfig, module_matches
-from torchdora.inject import (
-    _CONFIG_ATTR,
-    _CONFIGS_ATTR,
-    _closest_names,
-    _forget_configs,
-    _is_linear,
-    _output_head_names,
-    _set_submodule,
-    adapter_layers,
-    disable_adapters,
-    inject,
+from torchdora.config import DoraConfig, check_adapter_name
+from torchdora.inject import disable_adapters, inject
+from torchdora.state import (
+    adapter_layers, all_adapter_layers, drop_state, require_state, set_submodule, state_of, using_layers,
 )
-from torchdora.layers import AdapterLayer, adapter_class_for
-from torchdora.layers.base import DEFAULT_ADAPTER, Adapter
+from torchdora.targets import place_adapter
 
 __all__ = [
     "add_adapter",
@@ -52,94 +42,57 @@ __all__ = [
     "mixed_batch",
 ]
 
-_ACTIVE_ATTR = "torchdora_active_adapters"
-
 #: PEFT's name for :func:`torchdora.disable_adapters`: ``with disable_adapter(model): ...`` runs the base model
 disable_adapter = disable_adapters
 
 
-def _configs(model: nn.Module) -> dict[str, DoraConfig]:
-    configs = getattr(model, _CONFIGS_ATTR, None)
-    if not configs:
-        raise ValueError(f"{type(model).__name__} has no torchdora adapters: call torchdora.inject(model, config) first")
-    return configs
-
-
 def list_adapters(model: nn.Module) -> list[str]:
     """The names of ``model``'s adapters, in the order they were added."""
-    return list(_configs(model))
+    return list(require_state(model).configs)
 
 
 def active_adapters(model: nn.Module) -> list[str]:
     """The adapters the forward applies, in order (PEFT's ``active_adapters``)."""
-    names = list_adapters(model)
-    return list(getattr(model, _ACTIVE_ATTR, names[:1]))
-
-
-def _check_names(model: nn.Module, names: Sequence[str]) -> None:
-    known = list_adapters(model)
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise ValueError(f"no adapter named {unknown} in {type(model).__name__}; it has {known}")
+    return list(require_state(model).active)
 
 
 def set_adapter(model: nn.Module, adapter_name: str | Sequence[str]) -> None:
-    """Make ``adapter_name`` (or several, whose updates add up) the active adapter(s) of every layer."""
+    """Make ``adapter_name`` (or several, whose updates add up) the active adapter(s) of every layer.
+
+    Refused while adapters are merged (unless they are the ones named): unmerge first.
+    """
+    state = require_state(model)
     names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-    _check_names(model, names)
-    for layer in adapter_layers(model).values():
+    state.check_known(names, model)
+    layers = list(all_adapter_layers(model).values())
+    merged = {n for layer in layers for n in layer.merged_adapters}
+    if merged and set(names) != merged:
+        raise RuntimeError(f"adapters {sorted(merged)} are merged into the base weights; call "
+                           f"torchdora.unmerge(model) before making {names} active")
+    for layer in layers:
         layer.set_adapter([n for n in names if n in layer.adapters])
-    setattr(model, _ACTIVE_ATTR, names)
-
-
-def _targets(model: nn.Module, config: DoraConfig) -> dict[str, nn.Module]:
-    """The modules ``config`` selects, seeing each adapter layer as its base module; errors if none."""
-    heads = _output_head_names(model)
-    candidates: dict[str, nn.Module] = {}
-    inside: list[str] = []
-    for name, module in model.named_modules():
-        if not name or any(name.startswith(p) for p in inside):
-            continue
-        if isinstance(module, AdapterLayer):
-            inside.append(name + ".")  # its base, adapters and dropout are not targets of their own
-        candidates[name] = module
-    selected = {}
-    for name, module in candidates.items():
-        base = module.base if isinstance(module, AdapterLayer) else module
-        if config.target_modules == ALL_LINEAR:
-            hit = _is_linear(base) and name not in heads
-        else:
-            hit = module_matches(name, config.target_modules)
-        if hit and not (config.exclude_modules and module_matches(name, config.exclude_modules)):
-            selected[name] = module
-    if not selected:
-        raise ValueError(
-            f"target_modules={config.target_modules!r} matches no module of {type(model).__name__}. "
-            f"Closest module names that exist: {_closest_names(model, config.target_modules)}"
-        )
-    return selected
-
-
-def _layer_kwargs(config: DoraConfig, name: str) -> dict:
-    return dict(r=config.rank_for(name), alpha=config.alpha_for(name), dropout=config.dropout,
-                use_dora=config.use_dora, use_rslora=config.use_rslora,
-                magnitude_only=config.is_magnitude_only(name), init=config.init, dtype=config.torch_dtype)
+    state.active = names
 
 
 def add_adapter(model: nn.Module, adapter_name: str, config: DoraConfig) -> list[str]:
     """Add adapter ``adapter_name`` on the modules ``config`` targets (inactive: see :func:`set_adapter`).
 
-    A model without adapters gets it by :func:`torchdora.inject`. Layer-wide settings (``detach_norm``,
-    ``recompute_modules``) stay those of the layer's first adapter. Returns the adapted module names.
+    A model without adapters gets it by :func:`torchdora.inject` (and it is active). Every field of ``config``
+    applies to the new adapter as it would in :func:`torchdora.inject` (both build through
+    :func:`torchdora.targets.place_adapter`), per adapter: rank, alpha, DoRA/LoRA/VeRA/DVoRA, magnitude-only
+    modules, ``recompute_modules``, ``detach_norm``, dtype. Returns the adapted module names.
 
     Raises:
-        ValueError: the name exists or is not a plain name, a target matches nothing, or ``config`` has
-            ``modules_to_save`` (they are the model's, shared by all adapters: set them on the first adapter).
+        ValueError: the name exists or is not a plain name, a target matches nothing, a VeRA/DVoRA adapter would
+            share a module with another adapter, or ``config`` has ``modules_to_save`` (they are the model's,
+            shared by all adapters: set them on the first adapter).
     """
-    if not getattr(model, _CONFIGS_ATTR, None):
+    check_adapter_name(adapter_name)
+    state = state_of(model)
+    if state is None:
         inject(model, config, adapter_name=adapter_name)
         return list(adapter_layers(model))
-    if adapter_name in list_adapters(model):
+    if adapter_name in state.configs:
         raise ValueError(f"{type(model).__name__} already has an adapter named {adapter_name!r}; "
                          "delete_adapter(model, name) first or choose another name")
     if config.modules_to_save:
@@ -147,59 +100,33 @@ def add_adapter(model: nn.Module, adapter_name: str, config: DoraConfig) -> list
             f"modules_to_save={list(config.modules_to_save)} in the config of adapter {adapter_name!r}: "
             "modules_to_save belong to the model and are shared by all adapters; set them on the first adapter"
         )
-    targets = _targets(model, config)
-    unsupported = [(n, type(m).__name__) for n, m in targets.items()
-                   if not isinstance(m, AdapterLayer) and adapter_class_for(m) is None]
-    if unsupported:
-        raise TypeError(f"no adapter for module type(s) {unsupported[:8]}; narrow target_modules")
-    added: list[AdapterLayer] = []
-    wrapped: dict[str, nn.Module] = {}
-    try:
-        for name, module in targets.items():
-            if isinstance(module, AdapterLayer):
-                module.add_adapter(adapter_name, **_layer_kwargs(config, name))
-                added.append(module)
-            else:
-                layer = adapter_class_for(module)(module, adapter_name=adapter_name,
-                                                  detach_norm=config.detach_norm, **_layer_kwargs(config, name))
-                layer.set_adapter([])  # inactive until set_adapter
-                layer.train(module.training)
-                _set_submodule(model, name, layer)
-                wrapped[name] = module
-    except BaseException:
-        for layer in added:
-            layer.delete_adapter(adapter_name)
-        for name, base in wrapped.items():
-            _set_submodule(model, name, base)
-        raise
-    _configs(model)[adapter_name] = config
-    set_adapter(model, active_adapters(model))  # layers that gained the adapter follow the model's choice
-    return list(targets)
+    place_adapter(model, adapter_name, config, active=False)
+    state.configs[adapter_name] = config
+    set_adapter(model, state.active)  # layers that gained the adapter follow the model's choice
+    return [n for n, layer in all_adapter_layers(model).items() if adapter_name in layer.adapters]
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     """Delete adapter ``adapter_name`` and free its tensors; a layer left without adapters becomes its base
     module again. If it was active, the remaining active ones stay active (the first remaining adapter if none)."""
-    _check_names(model, [adapter_name])
-    layers = {n: layer for n, layer in adapter_layers(model).items() if adapter_name in layer.adapters}
+    state = require_state(model)
+    state.check_known([adapter_name], model)
+    layers = {n: layer for n, layer in all_adapter_layers(model).items() if adapter_name in layer.adapters}
     merged = [n for n, layer in layers.items() if adapter_name in layer.merged_adapters]
     if merged:
         raise RuntimeError(f"adapter {adapter_name!r} is merged in {merged[:4]}; call torchdora.unmerge(model) first")
-    active = [n for n in active_adapters(model) if n != adapter_name]
+    active = [n for n in state.active if n != adapter_name]
     for name, layer in layers.items():
         layer.delete_adapter(adapter_name)
         if not layer.adapters:
-            _set_submodule(model, name, layer.base)
-    del _configs(model)[adapter_name]
-    remaining = list(getattr(model, _CONFIGS_ATTR))
-    if not remaining:
-        _forget_configs(model)
-        if hasattr(model, _ACTIVE_ATTR):
-            delattr(model, _ACTIVE_ATTR)
+            set_submodule(model, name, layer.base)
+    del state.configs[adapter_name]
+    if not state.configs:
+        drop_state(model)
         return
-    if getattr(model, _CONFIG_ATTR, None) is not None and adapter_name == DEFAULT_ADAPTER:
-        setattr(model, _CONFIG_ATTR, _configs(model)[remaining[0]])
-    set_adapter(model, active or remaining[:1])
+    if state.current == adapter_name:
+        state.current = next(iter(state.configs))
+    set_adapter(model, active or list(state.configs)[:1])
 
 
 @contextlib.contextmanager
@@ -207,19 +134,8 @@ def using_adapter(model: nn.Module, adapter_name: str) -> Iterator[nn.Module]:
     """Within the block ``model`` looks like a model with adapter ``adapter_name`` only: :func:`adapter_layers`
     lists the layers that hold it, their ``lora_A``/``magnitude``/… are its tensors, and :func:`adapter_config`
     is its config. Saving, loading and analysis code written for one adapter thus works on any named one."""
-    _check_names(model, [adapter_name])
-    layers = [m for m in model.modules() if isinstance(m, AdapterLayer)]
-    previous = [layer._current for layer in layers]
-    config = getattr(model, _CONFIG_ATTR)
-    try:
-        for layer in layers:
-            layer._current = adapter_name if adapter_name in layer.adapters else None
-        setattr(model, _CONFIG_ATTR, _configs(model)[adapter_name])
+    with using_layers(model, adapter_name):
         yield model
-    finally:
-        for layer, current in zip(layers, previous):
-            layer._current = current
-        setattr(model, _CONFIG_ATTR, config)
 
 
 @contextlib.contextmanager
@@ -233,8 +149,8 @@ def mixed_batch(model: nn.Module, row_adapters: Sequence[str | None]) -> Iterato
     ``RuntimeError`` while adapters are merged.
     """
     rows = list(row_adapters)
-    _check_names(model, sorted({n for n in rows if n is not None}))
-    layers = list(adapter_layers(model).values())
+    require_state(model).check_known(sorted({n for n in rows if n is not None}), model)
+    layers = list(all_adapter_layers(model).values())
     if any(layer.merged for layer in layers):
         raise RuntimeError("a mixed-adapter batch needs unmerged adapters; call torchdora.unmerge(model) first")
     try:
@@ -269,43 +185,31 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
                          "(PEFT's 'linear' sums A's and B's separately, which is not the weighted update)")
     if len(adapters) != len(weights) or not adapters:
         raise ValueError(f"give one weight per adapter: {len(adapters)} adapters, {len(weights)} weights")
-    _check_names(model, list(adapters))
-    if adapter_name in list_adapters(model):
+    bad = [w for w in weights if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w)]
+    if bad:
+        raise ValueError(f"weights must be finite numbers, got {bad}; e.g. [0.5, 0.5]")
+    check_adapter_name(adapter_name)
+    state = require_state(model)
+    state.check_known(list(adapters), model)
+    if adapter_name in state.configs:
         raise ValueError(f"{type(model).__name__} already has an adapter named {adapter_name!r}")
-    configs = _configs(model)
+    configs = state.configs
     kinds = {configs[n].use_dora for n in adapters}
     if len(kinds) != 1:
         raise ValueError(f"adapters {list(adapters)} mix DoRA and LoRA; combine adapters of one kind")
+    layers = {n: layer for n, layer in all_adapter_layers(model).items() if any(a in layer.adapters for a in adapters)}
+    if any(layer.merged for layer in layers.values()):
+        raise RuntimeError("the adapters are merged; call torchdora.unmerge(model) before combining them")
     ranks: dict[str, int] = {}
-    for name, layer in adapter_layers(model).items():
-        present = [(float(w), layer.adapters[n]) for n, w in zip(adapters, weights) if n in layer.adapters]
-        if not present:
-            continue
-        if layer.merged:
-            raise RuntimeError("the adapters are merged; call torchdora.unmerge(model) before combining them")
-        if type(layer)._init_direction is not AdapterLayer._init_direction:
-            raise ValueError(f"{type(layer).__name__} ({name}) keeps its update outside its named adapters "
-                             "(e.g. VeRA's d, b); only LoRA/DoRA adapters can be combined")
-        parts = []
-        for w, ad in present:
-            with layer.using(next(k for k, v in layer.adapters.items() if v is ad)):
-                a, b = layer.lora_A_2d(), layer.lora_B_2d()
-            parts.append((w, None if a is None else a.detach(), None if b is None else b.detach(),
-                          None if ad.magnitude is None else ad.magnitude.detach(), ad.scaling))
-        with torch.no_grad():
-            a, b, m = DF.weighted_combination(parts, layer.base_sq_norm().sqrt())
-        first = present[0][1]
-        rank = 0 if a is None else a.shape[0]
-        new = Adapter(r=max(rank, 1), alpha=float(max(rank, 1)), dropout=0.0, use_dora=first.use_dora,
-                      use_rslora=False, magnitude_only=rank == 0)
-        new.train(layer.training)
-        if rank:
-            new.lora_A = nn.Parameter(a.reshape(layer._lora_A_shape(rank)).clone())
-            new.lora_B = nn.Parameter(b.reshape(layer._lora_B_shape(rank)).clone())
-        if m is not None:
-            new.magnitude = nn.Parameter(m.clone())
-        layer.adapters[adapter_name] = new
-        ranks[name] = max(rank, 1)
+    try:
+        for name, layer in layers.items():
+            new = layer.add_weighted_adapter(adapter_name, [(n, float(w)) for n, w in zip(adapters, weights)
+                                                             if n in layer.adapters])
+            ranks[name] = 1 if new.magnitude_only else new.r
+    except BaseException:
+        for name in ranks:
+            layers[name].delete_adapter(adapter_name)
+        raise
     if not ranks:
         raise ValueError(f"adapters {list(adapters)} are on no layer of {type(model).__name__}")
     exact = {re.escape(n): r for n, r in ranks.items()}
@@ -313,8 +217,7 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
     configs[adapter_name] = DoraConfig(
         r=r0, alpha=float(r0), target_modules=tuple(ranks), rank_pattern=exact,
         alpha_pattern={k: float(v) for k, v in exact.items()}, use_dora=configs[adapters[0]].use_dora,
-        magnitude_only_modules=tuple(n for n, layer in adapter_layers(model).items()
-                                     if adapter_name in layer.adapters and layer.adapters[adapter_name].magnitude_only),
+        magnitude_only_modules=tuple(n for n, layer in layers.items() if layer.adapters[adapter_name].magnitude_only),
         dtype=configs[adapters[0]].dtype,
     )
     set_adapter(model, active_adapters(model))

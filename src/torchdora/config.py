@@ -10,7 +10,7 @@ from typing import Any, Literal, Mapping
 
 import torch
 
-__all__ = ["DoraConfig", "ALL_LINEAR", "module_matches", "pattern_value"]
+__all__ = ["DoraConfig", "ALL_LINEAR", "module_matches", "pattern_value", "check_adapter_name"]
 
 ALL_LINEAR = "all-linear"
 InitKind = Literal["kaiming", "gaussian"]
@@ -54,6 +54,22 @@ def pattern_value(name: str, patterns: Mapping[str, Any], default: Any) -> Any:
     return default
 
 
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-+=@]{0,99}")
+
+
+def check_adapter_name(name: object) -> str:
+    """An adapter name must be safe as a state-dict key part and as a folder name (``save_adapter`` writes adapter
+    ``name`` to ``<folder>/<name>/``): letters, digits and ``_ - + = @``, not starting with ``-``, at most 100
+    characters; no dots, path separators, ``.``/``..`` or absolute paths. Returns it; raises ``ValueError``."""
+    if not isinstance(name, str) or not _ADAPTER_NAME.fullmatch(name):
+        raise ValueError(
+            f"adapter name {name!r} is not allowed: use 1-100 letters, digits or '_-+=@' (not starting with '-'), "
+            "e.g. 'french' or 'lora_r8'; names become state-dict keys and folder names, so dots and path "
+            "separators are refused"
+        )
+    return name
+
+
 @dataclass(frozen=True)
 class DoraConfig:
     """How adapters are placed and parametrised.
@@ -61,7 +77,7 @@ class DoraConfig:
     Args:
         r: LoRA rank (paper default recipe: 32; half rank 16).
         alpha: LoRA alpha; the scale is ``alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``).
-        dropout: dropout probability on the adapter input (REFERENCE §1 dropout form).
+        dropout: dropout probability on the adapter input (PEFT's DoRA form: only the adapter path sees the dropped input).
         target_modules: which modules get an adapter: a regex string matched against the whole dotted name,
             a list of exact names or name suffixes, or ``"all-linear"`` (every Linear/Conv1D except the output head).
         exclude_modules: same forms as ``target_modules``; matching modules are skipped.

@@ -30,6 +30,8 @@ __all__ = [
     "dora_scale",
     "merged_weight",
     "unmerged_weight",
+    "merged_weight_of_adapters",
+    "unmerged_weight_of_adapters",
     "dora_combine",
     "vera_projections",
     "vera_factors",
@@ -221,6 +223,65 @@ def unmerged_weight(
     if lora_A is not None and lora_B is not None:
         weight = weight - delta_weight(lora_A.to(acc), lora_B.to(acc), scaling)
     return weight.to(merged.dtype)
+
+
+#: one adapter's part of a merge: ``(A (r, in) | None, B (out, r) | None, m (out,) | None, s)``
+AdapterTerms = tuple[Tensor | None, Tensor | None, Tensor | None, float]
+
+
+def merged_weight_of_adapters(weight: Tensor, adapters: Sequence[AdapterTerms]) -> tuple[Tensor, list[Tensor | None]]:
+    """The one weight that computes what several adapters active together compute, and each DoRA factor.
+
+    Active adapters add their updates to the shared base (PEFT's rule), each DoRA adapter normalised against the
+    *pre-trained* ``W`` (paper eq. 5 per adapter)::
+
+        W' = W + Σ_DoRA [diag(f_i)(W + s_i B_i A_i) − W] + Σ_LoRA s_i B_i A_i,    f_i = m_i / ||W + s_i B_i A_i||
+
+    With one adapter this is :func:`merged_weight`. Merging one adapter after another instead (each normalised
+    against the already-merged weight) is a different model. Computed in at least fp32, returned in
+    ``weight.dtype``; the factors (``None`` for LoRA) let :func:`unmerged_weight_of_adapters` undo it.
+    """
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    base = weight.to(acc)
+    out = base.clone()
+    factors: list[Tensor | None] = []
+    for lora_A, lora_B, magnitude, scaling in adapters:
+        adapted = base if lora_A is None or lora_B is None else base + delta_weight(
+            lora_A.to(acc), lora_B.to(acc), scaling)
+        if magnitude is None:
+            factors.append(None)
+            out += adapted - base
+            continue
+        factor = dora_scale(magnitude.to(acc), torch.linalg.vector_norm(adapted, dim=1))  # (out,)
+        factors.append(factor)
+        out += factor[:, None] * adapted - base
+    return out.to(weight.dtype), factors
+
+
+def unmerged_weight_of_adapters(
+    merged: Tensor, adapters: Sequence[tuple[Tensor | None, Tensor | None, Tensor | None, float]]
+) -> tuple[Tensor, Tensor]:
+    """Invert :func:`merged_weight_of_adapters` from its factors: ``(W, lost)`` with ``lost`` ``(out,)`` bool.
+
+    ``adapters``: ``(A, B, f, s)`` per merged adapter, ``f`` the factor the merge returned (``None``: LoRA). The
+    merged weight is ``W' = c ⊙ W + Σ_i g_i ⊙ s_i B_i A_i`` with ``c = 1 + Σ_DoRA (f_i − 1)`` and ``g_i = f_i``
+    (DoRA) or 1 (LoRA), so ``W = (W' − Σ_i g_i ⊙ s_i B_i A_i) / c``. Rows where ``c = 0`` carry no trace of ``W``;
+    they are returned as 0 and flagged in ``lost`` (keep them aside when merging to restore them exactly).
+    """
+    acc = torch.promote_types(merged.dtype, torch.float32)
+    rest = merged.to(acc).clone()
+    c = torch.ones(merged.shape[0], dtype=acc, device=merged.device)
+    for lora_A, lora_B, factor, scaling in adapters:
+        g = None if factor is None else factor.to(acc)
+        if g is not None:
+            c += g - 1
+        if lora_A is not None and lora_B is not None:
+            delta = delta_weight(lora_A.to(acc), lora_B.to(acc), scaling)
+            rest -= delta if g is None else g[:, None] * delta
+    lost = c == 0
+    safe = torch.where(lost, torch.ones_like(c), c)
+    weight = torch.where(lost[:, None], torch.zeros_like(rest), rest / safe[:, None])
+    return weight.to(merged.dtype), lost
 
 
 def dora_combine(

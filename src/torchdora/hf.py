@@ -30,17 +30,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from torchdora.inject import adapter_layers
-from torchdora.layers import VeraAdapter
+from torchdora.distributed import is_main_process as main_rank
+from torchdora.files import atomic_save_safetensors
 from torchdora.io import (
     PEFT_CONFIG,
     TORCHDORA_CONFIG,
     adapter_state_dict,
-    atomic_save_safetensors,
     load_adapter,
     read_adapter,
+    recorded_name,
     save_adapter,
 )
+from torchdora.layers import VeraAdapter
+from torchdora.state import adapter_layers, on_adapters_added
 
 __all__ = ["save_pretrained", "load_model", "adapter_base_model", "recorded_name", "attach", "detach"]
 
@@ -56,7 +58,8 @@ def _is_transformers_model(model: nn.Module) -> bool:
 def attach(model: nn.Module) -> None:
     """Give an injected transformers model torchdora's :func:`save_pretrained` and tolerate adapter-only loads.
 
-    Called by :func:`torchdora.inject`; a no-op for other modules. The instance attribute shadows the class's
+    Runs when a model gains its first adapter (registered with :func:`torchdora.state.on_adapters_added` below);
+    a no-op for other modules. The instance attribute shadows the class's
     ``save_pretrained``; :func:`detach` (called by ``unload``/``merge_and_unload``) restores it.
     """
     if not _is_transformers_model(model) or _adapter_only_load in model._load_state_dict_post_hooks.values():
@@ -99,15 +102,6 @@ def _adapter_only_load(model: nn.Module, incompatible: Any) -> None:
     incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k in adapter_keys]
 
 
-def recorded_name(model: nn.Module) -> str | None:
-    """Where ``model`` was loaded from: an existing local folder as an absolute path, else the hub name."""
-    name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
-    if not name:
-        return None
-    path = Path(name).expanduser()
-    return str(path.resolve()) if path.is_dir() else str(name)
-
-
 def save_pretrained(
     self: nn.Module,
     save_directory: str | os.PathLike,
@@ -140,11 +134,12 @@ def save_pretrained(
         save_adapter(self, folder, format="peft", base_model_name_or_path=base)
     else:  # a stale PEFT export from an earlier save would disagree with the torchdora files
         (folder / PEFT_CONFIG).unlink(missing_ok=True)
-    from torchdora.distributed import is_main_process as main_rank
-
     if main_rank():
         tensors = {k: v.detach() for k, v in _adapter_keys(self).items()}
         atomic_save_safetensors(tensors, folder / RESUME_WEIGHTS, {"format": "pt", "torchdora": "adapter-only"})
+
+
+on_adapters_added(attach, detach)
 
 
 def adapter_base_model(path: str | os.PathLike) -> str | None:

@@ -10,7 +10,7 @@ torchdora format (a folder):
     once, ``vera_A`` ``(r, max in)`` and ``vera_B`` ``(max out, r)`` (module ``m`` uses ``vera_A[:, :in]``,
     ``vera_B[:out]``), as drawn from ``config.projection_prng_key``.
 
-PEFT format (REFERENCE §5): ``adapter_config.json`` + ``adapter_model.safetensors`` with keys
+PEFT format (``docs/formats.md``): ``adapter_config.json`` + ``adapter_model.safetensors`` with keys
 ``base_model.model.<module>.lora_A.weight`` etc. Every file is written to a temporary name and renamed,
 so an interrupted save never leaves a half-written file. The torchdora config also records the weights'
 SHA-256, so weights and config from two different saves are detected on load (PEFT's config has no such field).
@@ -18,27 +18,30 @@ SHA-256, so weights and config from two different saves are detected on load (PE
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from torchdora.adapters import add_adapter, delete_adapter, list_adapters, using_adapter
-from torchdora.config import DoraConfig, module_matches
+from torchdora.config import DoraConfig, check_adapter_name, module_matches
+from torchdora.files import (
+    atomic_save_safetensors, atomic_write_bytes, atomic_write_json, file_sha256, replace_dir, staged_dir,
+    tensors_sha256,
+)
 from torchdora.functional import lora_scaling
-from torchdora.inject import adapter_config, adapter_layers, inject, unload
+from torchdora.inject import adapter_config, inject, unload
 from torchdora.layers import AdapterLayer, ConvAdapter, EmbeddingAdapter
 from torchdora.layers.base import DEFAULT_ADAPTER
 from torchdora.layers.vera import shared_projection
+from torchdora.peft_format import BASE_LAYER_PREFIX, PEFT_PREFIX, SAVE_PREFIX, from_peft, to_peft
+from torchdora.state import adapter_layers, state_of
 
 __all__ = [
     "FORMAT_VERSION",
@@ -50,6 +53,8 @@ __all__ = [
     "atomic_write_json",
     "atomic_save_safetensors",
     "replace_dir",
+    "tensors_sha256",
+    "recorded_name",
 ]
 
 FORMAT_VERSION = 1
@@ -57,95 +62,11 @@ TORCHDORA_CONFIG = "torchdora_config.json"
 TORCHDORA_WEIGHTS = "torchdora_adapter.safetensors"
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."
-SAVE_PREFIX = "modules_to_save."
 #: keys of VeRA's shared projection pair, saved once per adapter (optional on load: a PEFT file written with
 #: save_projection=False has none, and inject has already drawn them from the seed)
 PROJECTION_KEYS = ("vera_A", "vera_B")
 
 Format = Literal["torchdora", "peft"]
-
-
-# ---- atomic writes --------------------------------------------------------------------------------------
-def _umask() -> int:
-    """The process's umask, read without changing it where Linux allows (``os.umask`` is set-and-return)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def default_mode(directory: bool = False) -> int:
-    """The mode ``open``/``mkdir`` would give a new file (0o666) or folder (0o777) under the current umask.
-
-    ``tempfile.mkstemp``/``mkdtemp`` create 0600/0700 on purpose (private until renamed); a file or folder
-    swapped in from them gets this mode first, so other users and serving accounts read it as usual.
-    """
-    return (0o777 if directory else 0o666) & ~_umask()
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, default_mode())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def atomic_save_safetensors(tensors: Mapping[str, Tensor], path: str | os.PathLike,
-                            metadata: Mapping[str, str] | None = None) -> None:
-    """``safetensors.torch.save_file`` through a temporary file and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=dict(metadata or {}))
-        os.chmod(tmp, default_mode())  # after: safetensors writes the file anew (0600)
-        with open(tmp, "rb") as f:  # on disk before the rename makes it visible
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def replace_dir(tmp: str | os.PathLike, target: str | os.PathLike) -> Path:
-    """Swap the finished folder ``tmp`` in as ``target``.
-
-    The previous ``target`` moves to ``.<name>.old`` first and is deleted last, so at every instant one
-    complete folder exists under one of the two names (a directory cannot be renamed over a non-empty one).
-    """
-    tmp, target = Path(tmp), Path(target)
-    # a tempfile.mkdtemp folder is 0700, and some writers (safetensors under transformers) leave files 0600
-    for path in [tmp, *tmp.rglob("*")]:
-        os.chmod(path, default_mode(directory=path.is_dir()))
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-    return target
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -174,17 +95,6 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
                          f"{f' (+{len(bad) - 5} more)' if len(bad) > 5 else ''}: the file is corrupt or comes from a "
                          "diverged run; use an earlier adapter or checkpoint")
     return tensors, metadata
-
-
-def tensors_sha256(tensors: Mapping[str, Tensor]) -> str:
-    """SHA-256 of the tensors' names, dtypes, shapes and bytes (sorted by name): a checksum that can be stored
-    inside the safetensors file it describes, which PEFT's ``adapter_config.json`` has no field for."""
-    digest = hashlib.sha256()
-    for key in sorted(tensors):
-        t = tensors[key].detach().cpu().contiguous()
-        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 #: the PEFT config fields that change what an adapter computes, recorded in the weights file's metadata
@@ -277,6 +187,15 @@ def save_adapter(
     return folder
 
 
+def recorded_name(model: nn.Module) -> str | None:
+    """Where ``model`` was loaded from: an existing local folder as an absolute path, else the hub name."""
+    name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not name:
+        return None
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.is_dir() else str(name)
+
+
 def _save_one(model: nn.Module, path: Path, format: Format, base_model_name_or_path: str | None) -> Path:
     """Save the model's one adapter (see :func:`save_adapter`).
 
@@ -284,12 +203,13 @@ def _save_one(model: nn.Module, path: Path, format: Format, base_model_name_or_p
     ``peft.PeftModel.from_pretrained`` loads it. Tensors are saved in fp32. ``base_model_name_or_path``
     defaults to where a transformers model was loaded from (a local folder as its absolute path).
 
-    The torchdora config is written last and records the weights file's SHA-256, so a folder whose save
-    was interrupted between the two files is detected on load. Under torch.distributed every rank must
-    call this (FSDP2-sharded tensors are gathered); only rank 0 writes.
+    The folder is written beside ``path`` and swapped in (:func:`torchdora.files.staged_dir`; files of other
+    formats already there are kept), so a kill at any point leaves the previous adapter or the new one. The
+    torchdora config also records the weights file's SHA-256, so weights and config from two saves are detected
+    on load. Under torch.distributed every rank must call this (FSDP2-sharded tensors are gathered); only rank 0
+    writes.
     """
     from torchdora.distributed import full_tensor, is_main_process
-    from torchdora.hf import recorded_name
 
     config = adapter_config(model)
     _check_not_merged(model)
@@ -303,27 +223,26 @@ def _save_one(model: nn.Module, path: Path, format: Format, base_model_name_or_p
         tensors[key] = value.float() if value.is_floating_point() else value
     if not is_main_process():
         return folder
-    if format == "torchdora":
-        header = {
-            "format": "torchdora-adapter",
-            "format_version": FORMAT_VERSION,
-            "config": config.to_dict(),
-            "modules": _module_info(model),
-            "base_model_name_or_path": base_model_name_or_path,
-        }
-        atomic_save_safetensors(tensors, folder / TORCHDORA_WEIGHTS,
-                                {"format": "torchdora-adapter", "format_version": str(FORMAT_VERSION)})
-        header["weights_sha256"] = _sha256(folder / TORCHDORA_WEIGHTS)
-        atomic_write_json(folder / TORCHDORA_CONFIG, header)
-    else:
-        from torchdora.peft_format import to_peft
-
-        peft_config, peft_tensors = to_peft(model, config, tensors, base_model_name_or_path)
-        record = {k: peft_config.get(k) for k in _PEFT_MATH_FIELDS}
-        atomic_save_safetensors(peft_tensors, folder / PEFT_WEIGHTS,
-                                {"format": "pt", _PEFT_CHECKSUM: tensors_sha256(peft_tensors),
-                                 _PEFT_RECORD: json.dumps(record, sort_keys=True)})
-        atomic_write_json(folder / PEFT_CONFIG, peft_config)
+    with staged_dir(folder, keep=True) as tmp:
+        if format == "torchdora":
+            header = {
+                "format": "torchdora-adapter",
+                "format_version": FORMAT_VERSION,
+                "config": config.to_dict(),
+                "modules": _module_info(model),
+                "base_model_name_or_path": base_model_name_or_path,
+            }
+            atomic_save_safetensors(tensors, tmp / TORCHDORA_WEIGHTS,
+                                    {"format": "torchdora-adapter", "format_version": str(FORMAT_VERSION)})
+            header["weights_sha256"] = file_sha256(tmp / TORCHDORA_WEIGHTS)
+            atomic_write_json(tmp / TORCHDORA_CONFIG, header)
+        else:
+            peft_config, peft_tensors = to_peft(model, config, tensors, base_model_name_or_path)
+            record = {k: peft_config.get(k) for k in _PEFT_MATH_FIELDS}
+            atomic_save_safetensors(peft_tensors, tmp / PEFT_WEIGHTS,
+                                    {"format": "pt", _PEFT_CHECKSUM: tensors_sha256(peft_tensors),
+                                     _PEFT_RECORD: json.dumps(record, sort_keys=True)})
+            atomic_write_json(tmp / PEFT_CONFIG, peft_config)
     return folder
 
 
@@ -347,7 +266,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[DoraConfig, dict[str, Tensor]
         config = DoraConfig.from_dict(header["config"])
         tensors, _ = _read_safetensors(folder / TORCHDORA_WEIGHTS)
         expected_sha = header.get("weights_sha256")
-        if expected_sha is not None and _sha256(folder / TORCHDORA_WEIGHTS) != expected_sha:
+        if expected_sha is not None and file_sha256(folder / TORCHDORA_WEIGHTS) != expected_sha:
             raise ValueError(
                 f"{folder / TORCHDORA_WEIGHTS} does not match {TORCHDORA_CONFIG} (checksum differs): the save was "
                 "interrupted or the files come from different adapters; save the adapter again"
@@ -355,8 +274,6 @@ def read_adapter(path: str | os.PathLike) -> tuple[DoraConfig, dict[str, Tensor]
         _check_recorded_scaling(folder, config, header.get("modules"))
         return config, tensors, "torchdora"
     if (folder / PEFT_CONFIG).is_file():
-        from torchdora.peft_format import from_peft
-
         peft_config = _read_json(folder / PEFT_CONFIG)
         tensors, metadata = _read_safetensors(folder / PEFT_WEIGHTS)
         _check_peft_record(folder, peft_config, tensors, metadata)
@@ -394,22 +311,12 @@ def _like(source: Tensor, target: Tensor) -> Tensor:
     return source
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _base_layer_tensors(model: nn.Module, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """The base parameters of adapted modules that a PEFT file carries (``base_layer.<module>.<param>`` keys).
 
     PEFT saves an adapted embedding's or ``lm_head``'s base weight by default and loads it back into the base
     layer (it may have been resized); so does torchdora. Only keys the file has are expected.
     """
-    from torchdora.peft_format import BASE_LAYER_PREFIX
-
     out = {}
     for name, layer in adapter_layers(model).items():
         for pname, param in layer.base.named_parameters():
@@ -455,12 +362,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
     its scaling (``alpha / r``) must match the file's. Every key is checked before anything is copied: on a
     mismatch the model is left as it was.
     """
-    name = DEFAULT_ADAPTER if adapter_name is None else adapter_name
+    name = DEFAULT_ADAPTER if adapter_name is None else check_adapter_name(adapter_name)
     folder = Path(path)
     config, tensors, _ = read_adapter(folder)
     created = None
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    if not adapter_layers(model):
+    if state_of(model) is None:
         inject(model, config, adapter_name=name)
         created = "injected"
     elif name not in list_adapters(model):

@@ -1,4 +1,4 @@
-"""Translation between torchdora's adapter keys and PEFT's adapter file format (REFERENCE §5).
+"""Translation between torchdora's adapter keys and PEFT's adapter file format (``docs/formats.md``).
 
 PEFT keys carry the prefix ``base_model.model.`` and no adapter name:
 ``<m>.lora_A.weight`` / ``<m>.lora_B.weight`` (Linear, Conv1D, Conv), ``<m>.lora_embedding_A`` /
@@ -12,7 +12,7 @@ implement is refused by name (:func:`check_peft_options`); on the way out, ``tas
 model's class (:func:`infer_task_type`) so that ``AutoPeftModelFor...`` and transformers' ``from_pretrained`` of the
 folder find the right model class.
 
-VeRA (``peft_type: "VERA"``, REFERENCE §8): ``base_model.model.<m>.vera_lambda_d`` ``(r,)`` and
+VeRA (``peft_type: "VERA"``, Kopiczko et al., ICLR 2024): ``base_model.model.<m>.vera_lambda_d`` ``(r,)`` and
 ``.vera_lambda_b`` ``(out,)`` per module, and the shared pair once as ``base_model.vera_A`` ``(r, max in)`` and
 ``base_model.vera_B`` ``(max out, r)`` (absent when saved with ``save_projection=False``: then it is drawn again
 from ``projection_prng_key``). DVoRA has no PEFT format (PEFT has no DVoRA); it is saved in torchdora's.
@@ -25,13 +25,16 @@ from typing import Any, Mapping
 from torch import Tensor, nn
 
 from torchdora.config import DoraConfig
-from torchdora.inject import adapter_layers
 from torchdora.layers import ConvAdapter, EmbeddingAdapter
+from torchdora.state import adapter_layers
 
-__all__ = ["to_peft", "from_peft", "infer_task_type", "check_peft_options", "BASE_LAYER_PREFIX"]
+__all__ = ["to_peft", "from_peft", "infer_task_type", "check_peft_options", "BASE_LAYER_PREFIX", "PEFT_PREFIX",
+           "SAVE_PREFIX"]
 
-from torchdora.io import PEFT_PREFIX as PREFIX  # noqa: E402
-from torchdora.io import SAVE_PREFIX  # noqa: E402  (io imports this module lazily)
+#: prefix of every key in a PEFT adapter file
+PEFT_PREFIX = PREFIX = "base_model.model."
+#: torchdora key prefix of a ``modules_to_save`` tensor (PEFT: the module's own key under :data:`PEFT_PREFIX`)
+SAVE_PREFIX = "modules_to_save."
 # torchdora key suffix -> PEFT key suffix, per layer kind
 _LINEAR_KEYS = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "magnitude": "lora_magnitude_vector"}
 _EMBEDDING_KEYS = {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B", "magnitude": "lora_magnitude_vector"}

@@ -15,7 +15,7 @@ from torchdora.analysis.decomposition import CSV_COLUMNS, DecompositionRow
 from torchdora.analysis.stats import (
     STATISTICS, Interval, Verdict, decomposition_grid, fit_rows, grid_statistics, module_type,
 )
-from torchdora.io import atomic_write_bytes
+from torchdora.files import atomic_write_bytes
 
 __all__ = [
     "write_csv", "read_csv", "write_json", "plot_scatter", "plot_layers", "plot_statistics", "STATS_COLUMNS",

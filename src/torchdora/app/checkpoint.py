@@ -21,13 +21,11 @@ leaves a complete checkpoint, and a half-deleted or edited one is never resumed 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -35,7 +33,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from torchdora.io import atomic_save_safetensors, atomic_write_json, replace_dir
+from torchdora.files import atomic_save_safetensors, atomic_write_json, file_sha256, replace_dir
 
 __all__ = [
     "CHECKPOINT_DIR",
@@ -195,32 +193,10 @@ def load_rng_state(folder: Path, rank: int = 0, num_saved: int = 1) -> bool:
 
 
 # ---- the folder swap -----------------------------------------------------------------------------------------
-_HASHES: dict[tuple[str, int, int, int], str] = {}  # (path, inode, size, mtime) -> SHA-256, per process
-
-
-def _sha256(path: Path) -> str:
-    """SHA-256 of a file, remembered while the file is unchanged (a resume checks the same checkpoint twice).
-
-    Files modified in the last 2 s are always read: file times can be as coarse as a clock tick, so a
-    same-size rewrite right after a hash could otherwise look unchanged.
-    """
-    st = path.stat()
-    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
-    if key in _HASHES:
-        return _HASHES[key]
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    if time.time() - st.st_mtime > 2.0:
-        _HASHES[key] = digest.hexdigest()
-    return digest.hexdigest()
-
-
 def write_manifest(folder: Path) -> None:
     """``manifest.json``: size and SHA-256 of every file in ``folder``; written last, it marks completeness."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-    entries = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    entries = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in files}
     atomic_write_json(folder / MANIFEST, {"format": "torchdora-checkpoint", "files": entries})
 
 
@@ -248,7 +224,7 @@ def checkpoint_problem(folder: Path) -> str | None:
             return f"{name} is missing"
         if path.stat().st_size != entry["size"]:
             return f"{name} has {path.stat().st_size} bytes, the manifest says {entry['size']}"
-        if _sha256(path) != entry["sha256"]:
+        if file_sha256(path) != entry["sha256"]:
             return f"{name} does not match its SHA-256 in the manifest (the file changed or is corrupt)"
     return None
 

@@ -57,7 +57,8 @@ def merge_to_folder(config: MergeConfig) -> Path:
     """
     from torchdora.app.assets import BASE_DTYPES, load_model_and_tokenizer, model_for_adapter, resolve_model
     from torchdora.inject import adapter_layers, merge_and_unload
-    from torchdora.io import load_adapter, read_adapter, replace_dir
+    from torchdora.files import replace_dir
+    from torchdora.io import load_adapter, read_adapter
 
     output = Path(config.output)
     if output.exists() and not config.overwrite:

@@ -6,7 +6,7 @@ import io
 import os
 from typing import Any, Sequence
 
-from torchdora.io import atomic_write_bytes
+from torchdora.files import atomic_write_bytes
 
 __all__ = ["plot_training"]
 

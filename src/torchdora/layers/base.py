@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from torchdora import functional as DF
 from torchdora.cache import CachedValue, sample_of
+from torchdora.config import check_adapter_name
 
 __all__ = ["AdapterLayer", "Adapter", "DEFAULT_ADAPTER", "is_conv1d"]
 
@@ -48,7 +49,7 @@ class Adapter(nn.Module):
     """
 
     def __init__(self, *, r: int, alpha: float, dropout: float, use_dora: bool, use_rslora: bool,
-                 magnitude_only: bool) -> None:
+                 magnitude_only: bool, detach_norm: bool = True, recompute_output: bool = False) -> None:
         super().__init__()
         if magnitude_only and not use_dora:
             raise ValueError("magnitude_only=True needs use_dora=True: plain LoRA has no magnitude to train")
@@ -59,6 +60,11 @@ class Adapter(nn.Module):
         self.use_dora = use_dora
         self.magnitude_only = magnitude_only
         self.dropout_p = float(dropout)
+        #: treat the norm as a constant in backward (paper §4.3); ``False``: the exact gradient
+        self.detach_norm = detach_norm
+        #: fused path: keep what LoRA keeps and recompute ``x Wᵀ`` in backward for the magnitude's gradient,
+        #: rather than keep the ``(N, out)`` output (see :func:`torchdora.fast.dora_linear`)
+        self.recompute_output = recompute_output
         self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # the layer creates A and B in its geometry (AdapterLayer._init_direction), then m = ||W + s·B·A||
         for name in ("lora_A", "lora_B", "magnitude"):
@@ -126,7 +132,7 @@ def _default_keys_reported(module: nn.Module, incompatible: Any) -> None:
 class AdapterLayer(nn.Module):
     """Common DoRA/LoRA logic; subclasses say how the base weight maps to ``(out, in)`` rows.
 
-    Forward (REFERENCE §1, paper eq. 5), bias never scaled, ``factor = m / ||W + s·B·A||``:
+    Forward (paper eq. 5, with the dropout form of §4.3), bias never scaled, ``factor = m / ||W + s·B·A||``:
 
     - no dropout: ``y = factor ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + b``
     - dropout ``x~`` in training: ``y = x Wᵀ + b + (factor − 1) ⊙ (x~ Wᵀ) + factor ⊙ s·(x~ Aᵀ) Bᵀ``
@@ -134,8 +140,9 @@ class AdapterLayer(nn.Module):
 
     Parameters (of each named :class:`Adapter`): ``lora_A`` ``(r, in, *kernel)``, ``lora_B`` ``(out, r, *ones)``,
     ``magnitude`` ``(out,)``; magnitude-only modules (paper §5.6) have no ``lora_A``/``lora_B``. Several active
-    adapters add their updates: ``y = base(x) + Σ_i (y_i − base(x))`` with ``y_i`` adapter ``i``'s output (PEFT's
-    rule for several active DoRA adapters).
+    adapters add their updates: ``y = base(x) + Σ_i (y_i − base(x))`` with ``y_i`` adapter ``i``'s output, each
+    DoRA norm taken against the pre-trained weight (PEFT's rule; ``docs/multi_adapter.md``). Merging writes the
+    weight of exactly that sum (:meth:`merge`).
     """
 
     #: which dim of the output holds the output features (-1 for linear/embedding, 1 for conv)
@@ -158,6 +165,8 @@ class AdapterLayer(nn.Module):
     use_dora = _OfAdapter()
     magnitude_only = _OfAdapter()
     dropout_p = _OfAdapter()
+    detach_norm = _OfAdapter()
+    recompute_output = _OfAdapter()
 
     def __init__(
         self,
@@ -179,14 +188,13 @@ class AdapterLayer(nn.Module):
         self.base = base
         for p in base.parameters():
             p.requires_grad_(False)
-        self.detach_norm = detach_norm
-        #: fused path: keep what LoRA keeps and recompute ``x Wᵀ`` in backward for the magnitude's gradient,
-        #: rather than keep the ``(N, out)`` output (see :func:`torchdora.fast.dora_linear`)
-        self.recompute_output = recompute_output
         self.disabled = False
         #: adapters written into the base weight by :meth:`merge`, in order, and what each merge applied
         self.merged_adapters: list[str] = []
-        self._merge_states: dict[str, tuple[Tensor | None, Tensor | None, Tensor | None, float, Tensor]] = {}
+        self._merge_terms: dict[str, tuple[Tensor | None, Tensor | None, Tensor | None, float]] = {}
+        #: a sample of the weight :meth:`merge` wrote, and the pre-trained rows it cannot recover from it
+        self._merge_written: Tensor | None = None
+        self._merge_kept_rows: tuple[Tensor, Tensor] | None = None
         #: per-row adapter names for a mixed batch (set by :func:`torchdora.mixed_batch`), else ``None``
         self.row_adapters: Sequence[str | None] | None = None
         self._sq_norm_cache = CachedValue()  # ||W||² of the shared base, for every adapter
@@ -195,7 +203,8 @@ class AdapterLayer(nn.Module):
         self.active_adapters: list[str] = []
         self._current: str | None = None
         self.add_adapter(adapter_name, r=r, alpha=alpha, dropout=dropout, use_dora=use_dora, use_rslora=use_rslora,
-                         magnitude_only=magnitude_only, init=init, dtype=dtype)
+                         magnitude_only=magnitude_only, init=init, dtype=dtype, detach_norm=detach_norm,
+                         recompute_output=recompute_output)
         self.set_adapter(adapter_name)
         self._register_state_dict_hook(_default_keys_out)
         self._register_load_state_dict_pre_hook(_default_keys_in, with_module=True)
@@ -221,20 +230,21 @@ class AdapterLayer(nn.Module):
         return self.adapters[self._current]
 
     @property
+    def current_adapter(self) -> str | None:
+        """The adapter the per-adapter attributes refer to (``None``: this layer does not hold the one in use)."""
+        return self._current
+
+    @property
     def merged(self) -> bool:
         """Whether some adapter is merged into the base weight."""
         return bool(self.merged_adapters)
 
-    @merged.setter
-    def merged(self, value: bool) -> None:  # for subclasses that merge their own way (e.g. a 4-bit base)
-        self.merged_adapters = list(self.active_adapters) if value else []
-
     def add_adapter(self, name: str, *, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                     use_dora: bool = True, use_rslora: bool = False, magnitude_only: bool = False,
-                    init: str = "kaiming", dtype: torch.dtype | None = torch.float32) -> Adapter:
+                    init: str = "kaiming", dtype: torch.dtype | None = torch.float32, detach_norm: bool = True,
+                    recompute_output: bool = False) -> Adapter:
         """Add a new adapter ``name`` (inactive until :meth:`set_adapter`); ``m`` starts at ``||W + s·B·A||``."""
-        if not isinstance(name, str) or not name or "." in name:
-            raise ValueError(f"adapter name must be a non-empty string without dots, got {name!r}")
+        check_adapter_name(name)
         if name in self.adapters:
             raise ValueError(f"{type(self).__name__} already has an adapter named {name!r}; delete_adapter it first")
         if init not in ("kaiming", "gaussian"):
@@ -242,7 +252,7 @@ class AdapterLayer(nn.Module):
         weight = self._weight_storage()
         factory = {"device": weight.device, "dtype": dtype or weight.dtype}
         adapter = Adapter(r=r, alpha=alpha, dropout=dropout, use_dora=use_dora, use_rslora=use_rslora,
-                          magnitude_only=magnitude_only)
+                          magnitude_only=magnitude_only, detach_norm=detach_norm, recompute_output=recompute_output)
         adapter.train(self.training)
         self.adapters[name] = adapter
         try:
@@ -260,11 +270,18 @@ class AdapterLayer(nn.Module):
         return adapter
 
     def set_adapter(self, names: str | Sequence[str]) -> None:
-        """Make ``names`` (one or several, applied in that order) the active adapters; ``[]`` runs the base."""
+        """Make ``names`` (one or several, applied in that order) the active adapters; ``[]`` runs the base.
+
+        Refused while adapters are merged, unless ``names`` are the merged ones: the merged weight applies them
+        whatever is active, and an adapter computing on top of it would not see the pre-trained weight.
+        """
         names = [names] if isinstance(names, str) else list(names)
         unknown = [n for n in names if n not in self.adapters]
         if unknown:
             raise ValueError(f"no adapter named {unknown} in {type(self).__name__}; it has {list(self.adapters)}")
+        if self.merged_adapters and set(names) != set(self.merged_adapters):
+            raise RuntimeError(f"adapters {self.merged_adapters} are merged into the base weight; call unmerge() "
+                               f"before making {names} active")
         self.active_adapters = names
         if names:
             self._current = names[0]
@@ -279,6 +296,36 @@ class AdapterLayer(nn.Module):
         self.active_adapters = [n for n in self.active_adapters if n != name]
         if self._current == name:
             self._current = next(iter(self.active_adapters or self.adapters), None)
+
+    @torch.no_grad()
+    def add_weighted_adapter(self, name: str, weighted: Sequence[tuple[str, float]]) -> Adapter:
+        """Add adapter ``name`` whose update is the ``(adapter, weight)`` pairs' weighted updates, exactly, at rank
+        ``Σ r_i`` (:func:`torchdora.functional.weighted_combination`; scale 1). Inactive, like :meth:`add_adapter`.
+        """
+        check_adapter_name(name)
+        if name in self.adapters:
+            raise ValueError(f"{type(self).__name__} already has an adapter named {name!r}; delete_adapter it first")
+        if self.merged:
+            raise RuntimeError("the adapters are merged; call unmerge() before combining them")
+        if type(self)._init_direction is not AdapterLayer._init_direction:
+            raise ValueError(f"{type(self).__name__} keeps its update outside its named adapters (e.g. VeRA's d, "
+                             "b); only LoRA/DoRA adapters can be combined")
+        kinds = {self.adapters[n].use_dora for n, _ in weighted}
+        if len(kinds) != 1:
+            raise ValueError(f"adapters {[n for n, _ in weighted]} mix DoRA and LoRA; combine adapters of one kind")
+        parts = [(w, *self.adapter_terms(n)) for n, w in weighted]
+        a, b, m = DF.weighted_combination(parts, self.base_sq_norm().sqrt())
+        rank = 0 if a is None else a.shape[0]
+        adapter = Adapter(r=max(rank, 1), alpha=float(max(rank, 1)), dropout=0.0, use_dora=kinds.pop(),
+                          use_rslora=False, magnitude_only=rank == 0)
+        adapter.train(self.training)
+        if rank:
+            adapter.lora_A = nn.Parameter(a.reshape(self._lora_A_shape(rank)).clone())
+            adapter.lora_B = nn.Parameter(b.reshape(self._lora_B_shape(rank)).clone())
+        if m is not None:
+            adapter.magnitude = nn.Parameter(m.clone())
+        self.adapters[name] = adapter
+        return adapter
 
     @contextlib.contextmanager
     def using(self, name: str | None) -> Iterator["AdapterLayer"]:
@@ -509,55 +556,109 @@ class AdapterLayer(nn.Module):
         return self._add_bias(z * factors.view(shape))
 
     # ---- merging ----------------------------------------------------------------------------------
-    @torch.no_grad()
-    def merge(self, adapter_names: Sequence[str] | None = None) -> None:
-        """Write adapters (default: the active ones) into the base weight, one after the other. Bias unchanged.
-
-        A merged layer computes with the weight written here: edits of ``A``, ``B`` or ``m`` take effect at
-        the next merge, and :meth:`unmerge` undoes exactly what was applied here, whatever happened to the
-        adapter in between. Adapters not merged stay: an active one computes on top of the merged weight.
-        """
-        names = list(self.active_adapters if adapter_names is None else adapter_names)
-        if self.merged and adapter_names is None:
+    def _names_to_merge(self, adapter_names: Sequence[str] | None) -> list[str]:
+        """The adapters a :meth:`merge` call writes, checked: known, not yet merged, and leaving no active adapter
+        unmerged beside merged ones."""
+        names = [n for n in (self.active_adapters if adapter_names is None else adapter_names)
+                 if n not in self.merged_adapters or adapter_names is not None]
+        if adapter_names is None and self.merged and not names:
             raise RuntimeError(f"{type(self).__name__} is already merged; call unmerge() first")
         for name in names:
             if name not in self.adapters:
                 raise ValueError(f"no adapter named {name!r} in {type(self).__name__}; it has {list(self.adapters)}")
             if name in self.merged_adapters:
                 raise RuntimeError(f"adapter {name!r} is already merged; call unmerge() first")
-        for name in names:
-            with self.using(name):
-                magnitude = None if self.magnitude is None else self.magnitude.detach()
-                a, b = self.lora_A_2d(), self.lora_B_2d()
-                merged, factor = DF.merged_weight(self.weight_2d(), a, b, magnitude, self.scaling)
-                self._set_weight_2d(merged)
-                a, b = (None if t is None else t.detach().clone() for t in (a, b))
-                self._merge_states[name] = (factor, a, b, self.scaling, sample_of(self.weight_2d()).clone())
-                self.merged_adapters.append(name)
+        left = [n for n in self.active_adapters if n not in self.merged_adapters and n not in names]
+        if names and left:
+            raise ValueError(
+                f"merging {names} would leave the active adapter(s) {left} computing on a changed base weight; "
+                f"merge every active adapter together (merge(adapter_names=None)) or set_adapter({names}) first"
+            )
+        return names
+
+    def adapter_terms(self, name: str) -> tuple[Tensor | None, Tensor | None, Tensor | None, float]:
+        """``(A, B, m, s)`` of adapter ``name`` as 2-D detached tensors (VeRA: its update as a LoRA pair)."""
+        with self.using(name):
+            a, b = self.lora_A_2d(), self.lora_B_2d()
+            magnitude = self.magnitude
+            detach = lambda t: None if t is None else t.detach().clone()  # noqa: E731 (kept for unmerge)
+            return detach(a), detach(b), detach(magnitude), float(self.scaling)
+
+    def _pretrained_weight_2d(self) -> Tensor:
+        """The base weight without the merged adapters: the weight itself when nothing is merged."""
+        weight = self.weight_2d()
+        if not self.merged_adapters:
+            return weight
+        terms = [self._merge_terms[n] for n in self.merged_adapters]
+        restored, _ = DF.unmerged_weight_of_adapters(weight, [tuple(t.to(weight.device) if isinstance(t, Tensor)
+                                                                    else t for t in term) for term in terms])
+        if self._merge_kept_rows is not None:
+            rows, values = self._merge_kept_rows
+            restored[rows.to(weight.device)] = values.to(weight.device, weight.dtype)
+        return restored
+
+    def _check_merged_weight_unchanged(self) -> None:
+        current = sample_of(self.weight_2d())
+        written = self._merge_written
+        if written is None or not torch.equal(current, written.to(current.device, current.dtype)):
+            raise RuntimeError(
+                f"{type(self).__name__}: the base weight changed since merge() (a state dict or an in-place "
+                "edit replaced the merged weight), so unmerge() cannot restore the original weight. Load the "
+                "unmerged base model and the adapter again"
+            )
+
+    @torch.no_grad()
+    def merge(self, adapter_names: Sequence[str] | None = None) -> None:
+        """Write adapters (default: the active ones) into the base weight; they become active. Bias unchanged.
+
+        Whether merged in one call or several, the merged adapters give the weight of the multi-adapter rule
+        (:func:`torchdora.functional.merged_weight_of_adapters`): every DoRA norm against the pre-trained
+        weight, so a merged layer computes exactly what the same adapters compute unmerged and active together.
+        An active adapter cannot stay unmerged beside merged ones (``ValueError``). Edits of ``A``, ``B`` or
+        ``m`` take effect at the next merge; :meth:`unmerge` undoes exactly what was written here. A merge whose
+        weight would not be finite is refused and leaves the layer as it was.
+        """
+        names = self._names_to_merge(adapter_names)
+        if not names:
+            return
+        if self.merged:
+            self._check_merged_weight_unchanged()
+        pretrained = self._pretrained_weight_2d()
+        new_terms = {n: self.adapter_terms(n) for n in names}
+        added, factors = DF.merged_weight_of_adapters(pretrained, list(new_terms.values()))
+        acc = torch.promote_types(pretrained.dtype, torch.float32)
+        merged = (self.weight_2d().to(acc) + (added.to(acc) - pretrained.to(acc))).to(pretrained.dtype)
+        if not bool(torch.isfinite(merged).all()):
+            raise ValueError(f"merging {names} into {type(self).__name__} gives a non-finite weight (NaN or inf in "
+                             "an adapter, or an overflow in the weight's dtype); the layer is left unmerged")
+        terms = dict(self._merge_terms)
+        for (name, (a, b, _, scaling)), factor in zip(new_terms.items(), factors):
+            terms[name] = (a, b, factor, scaling)
+        c = torch.ones(merged.shape[0], dtype=acc, device=merged.device)
+        for _, _, factor, _ in terms.values():
+            if factor is not None:
+                c += factor.to(device=merged.device, dtype=acc) - 1
+        lost = (c == 0).nonzero().flatten()
+        kept = (lost.cpu(), pretrained[lost].clone()) if lost.numel() else None
+        self._set_weight_2d(merged)
+        self._merge_terms, self._merge_kept_rows = terms, kept
+        self._merge_written = sample_of(self.weight_2d()).clone()
+        self.merged_adapters = self.merged_adapters + names
+        self.active_adapters = self.active_adapters + [n for n in names if n not in self.active_adapters]
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Restore the base weight (to fp32 round-off), undoing every merged adapter, last merged first.
+        """Restore the pre-trained base weight (to fp32 round-off), undoing every merged adapter.
 
         Raises ``RuntimeError`` if the merged weight was replaced since :meth:`merge` (e.g. a state dict loaded
         into the merged model): the base weight cannot be recovered from a weight this layer did not write.
         """
         if not self.merged:
             raise RuntimeError(f"{type(self).__name__} is not merged; nothing to unmerge")
-        while self.merged_adapters:
-            name = self.merged_adapters[-1]
-            *applied, scaling, written = self._merge_states[name]
-            current = sample_of(self.weight_2d())
-            if not torch.equal(current, written.to(current.device, current.dtype)):  # .to() in between is fine
-                raise RuntimeError(
-                    f"{type(self).__name__}: the base weight changed since merge() (a state dict or an in-place "
-                    "edit replaced the merged weight), so unmerge() cannot restore the original weight. Load the "
-                    "unmerged base model and the adapter again"
-                )
-            factor, a, b = (None if t is None else t.to(current.device) for t in applied)
-            self._set_weight_2d(DF.unmerged_weight(self.weight_2d(), a, b, factor, scaling))
-            del self._merge_states[name]
-            self.merged_adapters.pop()
+        self._check_merged_weight_unchanged()
+        self._set_weight_2d(self._pretrained_weight_2d())
+        self._merge_terms, self._merge_kept_rows, self._merge_written = {}, None, None
+        self.merged_adapters = []
 
     # Models read their layers' weights directly (ViT checks ``projection.weight.dtype``, generation code the
     # ``lm_head``'s device); as PEFT's layers do, an adapter answers with its base module's tensors.

@@ -1,7 +1,7 @@
 """DoRA and LoRA over a linear layer whose frozen weight is stored quantized (QDoRA), whatever the format.
 
 The layer computes exactly what :class:`~torchdora.layers.linear.LinearAdapter` computes on the dequantized weight
-``Ŵ`` (REFERENCE §1, §7):
+``Ŵ`` (paper eq. 5 on the dequantized weight; QDoRA as in the paper's §5.5 discussion):
 
     y = (m / ||Ŵ + s·B·A||) ⊙ (x Ŵᵀ + s·(x Aᵀ) Bᵀ) + b
 
@@ -20,7 +20,7 @@ A format is a subclass that says how to read its weight: :meth:`~QuantizedLinear
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -169,38 +169,44 @@ class QuantizedLinearAdapter(AdapterLayer):
 
     # ---- merging ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def merge(self) -> None:
-        """Swap the quantized base for :meth:`merged_linear` (the quantized layer is kept aside for :meth:`unmerge`).
+    def merge(self, adapter_names: Sequence[str] | None = None) -> None:
+        """Swap the quantized base for :meth:`merged_linear` of every merged adapter (the quantized layer is kept
+        aside for :meth:`unmerge`); the same rule and checks as :meth:`AdapterLayer.merge`.
 
         ``merge_and_unload`` then leaves that plain ``nn.Linear`` in the model: writing the merged weight back
         into the quantized format would round it a second time.
         """
-        if self.merged:
-            raise RuntimeError(f"{type(self).__name__} is already merged; call unmerge() first")
-        packed = self.base
-        self.base = self.merged_linear(self.merge_dtype)
-        self.__dict__["_packed_base"] = packed  # not a submodule: the state dict holds the merged layer only
-        self.merged = True
+        names = self._names_to_merge(adapter_names)
+        if not names:
+            return
+        linear = self.merged_linear(self.merge_dtype, self.merged_adapters + names)
+        if not self.merged:
+            self.__dict__["_packed_base"] = self.base  # not a submodule: the state dict holds the merged layer
+        self.base = linear
+        self.merged_adapters = self.merged_adapters + names
+        self.active_adapters = self.active_adapters + [n for n in names if n not in self.active_adapters]
 
     def unmerge(self) -> None:
         """Put the quantized base back, exactly as it was (no round-off: it was never overwritten)."""
         if not self.merged:
             raise RuntimeError(f"{type(self).__name__} is not merged; nothing to unmerge")
         self.base = self.__dict__.pop("_packed_base")
-        self.merged = False
+        self.merged_adapters = []
 
     @torch.no_grad()
-    def merged_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
-        """A plain ``nn.Linear`` with ``W' = (m / ||Ŵ + s·B·A||) (Ŵ + s·B·A)`` (fp32 math) and the base's bias.
+    def merged_linear(self, dtype: torch.dtype | None = None, adapter_names: Sequence[str] | None = None) -> nn.Linear:
+        """A plain ``nn.Linear`` holding ``Ŵ`` with ``adapter_names`` (default: the current adapter) merged by the
+        multi-adapter rule (:func:`torchdora.functional.merged_weight_of_adapters`, fp32 math), and the base's bias.
 
         ``dtype``: the new layer's dtype; ``None`` gives the base's compute dtype.
         """
-        if self.merged:
-            raise RuntimeError(f"{type(self).__name__} is merged; unmerge() first")
         dtype = dtype or self.compute_dtype()
         weight = self.weight_2d()
-        magnitude = None if self.magnitude is None else self.magnitude.detach()
-        merged, _ = DF.merged_weight(weight.float(), self.lora_A_2d(), self.lora_B_2d(), magnitude, self.scaling)
+        names = [self.current_adapter] if adapter_names is None else list(adapter_names)
+        merged, _ = DF.merged_weight_of_adapters(weight.float(), [self.adapter_terms(n) for n in names])
+        if not bool(torch.isfinite(merged.to(dtype)).all()):
+            raise ValueError(f"merging {names} into {type(self).__name__} gives a non-finite weight (NaN or inf in "
+                             f"an adapter, or an overflow in {dtype}); the layer is left unmerged")
         bias = self._bias()
         linear = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=weight.device,
                            dtype=dtype)

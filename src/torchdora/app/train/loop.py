@@ -46,7 +46,7 @@ from torchdora.app.train.run import (
 )
 from torchdora.app.train.sharding import refuse_accelerate_sharding, shard_and_fill, skeleton_model, use_fsdp
 from torchdora.distributed import world_size
-from torchdora.io import atomic_write_json
+from torchdora.files import atomic_write_json
 
 __all__ = ["train"]
 

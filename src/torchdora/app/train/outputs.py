@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torchdora.app.assets import recorded_base_name
 from torchdora.app.evaluate import EvalResult
 from torchdora.app.train.config import TrainConfig
-from torchdora.io import atomic_save_safetensors, atomic_write_bytes, atomic_write_json, replace_dir
+from torchdora.files import atomic_save_safetensors, atomic_write_bytes, atomic_write_json, replace_dir
 
 __all__ = ["TrainResult", "Metrics", "Progress", "prepare_trackers", "quiet_library_bars", "json_ready", "peak_rss_mb", "named_trainable", "save_snapshot",
            "write_outputs", "print_summary", "tracker_values"]

@@ -33,7 +33,7 @@ from torchdora.app.train import sharding
 from torchdora.app.train.config import TrainConfig, config_differences, resume_changes
 from torchdora.app.train.loss import cross_entropy
 from torchdora.app.train.outputs import Metrics, named_trainable
-from torchdora.io import atomic_write_json
+from torchdora.files import atomic_write_json
 
 __all__ = ["Run", "Position", "TrainingDiverged", "TrainingInterrupted", "StopSignals", "lr_factor",
            "train_only_weights", "EpochSampler", "compute_loss", "check_resume"]

@@ -35,7 +35,7 @@ from torchdora.app.checkpoint import optimizer_state_from_flat, optimizer_state_
 from torchdora.app.evaluate import EvalResult, _requests, evaluate_examples, selected_logits
 from torchdora.app.train.config import TrainConfig
 from torchdora.distributed import full_tensor, is_main_process, shard_model
-from torchdora.io import atomic_save_safetensors, atomic_write_json
+from torchdora.files import atomic_save_safetensors, atomic_write_json
 
 __all__ = ["use_fsdp", "refuse_accelerate_sharding", "skeleton_model", "shard_and_fill", "save_trainable", "load_optimizer",
            "evaluate_in_lockstep"]
