@@ -22,114 +22,17 @@ import torch
 from torch import Tensor, nn
 
 from torchdora import functional as DF
-from torchdora.cache import CachedValue, sample_of
+from torchdora.cache import CachedValue
 from torchdora.config import check_adapter_name
+from torchdora.layers.adapter import (
+    DEFAULT_ADAPTER, Adapter, PerAdapter, default_keys_in, default_keys_out, default_keys_reported,
+    is_conv1d,
+)
+from torchdora.layers.merging import MergeMixin
 
 __all__ = ["AdapterLayer", "Adapter", "DEFAULT_ADAPTER", "is_conv1d"]
 
-DEFAULT_ADAPTER = "default"
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """Whether ``module`` is transformers' GPT-2 style ``Conv1D`` (a linear layer with weight ``(in, out)``)."""
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # transformers is an optional extra
-        return False
-    return isinstance(module, Conv1D)
-
-
-class Adapter(nn.Module):
-    """One named adapter of a layer: ``A`` ``(r, in, *kernel)``, ``B`` ``(out, r, *ones)`` (``None`` for a
-    magnitude-only module, paper §5.6), ``m`` ``(out,)`` (``None`` for plain LoRA), the scale ``s`` and the
-    dropout, and the caches of its norm ``||W + s·B·A||`` and factor ``m / ||W + s·B·A||``.
-
-    The layer that holds it creates ``A`` and ``B`` in its geometry and initialises ``m`` from the base weight
-    (:meth:`AdapterLayer.add_adapter`).
-    """
-
-    def __init__(self, *, r: int, alpha: float, dropout: float, use_dora: bool, use_rslora: bool,
-                 magnitude_only: bool, detach_norm: bool = True, recompute_output: bool = False) -> None:
-        super().__init__()
-        if magnitude_only and not use_dora:
-            raise ValueError("magnitude_only=True needs use_dora=True: plain LoRA has no magnitude to train")
-        self.r = r
-        self.lora_alpha = float(alpha)
-        self.use_rslora = use_rslora
-        self.scaling = DF.lora_scaling(r, alpha, use_rslora)
-        self.use_dora = use_dora
-        self.magnitude_only = magnitude_only
-        self.dropout_p = float(dropout)
-        #: treat the norm as a constant in backward (paper §4.3); ``False``: the exact gradient
-        self.detach_norm = detach_norm
-        #: fused path: keep what LoRA keeps and recompute ``x Wᵀ`` in backward for the magnitude's gradient,
-        #: rather than keep the ``(N, out)`` output (see :func:`torchdora.fast.dora_linear`)
-        self.recompute_output = recompute_output
-        self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        # the layer creates A and B in its geometry (AdapterLayer._init_direction), then m = ||W + s·B·A||
-        for name in ("lora_A", "lora_B", "magnitude"):
-            self.register_parameter(name, None)
-        # cached without autograd, each checked against the contents it was computed from (torchdora.cache)
-        self._norm_cache = CachedValue()
-        self._factor_cache = CachedValue()
-        self._zero_magnitude_cache = CachedValue()
-
-    def adapter_parameters(self) -> dict[str, nn.Parameter]:
-        """The trainable tensors under fixed names (``lora_A``, ``lora_B``, ``magnitude``), present ones only."""
-        named = {"lora_A": self.lora_A, "lora_B": self.lora_B, "magnitude": self.magnitude}
-        return {k: v for k, v in named.items() if v is not None}
-
-    def clear_cache(self) -> None:
-        for cache in (self._norm_cache, self._factor_cache, self._zero_magnitude_cache):
-            cache.clear()
-
-    def extra_repr(self) -> str:
-        kind = "dora" if self.use_dora else "lora"
-        extra = ", magnitude_only" if self.magnitude_only else ""
-        return f"{kind}, r={self.r}, alpha={self.lora_alpha:g}, scaling={self.scaling:g}, dropout={self.dropout_p:g}{extra}"
-
-
-class _OfAdapter:
-    """``layer.<name>`` reads and writes the attribute of the adapter the layer is computing with."""
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
-
-    def __get__(self, layer: "AdapterLayer | None", owner: type | None = None) -> Any:
-        if layer is None:
-            return self
-        return getattr(layer.adapter, self.name)
-
-    def __set__(self, layer: "AdapterLayer", value: Any) -> None:
-        setattr(layer.adapter, self.name, value)
-
-
-# state-dict hooks: the default adapter's tensors keep the keys they had before named adapters existed
-_DEFAULT_PREFIX = f"adapters.{DEFAULT_ADAPTER}."
-
-
-def _default_keys_out(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
-    inner = prefix + _DEFAULT_PREFIX
-    for key in [k for k in state_dict if k.startswith(inner)]:
-        state_dict[prefix + key[len(inner):]] = state_dict.pop(key)
-
-
-def _default_keys_in(module: "AdapterLayer", state_dict: dict, prefix: str, *args: Any) -> None:
-    if DEFAULT_ADAPTER not in module.adapters:
-        return
-    names = {n.split(".", 1)[0] for n, _ in module.adapters[DEFAULT_ADAPTER].state_dict(keep_vars=True).items()}
-    for key in [k for k in state_dict if k.startswith(prefix) and k[len(prefix):].split(".", 1)[0] in names]:
-        state_dict[prefix + _DEFAULT_PREFIX + key[len(prefix):]] = state_dict.pop(key)
-
-
-def _default_keys_reported(module: nn.Module, incompatible: Any) -> None:
-    """Missing keys of the default adapter are reported under its state-dict keys too."""
-    for keys in (incompatible.missing_keys, incompatible.unexpected_keys):
-        keys[:] = [k.replace("." + _DEFAULT_PREFIX, ".") if not k.startswith(_DEFAULT_PREFIX)
-                   else k[len(_DEFAULT_PREFIX):] for k in keys]
-
-
-class AdapterLayer(nn.Module):
+class AdapterLayer(MergeMixin, nn.Module):
     """Common DoRA/LoRA logic; subclasses say how the base weight maps to ``(out, in)`` rows.
 
     Forward (paper eq. 5, with the dropout form of §4.3), bias never scaled, ``factor = m / ||W + s·B·A||``:
@@ -154,19 +57,19 @@ class AdapterLayer(nn.Module):
     use_fast_path: bool = True
 
     # per-adapter attributes, of the adapter the layer is computing with (see the module doc)
-    lora_A = _OfAdapter()
-    lora_B = _OfAdapter()
-    magnitude = _OfAdapter()
-    lora_dropout = _OfAdapter()
-    r = _OfAdapter()
-    lora_alpha = _OfAdapter()
-    scaling = _OfAdapter()
-    use_rslora = _OfAdapter()
-    use_dora = _OfAdapter()
-    magnitude_only = _OfAdapter()
-    dropout_p = _OfAdapter()
-    detach_norm = _OfAdapter()
-    recompute_output = _OfAdapter()
+    lora_A = PerAdapter()
+    lora_B = PerAdapter()
+    magnitude = PerAdapter()
+    lora_dropout = PerAdapter()
+    r = PerAdapter()
+    lora_alpha = PerAdapter()
+    scaling = PerAdapter()
+    use_rslora = PerAdapter()
+    use_dora = PerAdapter()
+    magnitude_only = PerAdapter()
+    dropout_p = PerAdapter()
+    detach_norm = PerAdapter()
+    recompute_output = PerAdapter()
 
     def __init__(
         self,
@@ -206,13 +109,13 @@ class AdapterLayer(nn.Module):
                          magnitude_only=magnitude_only, init=init, dtype=dtype, detach_norm=detach_norm,
                          recompute_output=recompute_output)
         self.set_adapter(adapter_name)
-        self._register_state_dict_hook(_default_keys_out)
-        self._register_load_state_dict_pre_hook(_default_keys_in, with_module=True)
-        self.register_load_state_dict_post_hook(_default_keys_reported)
+        self._register_state_dict_hook(default_keys_out)
+        self._register_load_state_dict_pre_hook(default_keys_in, with_module=True)
+        self.register_load_state_dict_post_hook(default_keys_reported)
 
     def __setattr__(self, name: str, value: Any) -> None:
         # nn.Module routes Parameters and Modules past descriptors; per-adapter names go to the adapter
-        if isinstance(getattr(type(self), name, None), _OfAdapter):
+        if isinstance(getattr(type(self), name, None), PerAdapter):
             adapter = self.adapter
             if name in adapter._parameters and isinstance(value, Tensor) and not isinstance(value, nn.Parameter):
                 adapter._parameters[name] = value  # a plain tensor in a parameter's place (torch.func.functional_call)
@@ -296,36 +199,6 @@ class AdapterLayer(nn.Module):
         self.active_adapters = [n for n in self.active_adapters if n != name]
         if self._current == name:
             self._current = next(iter(self.active_adapters or self.adapters), None)
-
-    @torch.no_grad()
-    def add_weighted_adapter(self, name: str, weighted: Sequence[tuple[str, float]]) -> Adapter:
-        """Add adapter ``name`` whose update is the ``(adapter, weight)`` pairs' weighted updates, exactly, at rank
-        ``Σ r_i`` (:func:`torchdora.functional.weighted_combination`; scale 1). Inactive, like :meth:`add_adapter`.
-        """
-        check_adapter_name(name)
-        if name in self.adapters:
-            raise ValueError(f"{type(self).__name__} already has an adapter named {name!r}; delete_adapter it first")
-        if self.merged:
-            raise RuntimeError("the adapters are merged; call unmerge() before combining them")
-        if type(self)._init_direction is not AdapterLayer._init_direction:
-            raise ValueError(f"{type(self).__name__} keeps its update outside its named adapters (e.g. VeRA's d, "
-                             "b); only LoRA/DoRA adapters can be combined")
-        kinds = {self.adapters[n].use_dora for n, _ in weighted}
-        if len(kinds) != 1:
-            raise ValueError(f"adapters {[n for n, _ in weighted]} mix DoRA and LoRA; combine adapters of one kind")
-        parts = [(w, *self.adapter_terms(n)) for n, w in weighted]
-        a, b, m = DF.weighted_combination(parts, self.base_sq_norm().sqrt())
-        rank = 0 if a is None else a.shape[0]
-        adapter = Adapter(r=max(rank, 1), alpha=float(max(rank, 1)), dropout=0.0, use_dora=kinds.pop(),
-                          use_rslora=False, magnitude_only=rank == 0)
-        adapter.train(self.training)
-        if rank:
-            adapter.lora_A = nn.Parameter(a.reshape(self._lora_A_shape(rank)).clone())
-            adapter.lora_B = nn.Parameter(b.reshape(self._lora_B_shape(rank)).clone())
-        if m is not None:
-            adapter.magnitude = nn.Parameter(m.clone())
-        self.adapters[name] = adapter
-        return adapter
 
     @contextlib.contextmanager
     def using(self, name: str | None) -> Iterator["AdapterLayer"]:
@@ -554,111 +427,6 @@ class AdapterLayer(nn.Module):
         shape = [x.shape[0]] + [1] * (z.dim() - 1)
         shape[self.feature_dim] = out_features
         return self._add_bias(z * factors.view(shape))
-
-    # ---- merging ----------------------------------------------------------------------------------
-    def _names_to_merge(self, adapter_names: Sequence[str] | None) -> list[str]:
-        """The adapters a :meth:`merge` call writes, checked: known, not yet merged, and leaving no active adapter
-        unmerged beside merged ones."""
-        names = [n for n in (self.active_adapters if adapter_names is None else adapter_names)
-                 if n not in self.merged_adapters or adapter_names is not None]
-        if adapter_names is None and self.merged and not names:
-            raise RuntimeError(f"{type(self).__name__} is already merged; call unmerge() first")
-        for name in names:
-            if name not in self.adapters:
-                raise ValueError(f"no adapter named {name!r} in {type(self).__name__}; it has {list(self.adapters)}")
-            if name in self.merged_adapters:
-                raise RuntimeError(f"adapter {name!r} is already merged; call unmerge() first")
-        left = [n for n in self.active_adapters if n not in self.merged_adapters and n not in names]
-        if names and left:
-            raise ValueError(
-                f"merging {names} would leave the active adapter(s) {left} computing on a changed base weight; "
-                f"merge every active adapter together (merge(adapter_names=None)) or set_adapter({names}) first"
-            )
-        return names
-
-    def adapter_terms(self, name: str) -> tuple[Tensor | None, Tensor | None, Tensor | None, float]:
-        """``(A, B, m, s)`` of adapter ``name`` as 2-D detached tensors (VeRA: its update as a LoRA pair)."""
-        with self.using(name):
-            a, b = self.lora_A_2d(), self.lora_B_2d()
-            magnitude = self.magnitude
-            detach = lambda t: None if t is None else t.detach().clone()  # noqa: E731 (kept for unmerge)
-            return detach(a), detach(b), detach(magnitude), float(self.scaling)
-
-    def _pretrained_weight_2d(self) -> Tensor:
-        """The base weight without the merged adapters: the weight itself when nothing is merged."""
-        weight = self.weight_2d()
-        if not self.merged_adapters:
-            return weight
-        terms = [self._merge_terms[n] for n in self.merged_adapters]
-        restored, _ = DF.unmerged_weight_of_adapters(weight, [tuple(t.to(weight.device) if isinstance(t, Tensor)
-                                                                    else t for t in term) for term in terms])
-        if self._merge_kept_rows is not None:
-            rows, values = self._merge_kept_rows
-            restored[rows.to(weight.device)] = values.to(weight.device, weight.dtype)
-        return restored
-
-    def _check_merged_weight_unchanged(self) -> None:
-        current = sample_of(self.weight_2d())
-        written = self._merge_written
-        if written is None or not torch.equal(current, written.to(current.device, current.dtype)):
-            raise RuntimeError(
-                f"{type(self).__name__}: the base weight changed since merge() (a state dict or an in-place "
-                "edit replaced the merged weight), so unmerge() cannot restore the original weight. Load the "
-                "unmerged base model and the adapter again"
-            )
-
-    @torch.no_grad()
-    def merge(self, adapter_names: Sequence[str] | None = None) -> None:
-        """Write adapters (default: the active ones) into the base weight; they become active. Bias unchanged.
-
-        Whether merged in one call or several, the merged adapters give the weight of the multi-adapter rule
-        (:func:`torchdora.functional.merged_weight_of_adapters`): every DoRA norm against the pre-trained
-        weight, so a merged layer computes exactly what the same adapters compute unmerged and active together.
-        An active adapter cannot stay unmerged beside merged ones (``ValueError``). Edits of ``A``, ``B`` or
-        ``m`` take effect at the next merge; :meth:`unmerge` undoes exactly what was written here. A merge whose
-        weight would not be finite is refused and leaves the layer as it was.
-        """
-        names = self._names_to_merge(adapter_names)
-        if not names:
-            return
-        if self.merged:
-            self._check_merged_weight_unchanged()
-        pretrained = self._pretrained_weight_2d()
-        new_terms = {n: self.adapter_terms(n) for n in names}
-        added, factors = DF.merged_weight_of_adapters(pretrained, list(new_terms.values()))
-        acc = torch.promote_types(pretrained.dtype, torch.float32)
-        merged = (self.weight_2d().to(acc) + (added.to(acc) - pretrained.to(acc))).to(pretrained.dtype)
-        if not bool(torch.isfinite(merged).all()):
-            raise ValueError(f"merging {names} into {type(self).__name__} gives a non-finite weight (NaN or inf in "
-                             "an adapter, or an overflow in the weight's dtype); the layer is left unmerged")
-        terms = dict(self._merge_terms)
-        for (name, (a, b, _, scaling)), factor in zip(new_terms.items(), factors):
-            terms[name] = (a, b, factor, scaling)
-        c = torch.ones(merged.shape[0], dtype=acc, device=merged.device)
-        for _, _, factor, _ in terms.values():
-            if factor is not None:
-                c += factor.to(device=merged.device, dtype=acc) - 1
-        lost = (c == 0).nonzero().flatten()
-        kept = (lost.cpu(), pretrained[lost].clone()) if lost.numel() else None
-        self._set_weight_2d(merged)
-        self._merge_terms, self._merge_kept_rows = terms, kept
-        self._merge_written = sample_of(self.weight_2d()).clone()
-        self.merged_adapters = self.merged_adapters + names
-        self.active_adapters = self.active_adapters + [n for n in names if n not in self.active_adapters]
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Restore the pre-trained base weight (to fp32 round-off), undoing every merged adapter.
-
-        Raises ``RuntimeError`` if the merged weight was replaced since :meth:`merge` (e.g. a state dict loaded
-        into the merged model): the base weight cannot be recovered from a weight this layer did not write.
-        """
-        if not self.merged:
-            raise RuntimeError(f"{type(self).__name__} is not merged; nothing to unmerge")
-        self._check_merged_weight_unchanged()
-        self._set_weight_2d(self._pretrained_weight_2d())
-        self._merge_terms, self._merge_kept_rows, self._merge_written = {}, None, None
-        self.merged_adapters = []
 
     # Models read their layers' weights directly (ViT checks ``projection.weight.dtype``, generation code the
     # ``lm_head``'s device); as PEFT's layers do, an adapter answers with its base module's tensors.

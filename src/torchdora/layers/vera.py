@@ -105,6 +105,8 @@ class VeraAdapter(LinearAdapter):
         self.d_initial = float(d_initial)
         self.reset_vera_parameters(self.d_initial)
 
+    combinable = False  # d and b are the layer's, not a named adapter's
+
     def add_adapter(self, name: str, **kwargs):
         if len(self.adapters):  # d and b live on the layer, not in a named adapter: one adapter per layer
             raise ValueError(f"a VeRA/DVoRA layer holds one adapter; {type(self).__name__} cannot add {name!r}")
