@@ -48,7 +48,7 @@ from torchdora.io import atomic_write_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TASKS = ("rotten_tomatoes", "bigbench:social_iqa")
-#: LLaMA-7B, commonsense average accuracy (%), paper section 5 / REFERENCE §3
+#: LLaMA-7B, commonsense average accuracy (%), paper section 5
 PAPER_RANKS = (4, 8, 16, 32, 64)
 PAPER_LORA = (39.5, 40.7, 70.9, 76.3, 65.8)
 PAPER_DORA = (61.9, 77.9, 77.5, 78.4, 76.8)

@@ -1,7 +1,7 @@
 """QDoRA over bitsandbytes NF4 (``layers/bnb.py``): every number against fp32 DoRA on the dequantized weight.
 
 The reference is :class:`LinearAdapter` around an ``nn.Linear`` holding ``Ŵ = dequantize_4bit(W)`` with the same
-``A``, ``B`` and ``m``: the 4-bit layer must compute exactly that function (REFERENCE §7). Both sides are fp32 and
+``A``, ``B`` and ``m``: the 4-bit layer must compute exactly that function (docs/memory.md). Both sides are fp32 and
 differ only in the order of operations (block-wise norms, a dequantize per product), so outputs and gradients agree
 to a few fp32 ulps of values of order 1: ``rtol=1e-5, atol=1e-6``.
 """
@@ -78,7 +78,7 @@ def test_qdora_dropout_and_exact_norm_gradients_match():
 
 
 def test_gradients_stay_right_after_an_eval_mode_forward():
-    """REFERENCE §7: with AVX512-BF16, an eval no-grad forward repacks Linear4bit for inference; gradients after
+    """With AVX512-BF16, an eval no-grad forward repacks Linear4bit for inference; gradients after
     that were silently wrong. Force the repacking on (as a fresh load on such a CPU does), then train."""
     if not bnb.functional.has_avx512bf16():
         pytest.skip("this CPU has no AVX512-BF16: bitsandbytes never repacks here")

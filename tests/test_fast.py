@@ -70,7 +70,7 @@ def reference_layer(layer: LinearAdapter) -> LinearAdapter:
 
 def weight_space_reference(layer: LinearAdapter, x: Tensor, a: Tensor, b: Tensor, m: Tensor, *,
                            detach: bool = True, x_dropped: Tensor | None = None) -> Tensor:
-    """DoRA in float64 weight space (REFERENCE §1), autograd-able in ``x``, ``a``, ``b``, ``m``."""
+    """DoRA in float64 weight space (paper eq. 5), autograd-able in ``x``, ``a``, ``b``, ``m``."""
     w = layer.weight_2d().detach().double()
     bias = layer.base.bias
     bias = None if bias is None else bias.detach().double()

@@ -151,7 +151,7 @@ def test_dora_combine_forms():
     assert_close(no_dropout, factor * base + factor * s * lora, rtol=1e-14, atol=1e-14)
     with_dropout = DF.dora_combine(base, lora, factor, s, dropped)
     assert_close(with_dropout, base + (factor - 1) * dropped + factor * s * lora, rtol=1e-14, atol=1e-14)
-    # the dropout form with x~ = x is the plain form (REFERENCE §1)
+    # the dropout form with x~ = x is the plain form (paper eq. 5)
     assert_close(DF.dora_combine(base, lora, factor, s, base), no_dropout, rtol=1e-12, atol=1e-12)
     assert_close(DF.dora_combine(base, None, factor, s), factor * base, rtol=0, atol=0)
 

@@ -1,4 +1,4 @@
-"""Adapter layers against a plain float64 re-computation of DoRA in weight space (REFERENCE §1).
+"""Adapter layers against a plain float64 re-computation of DoRA in weight space (paper eq. 5).
 
 The reference never uses the layer's code path: it builds ``W' = m (W + s·B·A) / ||W + s·B·A||`` (norm per
 output feature) as a full weight and applies it with the plain op (``F.linear``, ``F.convNd``,
@@ -134,7 +134,7 @@ def reference(layer, x: Tensor, a: Tensor | None, b: Tensor | None, m: Tensor | 
     factor = (m / n)[:, None]
     if x_dropped is None:
         return apply_2d(layer, factor * v, x, bias)
-    # REFERENCE §1: y = x Wᵀ + b + (m/n − 1)(x~ Wᵀ) + (m/n) s (x~ Aᵀ) Bᵀ
+    # the dropout form: y = x Wᵀ + b + (m/n − 1)(x~ Wᵀ) + (m/n) s (x~ Aᵀ) Bᵀ
     return apply_2d(layer, w, x, bias) + apply_2d(layer, (factor - 1) * w + factor * delta, x_dropped)
 
 

@@ -1,4 +1,4 @@
-"""The installed ``peft`` package as the oracle (REFERENCE §5): same adapter weights → same logits, and each
+"""The installed ``peft`` package as the oracle: same adapter weights → same logits, and each
 library loads the other's adapter files.
 
 Weights are copied into PEFT's modules here by hand (not through :mod:`torchdora.peft_format`), so the logit

@@ -1,6 +1,6 @@
 """Cached values that cannot go stale: each entry remembers the *contents* it was computed from.
 
-DoRA's unmerged eval path reuses ``m / ||W + s·B·A||`` and ``||W||²`` per output feature (REFERENCE §4).
+DoRA's unmerged eval path reuses ``m / ||W + s·B·A||`` and ``||W||²`` per output feature.
 Tensor version counters do not see every edit: ``p.data`` has its own counter (so ``p.data.add_(…)`` leaves
 ``p._version`` alone), fused optimizers write without bumping it, and a parametrization rebuilds its tensor on
 every access, possibly at a reused address. So an entry here is checked against what it was computed from

@@ -1,4 +1,4 @@
-"""DoRA's linear layer as one autograd function, so that DoRA costs what LoRA costs (REFERENCE §4).
+"""DoRA's linear layer as one autograd function, so that DoRA costs what LoRA costs.
 
 The plain composition of the DoRA forward (paper eq. 5 with the detached norm of §4.3),
 

@@ -137,7 +137,7 @@ def factored_row_norm(
     scaling: float,
     base_sq_norm: Tensor | None = None,
 ) -> Tensor:
-    """``||W + s·B·A||`` per row without forming the ``(out, in)`` matrix (REFERENCE §4).
+    """``||W + s·B·A||`` per row without forming the ``(out, in)`` matrix.
 
         n² = ||W||² + 2s·rowsum(B ⊙ (W Aᵀ)) + s²·rowsum((B (A Aᵀ)) ⊙ B)
 

@@ -92,7 +92,7 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | None = None) -> None:
     """Merge the active adapters (or ``adapter_names``, which then become active) into the base weights.
 
     The merged model computes exactly what the unmerged model computes with the same adapters active
-    (``docs/multi_adapter.md``: every DoRA adapter normalised against the pre-trained weight, updates added).
+    (``docs/adapters.md``: every DoRA adapter normalised against the pre-trained weight, updates added).
     Merging twice raises; so does merging only part of the active adapters (they would compute on a changed
     base), and a merge whose weight would not be finite. On an error no layer is left merged by this call.
     """

@@ -1,4 +1,4 @@
-"""Fused Triton kernels for the memory-bound parts of the DoRA linear layer on CUDA (REFERENCE §4).
+"""Fused Triton kernels for the memory-bound parts of the DoRA linear layer on CUDA.
 
 Imported lazily by :mod:`torchdora.fast` only for CUDA tensors; without Triton or CUDA :func:`available` is
 ``False`` and the PyTorch ops run instead (same results up to rounding order).

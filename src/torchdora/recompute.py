@@ -1,4 +1,4 @@
-"""Choose, per DoRA layer, whether backward keeps its output or recomputes ``x Wᵀ`` (REFERENCE §4).
+"""Choose, per DoRA layer, whether backward keeps its output or recomputes ``x Wᵀ``.
 
 DoRA's magnitude gradient needs ``z = x Wᵀ + s·(x Aᵀ) Bᵀ`` per token (``∂L/∂m = Σ_tokens ∂L/∂y ⊙ z / n``). The fused
 layer (:mod:`torchdora.fast`) recovers ``z`` from the layer's output ``y``, which costs nothing where a later op keeps

@@ -387,9 +387,9 @@ def _base_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 
 def _quantization_config(quantize: str, dtype: torch.dtype):
-    """transformers' ``BitsAndBytesConfig`` for ``quantize="nf4"`` (REFERENCE §7), computing in ``dtype``."""
+    """transformers' ``BitsAndBytesConfig`` for ``quantize="nf4"`` (QLoRA's NF4 with double quantization), computing in ``dtype``."""
     # bitsandbytes warns at import that the optional CPU inference kernel (for its repacked AVX512-BF16 layout) is
-    # missing; torchdora turns that layout off (it breaks gradients, REFERENCE §7), so the warning is only noise
+    # missing; torchdora turns that layout off (it breaks gradients, docs/memory.md), so the warning is only noise
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     import bitsandbytes  # noqa: F401  (a missing extra fails here, with its install hint upstream)
     from transformers import BitsAndBytesConfig

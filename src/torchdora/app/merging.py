@@ -1,6 +1,6 @@
 """``torchdora merge``: fold an adapter into its base model and save a plain Hugging Face model folder.
 
-The merged weight is ``W' = m · (W + s·B·A) / ||W + s·B·A||`` per output row (paper eq. 5, REFERENCE §1), so the
+The merged weight is ``W' = m · (W + s·B·A) / ||W + s·B·A||`` per output row (paper eq. 5), so the
 saved model has no adapter modules and no inference overhead, and its logits equal those of the base
 model with the adapter unmerged (to float32 round-off; to one more rounding in a bf16/fp16 base). The weights
 are saved in the base's dtype (``--base-dtype``) unless ``--dtype`` asks for another. An adapter trained on a

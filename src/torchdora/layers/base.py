@@ -44,7 +44,7 @@ class AdapterLayer(MergeMixin, nn.Module):
     Parameters (of each named :class:`Adapter`): ``lora_A`` ``(r, in, *kernel)``, ``lora_B`` ``(out, r, *ones)``,
     ``magnitude`` ``(out,)``; magnitude-only modules (paper §5.6) have no ``lora_A``/``lora_B``. Several active
     adapters add their updates: ``y = base(x) + Σ_i (y_i − base(x))`` with ``y_i`` adapter ``i``'s output, each
-    DoRA norm taken against the pre-trained weight (PEFT's rule; ``docs/multi_adapter.md``). Merging writes the
+    DoRA norm taken against the pre-trained weight (PEFT's rule; ``docs/adapters.md``). Merging writes the
     weight of exactly that sum (:meth:`merge`).
     """
 

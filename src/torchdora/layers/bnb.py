@@ -2,13 +2,13 @@
 
 The frozen base weight stays packed (4 bits per weight plus one scale per block of 64). The layer computes
 exactly what :class:`~torchdora.layers.linear.LinearAdapter` computes on the dequantized weight ``Ŵ``
-(REFERENCE §1, §7):
+(paper eq. 5 on the dequantized weight; docs/memory.md):
 
     y = (m / ||Ŵ + s·B·A||) ⊙ (x Ŵᵀ + s·(x Aᵀ) Bᵀ) + b
 
 - Norms, the fused forward/backward and merging are :class:`~torchdora.layers.quantized.QuantizedLinearAdapter`'s
   (bounded dequantized row blocks, the packed weight kept for backward); this module reads the 4-bit format.
-- CPU hazard (REFERENCE §7): on CPUs with AVX512-BF16, ``Linear4bit`` repacks its weight into an inference-only
+- CPU hazard (docs/memory.md): on CPUs with AVX512-BF16, ``Linear4bit`` repacks its weight into an inference-only
   layout after one eval-mode forward without gradients; ``bitsandbytes.matmul_4bit`` then takes a kernel with no
   backward and the gradients that flow through the layer are silently wrong. The adapter turns that repacking off
   for its base and undoes a repacking that already happened; :func:`disable_cpu_weight_repacking` does the same for
@@ -63,7 +63,7 @@ def _unpack_cpu_weight(layer: nn.Module) -> None:
 def disable_cpu_weight_repacking(model: nn.Module) -> int:
     """Turn off (and undo) bitsandbytes' AVX512-BF16 inference repacking on every ``Linear4bit`` of ``model``.
 
-    Call it on a 4-bit model before training: a repacked layer gives wrong gradients (REFERENCE §7). Returns the
+    Call it on a 4-bit model before training: a repacked layer gives wrong gradients (docs/memory.md). Returns the
     number of ``Linear4bit`` layers seen.
     """
     count = 0

@@ -1,6 +1,6 @@
 """Merging adapters into a layer's base weight, undoing it, and combining adapters into a new one.
 
-The rule (``docs/multi_adapter.md``): adapters active together add their updates, each DoRA adapter normalised
+The rule (``docs/adapters.md``): adapters active together add their updates, each DoRA adapter normalised
 against the *pre-trained* weight (paper eq. 5 per adapter), so the merged weight of a set of adapters is
 :func:`torchdora.functional.merged_weight_of_adapters` of the pre-trained weight, whether they are merged in one
 call or several. :class:`MergeMixin` holds that logic for :class:`torchdora.layers.base.AdapterLayer`.

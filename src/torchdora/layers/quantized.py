@@ -1,7 +1,7 @@
 """DoRA and LoRA over a linear layer whose frozen weight is stored quantized (QDoRA), whatever the format.
 
 The layer computes exactly what :class:`~torchdora.layers.linear.LinearAdapter` computes on the dequantized weight
-``Ŵ`` (paper eq. 5 on the dequantized weight; QDoRA as in the paper's §5.5 discussion):
+``Ŵ`` (paper eq. 5):
 
     y = (m / ||Ŵ + s·B·A||) ⊙ (x Ŵᵀ + s·(x Aᵀ) Bᵀ) + b
 

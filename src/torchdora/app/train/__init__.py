@@ -1,7 +1,7 @@
 """``torchdora train``: fine-tune a causal LM with DoRA, LoRA or full fine-tuning, offline, on CPU or GPU.
 
 With no arguments it fine-tunes the embedded SmolLM2-135M-Instruct with DoRA (rank 16, alpha 32) on
-q/k/v/up/down projections (the paper's recipe at half rank, REFERENCE §3) on Rotten Tomatoes sentiment,
+q/k/v/up/down projections (the paper's commonsense recipe at half rank, its DoRA†) on Rotten Tomatoes sentiment,
 evaluates held-out test accuracy before and after, and writes a run folder::
 
     <output_dir>/config.json        the resolved configuration

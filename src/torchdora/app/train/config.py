@@ -65,7 +65,7 @@ class TrainConfig:
         data: dataset name or path (:func:`torchdora.app.data.load_dataset`); ``None``: Rotten Tomatoes.
         targets: comma-separated module names/suffixes, or ``"all-linear"``.
         rank, alpha, dropout: the adapter's ``r``, ``alpha`` (scale ``alpha / r``) and input dropout (the paper
-            uses 0.05; the default 0 keeps DoRA's single base product, REFERENCE §1, which matters on a CPU).
+            uses 0.05; the default 0 keeps DoRA's single base product, which matters on a CPU).
         lr, schedule, warmup_steps: AdamW learning rate, its decay after a linear warm-up.
         steps / epochs: optimizer steps to run, or full passes over the training data (not both);
             neither means :data:`DEFAULT_STEPS` steps.
