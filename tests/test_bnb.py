@@ -248,3 +248,74 @@ def test_requantized_base_through_data_is_seen_by_the_cache():
         want = q(x)
     assert_close(got, want, rtol=0, atol=0)
     assert not torch.allclose(got, before, **TIGHT)
+
+
+# ---- an eval-mode forward before inject, for every 4-bit configuration ------------------------------------------
+CONFIGS = [(quant, double, dtype) for quant in ("nf4", "fp4") for double in (True, False)
+           for dtype in (torch.float32, torch.bfloat16)]
+
+
+def _repacked_model(quant: str, double: bool, compute_dtype: torch.dtype) -> nn.Module:
+    """Two 4-bit layers, eval mode (as ``from_pretrained`` returns them)."""
+    torch.manual_seed(0)
+    layers = []
+    for seed in (0, 1):
+        dense = nn.Linear(64, 64)
+        layer = bnb.nn.Linear4bit(64, 64, compute_dtype=compute_dtype, compress_statistics=double, quant_type=quant)
+        layer.load_state_dict(dense.state_dict())
+        layers.append(layer.to("cpu"))
+    return nn.Sequential(layers[0], nn.GELU(), layers[1]).eval()
+
+
+@pytest.mark.parametrize("quant,double,compute_dtype", CONFIGS, ids=lambda v: str(v).replace("torch.", ""))
+def test_inject_after_an_eval_forward_keeps_the_function_and_the_gradients(quant, double, compute_dtype):
+    """Before: inject un-repacked only the layers it wrapped (the one after the adapter stayed repacked, its kernel
+    has no backward, so the adapter's gradients were exactly zero), and without double quantization the
+    un-repacking scrambled the weights (a tiny Llama's logits moved by 0.26; the embedded model's perplexity went
+    from 4.7 to 126)."""
+    if not bnb.functional.has_avx512bf16():
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes never repacks here")
+    model = _repacked_model(quant, double, compute_dtype)
+    original = [qlayers.dequantize_linear4bit(model[i]).float() for i in (0, 2)]  # before any repacking
+    for i in (0, 2):
+        model[i].support_avx512bf16_for_cpu = True
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        model(x.to(compute_dtype))
+    assert all(getattr(model[i].weight.quant_state, "packing_format_for_cpu", False) for i in (0, 2))
+    inject(model, DoraConfig(r=4, target_modules=["0"]))  # B = 0: the model must compute the same
+    assert not getattr(model[2].weight.quant_state, "packing_format_for_cpu", False)  # not wrapped, protected
+    # The repacking stored each block's scale in bf16 (a relative rounding of at most 2**-9): the weights come back
+    # to that, never scrambled. (The repacked kernel itself computes in bf16, so its output is no fp32 reference.)
+    now = [qlayers.dequantize_linear4bit(layer).float() for layer in (model[0].base, model[2])]
+    for w, w0 in zip(now, original):
+        assert_close(w, w0, rtol=2**-8, atol=0)
+    dense = [nn.Linear(64, 64) for _ in range(2)]
+    with torch.no_grad():
+        for d, w, q in zip(dense, now, (model[0].base, model[2])):
+            d.weight.copy_(w)
+            d.bias.copy_(q.bias.float())
+    reference = nn.Sequential(dense[0], nn.GELU(), dense[1]).eval()
+    with torch.no_grad():
+        after = model(x.to(compute_dtype)).float()
+        want = reference(x)
+    # fp32 compute: the same weights through another kernel, fp32 round-off; bf16 compute: bf16 products
+    tol = dict(rtol=1e-4, atol=1e-4) if compute_dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    assert_close(after, want, **tol)
+    # gradients against fp32 DoRA on the dequantized weights (the reference: plain nn.Linear layers)
+    inject(reference, DoraConfig(r=4, target_modules=["0"]))
+    with torch.no_grad():
+        for p, p_ref in zip(model[0].adapter_parameters().values(), reference[0].adapter_parameters().values()):
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(5)) * 0.1)
+            p_ref.copy_(p)
+    model.train(), reference.train()
+    for net in (model, reference):
+        net(x.to(next(iter(net[0].adapter_parameters().values())).dtype)).float().square().sum().backward()
+    for name, p_ref in reference[0].adapter_parameters().items():
+        got = model[0].adapter_parameters()[name].grad
+        assert got is not None and bool(got.abs().sum() > 0), name  # before: exactly zero
+        if compute_dtype == torch.float32:
+            assert_close(got, p_ref.grad, rtol=1e-4, atol=1e-5, msg=name)
+        else:  # bf16 products: the gradient points the same way, to bf16's precision
+            cos = torch.nn.functional.cosine_similarity(got.flatten(), p_ref.grad.flatten(), dim=0)
+            assert float(cos) > 0.999, (name, float(cos))

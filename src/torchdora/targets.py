@@ -180,6 +180,8 @@ def place_adapter(model: nn.Module, adapter_name: str, config: DoraConfig, activ
     targets = select_targets(model, config)
     _check_placement(model, config, adapter_name, targets)
     plain = {n: m for n, m in targets.items() if not isinstance(m, AdapterLayer)}
+    for cls in {layer_class(m, config) for m in plain.values()}:
+        cls.prepare_model(model)
     projection = (VeraProjection.for_modules(plain, config.r, config.projection_prng_key)
                   if config.use_vera else None)
     added: list[AdapterLayer] = []

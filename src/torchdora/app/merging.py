@@ -14,9 +14,7 @@ dequantized, in ``--dtype`` (bf16 gives a quarter of the fp32 size). The folder 
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,7 +55,7 @@ def merge_to_folder(config: MergeConfig) -> Path:
     """
     from torchdora.app.assets import BASE_DTYPES, load_model_and_tokenizer, model_for_adapter, resolve_model
     from torchdora.inject import adapter_layers, merge_and_unload
-    from torchdora.files import replace_dir
+    from torchdora.files import staged_dir
     from torchdora.io import load_adapter, read_adapter
 
     output = Path(config.output)
@@ -80,14 +78,9 @@ def merge_to_folder(config: MergeConfig) -> Path:
 
         dequantize_int8_layers(model)  # the layers left int8 get their dequantized weights
     model.to(dtype)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-    try:
+    with staged_dir(output) as tmp:  # written beside --output, swapped in; a killed merge's leftovers go first
         model.save_pretrained(tmp)  # safetensors by default
         tokenizer.save_pretrained(tmp)
-        replace_dir(tmp, output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return output
 
 

@@ -124,6 +124,11 @@ class AdapterLayer(MergeMixin, nn.Module):
         else:
             super().__setattr__(name, value)
 
+    @classmethod
+    def prepare_model(cls, model: nn.Module) -> None:
+        """Called once on the whole model before layers of this class are put into it (a quantized kind may need
+        to protect modules it does not wrap); nothing by default."""
+
     # ---- named adapters -----------------------------------------------------------------------------
     @property
     def adapter(self) -> Adapter:

@@ -51,13 +51,26 @@ def is_linear4bit(module: nn.Module) -> bool:
 
 
 def _unpack_cpu_weight(layer: nn.Module) -> None:
-    """Undo bitsandbytes' inference-only CPU repacking of ``layer.weight`` (if it happened) and prevent it."""
+    """Undo bitsandbytes' inference-only CPU repacking of ``layer.weight`` (if it happened) and prevent it.
+
+    The repacking reorders the 4-bit codes (undone exactly) and turns the block scales into a transposed bf16
+    table (un-nesting double-quantized ones). bitsandbytes' own inverse leaves a non-nested table transposed (the
+    weights come back scrambled) and re-quantizes a nested one (a second rounding). Here the scales go back to their
+    order as fp32 copies of the bf16 values the repacked kernel used, not nested: the layer then computes what it
+    computed while repacked, and its dequantized weight is that of the standard kernel.
+    """
     layer.support_avx512bf16_for_cpu = False
     state = getattr(layer.weight, "quant_state", None)
-    if state is not None and getattr(state, "packing_format_for_cpu", False):
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse  # no public inverse exists
+    if state is None or not getattr(state, "packing_format_for_cpu", False):
+        return
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse  # no public inverse exists
 
-        layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu_inverse(layer.weight.data, state)
+    scales = state.absmax  # (in / blocksize, out) bf16
+    state.original_nested = False  # keep the scales as they are: no re-quantization
+    codes, state = _convert_weight_packed_for_cpu_inverse(layer.weight.data, state)
+    state.absmax = scales.T.reshape(-1).float().contiguous()  # (out · in / blocksize,) in row-major block order
+    state.nested = False
+    layer.weight.data, layer.weight.quant_state = codes, state
 
 
 def disable_cpu_weight_repacking(model: nn.Module) -> int:
@@ -116,6 +129,12 @@ class Linear4bitAdapter(QuantizedLinearAdapter):
     The adapter tensors default to fp32 (``dtype``), whatever the base's compute dtype; the norms are
     accumulated in fp32. ``weight_2d()`` returns a fresh dequantized copy (use it for analysis, not in a loop).
     """
+
+    @classmethod
+    def prepare_model(cls, model: nn.Module) -> None:
+        """Every ``Linear4bit`` of the model, adapted or not, stops (and undoes) the CPU inference repacking: one
+        left repacked has no backward, and the gradients of every adapter before it would be zero."""
+        disable_cpu_weight_repacking(model)
 
     def __init__(self, base: nn.Module, **kwargs) -> None:
         if not is_linear4bit(base):
