@@ -37,6 +37,8 @@ __all__ = [
     "vera_factors",
     "vera_update",
     "weighted_combination",
+    "weight_sketch",
+    "sketch_difference",
 ]
 
 
@@ -366,3 +368,28 @@ def weighted_combination(
     base = base_norm.to(parts[0][3].dtype)
     m = base + sum(w * (m_i - base) for w, _, _, m_i, _ in parts)
     return a, b, m
+
+
+#: rows and columns of :func:`weight_sketch`'s random projections
+SKETCH_SIZE = 4
+
+
+def weight_sketch(weight: Tensor) -> Tensor:
+    """``Uᵀ W V`` ``(4, 4)`` in float64, with ``U`` ``(out, 4)`` and ``V`` ``(in, 4)`` standard normal drawn from a
+    seed fixed by the weight's shape: a 16-number fingerprint of an ``(out, in)`` weight.
+
+    Two weights of one shape give sketches whose difference estimates theirs (a Johnson-Lindenstrauss sketch):
+    ``||S(W) − S(W')||_F / ||S(W)||_F`` is about ``||W − W'||_F / ||W||_F`` (:func:`sketch_difference`; within a
+    factor of about 1.5 with 16 numbers), and exactly 0 for identical weights.
+    """
+    out_features, in_features = weight.shape
+    gen = torch.Generator().manual_seed(1_000_003 * out_features + in_features)
+    u = torch.randn(out_features, SKETCH_SIZE, generator=gen, dtype=torch.float64)
+    v = torch.randn(in_features, SKETCH_SIZE, generator=gen, dtype=torch.float64)
+    return u.T @ (weight.detach().to("cpu", torch.float64) @ v)  # (4, 4)
+
+
+def sketch_difference(sketch: Tensor, other: Tensor) -> float:
+    """The relative difference of two weights estimated from their :func:`weight_sketch` (0 for equal weights)."""
+    scale = float(torch.linalg.vector_norm(sketch))
+    return float(torch.linalg.vector_norm(sketch - other)) / scale if scale > 0 else float(other.abs().max() > 0)

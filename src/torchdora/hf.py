@@ -24,6 +24,7 @@ import json
 import os
 import sys
 import types
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ from torchdora.io import (
 from torchdora.layers import VeraAdapter
 from torchdora.state import adapter_layers, on_adapters_added
 
-__all__ = ["save_pretrained", "load_model", "adapter_base_model", "recorded_name", "attach", "detach"]
+__all__ = ["save_pretrained", "load_model", "adapter_base_model", "recorded_name", "local_base", "attach", "detach"]
 
 #: the file ``Trainer`` reloads on resume (transformers' ``SAFE_WEIGHTS_NAME``)
 RESUME_WEIGHTS = "model.safetensors"
@@ -156,6 +157,25 @@ def adapter_base_model(path: str | os.PathLike) -> str | None:
     return None
 
 
+def local_base(name: str) -> str:
+    """A local copy of the base model ``name`` if an installed resolver knows one (entry points of the group
+    ``torchdora.bases``: the application maps its embedded default's hub name to the weights it trained on), else
+    ``name``. So adapters of a locally converted model load offline, onto the weights they were trained on."""
+    from importlib.metadata import entry_points
+
+    if Path(name).expanduser().exists():
+        return name
+    for point in entry_points(group="torchdora.bases"):
+        try:
+            found = point.load()(name)
+        except Exception as err:  # a broken plugin must not stop a load that the hub can serve
+            warnings.warn(f"torchdora.bases resolver {point.name!r} failed for {name!r}: {err}", stacklevel=2)
+            continue
+        if found:
+            return str(found)
+    return name
+
+
 def _from_pretrained(name_or_path: str | os.PathLike, **kwargs: Any) -> nn.Module:
     """The model class the base was saved as (``config.architectures``), loaded with ``from_pretrained``."""
     import transformers
@@ -183,7 +203,7 @@ def load_model(
     Args:
         adapter: a folder in torchdora's or PEFT's format (``save_pretrained``, ``save_adapter``, PEFT).
         base: the base model, or its hub name or local folder (loaded with the class its ``config.json`` names);
-            ``None``: the base the adapter records.
+            ``None``: the base the adapter records. A name with a local copy (:func:`local_base`) loads offline.
         is_trainable: ``False`` (default, as PEFT): every parameter frozen and the model in eval mode. ``True``:
             the adapter (and ``modules_to_save``) trainable, ready to continue training.
         from_pretrained_kwargs: passed to ``from_pretrained`` when ``base`` is a name (``dtype``, ``device_map``).
@@ -197,7 +217,7 @@ def load_model(
         base = adapter_base_model(adapter)
         if base is None:
             raise ValueError(f"adapter {adapter} records no base model; pass base= (a model, a name or a folder)")
-    model = base if isinstance(base, nn.Module) else _from_pretrained(base, **from_pretrained_kwargs)
+    model = base if isinstance(base, nn.Module) else _from_pretrained(local_base(str(base)), **from_pretrained_kwargs)
     load_adapter(model, adapter)
     if not is_trainable:
         for p in model.parameters():

