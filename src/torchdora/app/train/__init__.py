@@ -98,22 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as err:
         print(f"torchdora train: error: {err}", file=sys.stderr)
         return 2
-    except OSError as err:  # the environment: a full disk, a read-only or foreign folder
-        print(f"torchdora train: error: {environment_error(err)}", file=sys.stderr)
+    except Exception as err:  # the environment (a full disk, a read-only or foreign folder): one line
+        from torchdora.app.cli import environment_error, os_error_of
+
+        cause = os_error_of(err)  # an OSError, or safetensors' report of one
+        if cause is None:
+            raise
+        print(f"torchdora train: error: {environment_error(cause, 'train')}", file=sys.stderr)
         return 2
     return 0
-
-
-def environment_error(err: OSError) -> str:
-    """A one-line message for an operating-system error: what failed, where, and what to do."""
-    import errno
-
-    where = f" ({err.filename})" if err.filename else ""
-    reason = err.strerror or str(err)
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        fix = "free some space or choose another --output-dir; the last complete checkpoint was kept"
-    elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        fix = "choose an --output-dir you can write to"
-    else:
-        fix = "check the folder and the disk, then resume with --resume if a checkpoint was written"
-    return f"{reason}{where}: {fix}"
