@@ -47,7 +47,13 @@ from torchdora.app.train.config import (
 )
 from torchdora.app.train.loop import train
 from torchdora.app.train.outputs import TrainResult
-from torchdora.app.train.run import TrainingDiverged, TrainingInterrupted, compute_loss, lr_factor
+from torchdora.app.train.run import (
+    TrainingDiverged,
+    TrainingInterrupted,
+    compute_loss,
+    leave_process_group,
+    lr_factor,
+)
 
 __all__ = [
     "TrainConfig",
@@ -83,10 +89,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"torchdora train: {missing}", file=sys.stderr)
             return 2
         train(config)
-    except TrainingDiverged as err:
+        leave_process_group()  # torchrun / accelerate launch: every process ends here together
+    except TrainingDiverged as err:  # every process stops at the same step (the checks are collective)
+        leave_process_group()
         print(f"torchdora train: stopped: {err}", file=sys.stderr)
         return 1
     except TrainingInterrupted as err:
+        leave_process_group()
         print(f"torchdora train: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:  # Ctrl-C while loading, or a second Ctrl-C: no time to save

@@ -37,7 +37,7 @@ from torchdora.app.train.outputs import Metrics, named_trainable
 from torchdora.io import atomic_write_json
 
 __all__ = ["Run", "Position", "TrainingDiverged", "TrainingInterrupted", "StopSignals", "lr_factor",
-           "train_only_weights", "EpochSampler", "compute_loss", "check_resume"]
+           "train_only_weights", "EpochSampler", "compute_loss", "check_resume", "leave_process_group"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -235,6 +235,23 @@ def shared_state_reset() -> None:
     if not (dist.is_available() and dist.is_initialized()):
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
+
+
+def leave_process_group() -> None:
+    """End a multi-process run together: a barrier, then the group destroyed while every process is still alive.
+
+    Without it the group is torn down in interpreter shutdown, each process on its own; gloo has aborted a process
+    whose peer had already closed its connections ("terminate called without an active exception"). Every process
+    must call it (after a run that ended on all of them: finished, diverged or stopped by a signal).
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        except RuntimeError:  # a peer is gone: the run's outcome is already decided and reported
+            pass
+        dist.destroy_process_group()
 
 
 # ---- the run ---------------------------------------------------------------------------------------------------
