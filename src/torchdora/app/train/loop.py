@@ -30,6 +30,7 @@ from torchdora.app.train.outputs import (
     tracker_values,
     write_outputs,
 )
+from torchdora.app.train.preflight import RunFolderLock, check_data_unchanged, data_fingerprint, warn_about_length
 from torchdora.app.train.run import (
     EpochSampler,
     Position,
@@ -45,7 +46,6 @@ from torchdora.app.train.run import (
     shared_state_reset,
     train_only_weights,
 )
-from torchdora.app.train.preflight import RunFolderLock, check_data_unchanged, data_fingerprint, warn_about_length
 from torchdora.app.train.sharding import refuse_accelerate_sharding, shard_and_fill, skeleton_model, use_fsdp
 from torchdora.distributed import world_size
 from torchdora.io import atomic_write_json

@@ -42,8 +42,8 @@ class RunFolderLock:
     ``kill -9`` leaves nothing stale: the next run takes the lock (and rewrites the id). A second run into the same
     folder, or a ``--resume`` of a run still going, fails at once with :class:`RunFolderBusy` naming the holder, and
     writes nothing. Released, the lock file is deleted (and the folders this lock created, if nothing else was
-    written in them: a run refused by a later check leaves no empty folder). Locks work between processes of one machine (and on
-    network file systems that support ``flock``). Without ``fcntl`` (Windows) there is no lock.
+    written in them: a run refused by a later check leaves no empty folder). Locks work between processes of one
+    machine (and on network file systems that support ``flock``). Without ``fcntl`` (Windows) there is no lock.
     """
 
     def __init__(self, folder: Path, resume_run: Path | None = None) -> None:

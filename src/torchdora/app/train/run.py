@@ -32,8 +32,8 @@ from torchdora.app.evaluate import EvalResult, evaluate_examples, selected_logit
 from torchdora.app.train import sharding
 from torchdora.app.train.config import TrainConfig, config_differences, resume_changes
 from torchdora.app.train.loss import cross_entropy
-from torchdora.app.train.preflight import data_changes
 from torchdora.app.train.outputs import Metrics, named_trainable
+from torchdora.app.train.preflight import data_changes
 from torchdora.io import atomic_write_json
 
 __all__ = ["Run", "Position", "TrainingDiverged", "TrainingInterrupted", "StopSignals", "lr_factor",
