@@ -17,6 +17,7 @@ evaluates held-out test accuracy before and after, and writes a run folder::
     <output_dir>/checkpoint/        the latest resume checkpoint (see :mod:`torchdora.app.checkpoint`)
     <output_dir>/snapshots/step-NNNNNN/   with ``--save-every N``: adapters (or ``model.safetensors``) for the
                                     weight-decomposition analysis (``torchdora analyze``)
+    <output_dir>/.torchdora.lock    while the run runs: its lock (the process id), so no second run writes here
 
 The loop runs on Hugging Face ``accelerate``: mixed precision (``--dtype bfloat16``) and several processes
 (``torchrun`` / ``accelerate launch``, DDP) come from it. ``batch_size`` counts the examples of one
@@ -27,7 +28,9 @@ processes give the same losses (to round-off) when completions have equal length
 Logging, the progress bar and every file are written by the main process only.
 
 The pieces: ``config.py`` (:class:`TrainConfig`, config files, the parser), ``run.py`` (one run's moving parts:
-evaluation, checkpoints, schedule, data order), ``loop.py`` (:func:`train`), ``outputs.py`` (the run folder's files).
+evaluation, checkpoints, schedule, data order), ``preflight.py`` (the run folder's lock, the data fingerprint a resume
+checks, warnings about settings beyond the run's length), ``loop.py`` (:func:`train`), ``outputs.py`` (the run
+folder's files).
 """
 
 from __future__ import annotations
