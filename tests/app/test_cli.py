@@ -107,6 +107,50 @@ def test_merge_cli_logits_equal_the_unmerged_model(tiny_run, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
+def test_merge_overwrite_refuses_an_output_that_is_or_contains_its_inputs(tiny_run, tmp_path, capsys):
+    """``--overwrite`` replaces ``--output``: equal to or above the adapter or base folder it would delete them."""
+    import shutil
+
+    model_dir, _, run = tiny_run
+    outer = tmp_path / "outer"
+    adapter, model = outer / "adapter", outer / "model"
+    shutil.copytree(run / "adapter", adapter)
+    shutil.copytree(model_dir, model)
+    (outer / "notes.txt").write_text("unrelated")
+    before = {p.relative_to(tmp_path).as_posix(): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for output, what in ((outer, "contains the --adapter folder"), (adapter, "is the --adapter folder"),
+                         (model, "is the --model folder"), (tmp_path, "contains the --adapter folder")):
+        assert cli.main(["merge", "--model", str(model), "--adapter", str(adapter), "--output", str(output),
+                         "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert f"torchdora merge: error: --output {output} {what}" in err and "--overwrite would delete it" in err
+    after = {p.relative_to(tmp_path).as_posix(): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before  # nothing deleted, nothing written
+
+
+@pytest.mark.parametrize("error", ["oserror", "safetensors"])
+def test_a_full_disk_during_merge_is_one_line(tiny_run, tmp_path, monkeypatch, capsys, error):
+    """The weights writer fails as on a full disk, as an OSError or as safetensors reports it (the message seen)."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    model_dir, _, run = tiny_run
+
+    def full(tensors, filename, metadata=None):
+        if error == "oserror":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr("transformers.modeling_utils.safe_save_file", full)
+    out = tmp_path / "merged"
+    assert cli.main(["merge", "--model", str(model_dir), "--adapter", str(run / "adapter"), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("torchdora merge: error: No space left on device") and err.count("\n") == 1
+    assert "free some space or choose another --output" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # no output, no temporary folder left
+
+
 def test_generate_cli_with_and_without_adapter(tiny_run, capsys):
     model, _, run = tiny_run
     assert cli.main(["generate", "--model", str(model), "--prompt", "Review: good fun", "--max-new-tokens", "4"]) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -175,3 +176,52 @@ def test_exact_match_follows_a_plain_greedy_loop(model_and_tokenizer):
     finally:
         tokenizer.eos_token = before
     assert (result.n_generated, result.n_exact, result.exact_match) == (2, 1, 0.5)
+
+
+# ---- answer options that cannot measure accuracy -------------------------------------------------------------
+def test_a_single_option_gives_no_accuracy_and_a_note(model_and_tokenizer):
+    """One option always has the highest score: the old code counted it right (accuracy 1.0)."""
+    model, tokenizer = model_and_tokenizer
+    single = [Example(e.prompt, e.completion, (e.completion,)) for e in EXAMPLES[:2]]
+    alone = evaluate_examples(model, tokenizer, single, 64)
+    assert (alone.n_scored, alone.n_correct, alone.n_one_option, alone.n_examples) == (0, 0, 2, 2)
+    assert math.isnan(alone.accuracy) and "2 of the 2 examples have a single option" in alone.accuracy_note
+    assert alone.metrics()["accuracy_note"] == alone.accuracy_note  # in every metrics.jsonl record too
+    mixed = evaluate_examples(model, tokenizer, EXAMPLES + single, 64)
+    full = evaluate_examples(model, tokenizer, EXAMPLES, 64)
+    # the two-or-more-option examples alone make the accuracy; every example still counts for perplexity
+    assert (mixed.n_scored, mixed.n_correct, mixed.n_examples) == (full.n_scored, full.n_correct, 6)
+    assert mixed.n_tokens > full.n_tokens and "the accuracy covers the 3 examples" in mixed.accuracy_note
+
+
+@dataclass(frozen=True)
+class OwnExample:
+    """A caller's own example type (the fields :class:`Example` has, without its checks)."""
+
+    prompt: str
+    completion: str
+    options: tuple[str, ...] = ()
+    messages: tuple = ()
+
+
+def test_an_answer_outside_its_options_is_an_error_naming_the_example(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    examples = [*EXAMPLES[:2], OwnExample("Review: so so", " maybe", (" positive", " negative"))]
+    with pytest.raises(ValueError, match=r"example 2 \(prompt 'Review: so so'\): its answer ' maybe' is not one of "
+                                         r"its options \[' positive', ' negative'\]"):
+        evaluate_examples(model, tokenizer, examples, 64)
+
+
+def test_eval_cli_on_single_option_data_prints_a_note_not_an_accuracy(model_and_tokenizer, tmp_path, capsys):
+    import json
+
+    from torchdora.app import cli
+
+    folder = make_tiny_model(tmp_path / "model")
+    rows = [{"text": f"good fun film {i}", "label": "positive"} for i in range(30)]  # one label: one option
+    data = tmp_path / "one_label.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert cli.main(["eval", "--model", str(folder), "--data", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy=- " in out and "accuracy=1" not in out and "examples=3 " in out
+    assert "note: 3 of the 3 examples have a single option, which always scores as right: no accuracy" in out

@@ -167,17 +167,40 @@ def test_a_signal_at_a_random_step_saves_that_step_and_resumes_exactly(tiny, tmp
     assert losses_of(out) == reference
 
 
+def wait_until(condition, what: str, limit_s: float = 120.0) -> None:
+    """Let the main thread's signal handlers run (between sleeps) until ``condition()``; a bound, not a timing."""
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {limit_s} s")
+        time.sleep(0.001)
+
+
 def test_a_second_signal_stops_at_once_without_a_checkpoint(tiny, tmp_path, monkeypatch, capsys):
+    """The second SIGINT is sent only once the handler has recorded the first (POSIX does not queue a second
+    pending signal of the same kind, so two back-to-back kills sometimes arrive as one and the run saved step 3),
+    and the step then waits for the handler's KeyboardInterrupt, so no step can end in between."""
     model_dir, data = tiny
     out = tmp_path / "run"
+    handlers = []
+    enter = train_mod.run.StopSignals.__enter__
+
+    def recording_enter(self):
+        handlers.append(self)
+        return enter(self)
+
+    monkeypatch.setattr(train_mod.run.StopSignals, "__enter__", recording_enter)
 
     def twice(loss):
         os.kill(os.getpid(), signal.SIGINT)
+        wait_until(lambda: handlers[-1].signum == signal.SIGINT, "the first SIGINT's handling")
         os.kill(os.getpid(), signal.SIGINT)  # the handler re-raises it with Python's own: KeyboardInterrupt
+        wait_until(lambda: False, "the KeyboardInterrupt of the second SIGINT")
 
     patch_loss(monkeypatch, 3, twice)
     assert main(argv(model_dir, data, out)) == 130
     err = capsys.readouterr().err
+    assert "SIGINT received: stopping after the current step" in err
     assert "second SIGINT: stopping now" in err and "Traceback" not in err
     assert read_trainer_state(find_checkpoint(out))["step"] == 2  # the periodic one; no step-3 checkpoint
 

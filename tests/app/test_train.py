@@ -413,6 +413,8 @@ def test_generative_data_gives_a_json_summary_with_null_accuracy(tiny, tmp_path)
     assert "no multiple-choice accuracy" in summary["accuracy_note"]
     assert math.isfinite(summary["perplexity_after"]) and summary["perplexity_after"] > 1
     assert summary["exact_match_examples"] > 0 and 0.0 <= summary["exact_match_after"] <= 1.0
+    # every test example was evaluated (perplexity; exact match for these short answers), none for accuracy
+    assert (summary["test_examples"], summary["exact_match_examples"], summary["accuracy_examples"]) == (4, 4, 0)
     for line in (out / "metrics.jsonl").read_text().splitlines():
         _strict_json(line)
 

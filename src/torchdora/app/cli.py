@@ -6,11 +6,14 @@ and calls an importable, typed function; only the chosen command's module is imp
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
+import os
+import re
 import sys
 
-__all__ = ["main", "COMMANDS"]
+__all__ = ["main", "COMMANDS", "os_error_of", "environment_error"]
 
 #: command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -20,6 +23,40 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("torchdora.app.generate", "generate text from a model (+ adapter)"),
     "analyze": ("torchdora.analysis.cli", "magnitude/direction weight-decomposition analysis (paper section 3)"),
 }
+
+
+#: command -> the option that names where it writes (the fix for a full disk or an unwritable folder)
+OUTPUT_OPTIONS: dict[str, str] = {"train": "--output-dir", "merge": "--output", "analyze": "--output-dir"}
+
+
+def os_error_of(err: BaseException) -> OSError | None:
+    """The operating-system error behind ``err``: ``err`` itself, or the one safetensors' Rust writer reports only
+    as text (``SafetensorError: Error while serializing: I/O error: No space left on device (os error 28)``)."""
+    if isinstance(err, OSError):
+        return err
+    found = re.search(r"\(os error (\d+)\)", str(err))
+    if found is None:
+        return None
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code))
+
+
+def environment_error(err: OSError, command: str) -> str:
+    """A one-line message for an operating-system error of ``torchdora <command>``: what failed, where, and the fix."""
+    where = f" ({err.filename})" if err.filename else ""
+    reason = err.strerror or str(err)
+    option = OUTPUT_OPTIONS.get(command)
+    elsewhere = f"choose another {option}" if option else "write somewhere else"
+    kept = "; the last complete checkpoint was kept" if command == "train" else ""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = f"free some space or {elsewhere}{kept}"
+    elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = f"{elsewhere}: one you can write to" if option else "check the permissions of the files named"
+    elif command == "train":
+        fix = "check the folder and the disk, then resume with --resume if a checkpoint was written"
+    else:
+        fix = "check the folder and the disk, then run the command again"
+    return f"{reason}{where}: {fix}"
 
 
 def _usage() -> str:
@@ -59,7 +96,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     quiet_import_warnings()
     module = importlib.import_module(COMMANDS[command][0])
-    return int(module.main(rest) or 0)
+    try:
+        return int(module.main(rest) or 0)
+    except Exception as err:  # the environment (a full disk, a read-only folder) for every command: one line
+        cause = os_error_of(err)
+        if cause is None:
+            raise
+        print(f"torchdora {command}: error: {environment_error(cause, command)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Evaluation of a causal LM (+ adapter): multiple-choice accuracy and completion perplexity.
 
-Which metric fits the data: examples with options (multiple choice, text/label rows) get accuracy; every
-example gets perplexity; examples without options whose answer is short (at most :data:`SHORT_ANSWER_TOKENS`
+Which metric fits the data: examples with two or more options (multiple choice, text/label rows) get accuracy
+(one option is always "right": such examples count for perplexity only, and a note says so); every example gets
+perplexity; examples without options whose answer is short (at most :data:`SHORT_ANSWER_TOKENS`
 tokens) get exact match of greedy generations. A metric with no example is NaN here and ``null`` in JSON.
 
 Accuracy follows the usual log-likelihood protocol for classification with a language model: for each
@@ -54,8 +55,9 @@ __all__ = [
 class EvalResult:
     """Sums that add up across data shards (processes), and the metrics derived from them.
 
-    ``n_scored`` counts examples with options (the accuracy's denominator); ``nll_sum``/``n_tokens``
-    cover the gold completion of every example.
+    ``n_scored`` counts examples with two or more options (the accuracy's denominator); ``nll_sum``/``n_tokens``
+    cover the gold completion of every example; ``n_examples`` counts every example evaluated and ``n_one_option``
+    those with a single option (no accuracy: that option always wins).
     """
 
     n_correct: int = 0
@@ -64,6 +66,8 @@ class EvalResult:
     n_tokens: int = 0
     n_exact: int = 0
     n_generated: int = 0
+    n_examples: int = 0
+    n_one_option: int = 0
 
     @property
     def accuracy(self) -> float:
@@ -92,10 +96,29 @@ class EvalResult:
         kinds = [f.type for f in dataclasses.fields(cls)]
         return cls(*(float(v) if kind in (float, "float") else int(round(v)) for v, kind in zip(values, kinds)))
 
-    def metrics(self) -> dict[str, float]:
-        """What a metrics record shows: accuracy and perplexity, and exact match where answers were generated."""
-        out = {"accuracy": self.accuracy, "perplexity": self.perplexity}
-        return {**out, "exact_match": self.exact_match} if self.n_generated else out
+    @property
+    def accuracy_note(self) -> str | None:
+        """Why the accuracy is missing or covers fewer examples than were evaluated (``None``: it covers them all)."""
+        if self.n_one_option:
+            left_out = (f"{self.n_one_option} of the {self.n_examples} examples have a single option, which always "
+                        "scores as right")
+            if self.n_scored:
+                return f"{left_out}; the accuracy covers the {self.n_scored} examples with two or more options"
+            return f"{left_out}: no accuracy; give every example two or more options"
+        if not self.n_scored:
+            return ("no example has options or labels (generative data), so there is no multiple-choice accuracy; "
+                    "see perplexity (and exact_match, greedy generations of short answers)")
+        return None
+
+    def metrics(self) -> dict[str, float | str]:
+        """What a metrics record shows: accuracy and perplexity, exact match where answers were generated, and the
+        accuracy's note when examples with a single option were left out of it."""
+        out: dict[str, float | str] = {"accuracy": self.accuracy, "perplexity": self.perplexity}
+        if self.n_generated:
+            out["exact_match"] = self.exact_match
+        if self.n_one_option:
+            out["accuracy_note"] = self.accuracy_note or ""
+        return out
 
     def to_dict(self) -> dict[str, float | int]:
         return {**self.metrics(), **dataclasses.asdict(self)}
@@ -103,6 +126,8 @@ class EvalResult:
     def describe(self) -> str:
         """One line: the metrics that have examples, with their counts."""
         parts = [f"accuracy {self.accuracy:.4f} ({self.n_scored} examples)"] if self.n_scored else []
+        if self.n_one_option:
+            parts.append(f"{self.n_one_option} single-option examples without accuracy")
         parts.append(f"perplexity {self.perplexity:.3f}")
         if self.n_generated:
             parts.append(f"exact match {self.exact_match:.4f} ({self.n_generated} generated)")
@@ -289,14 +314,24 @@ def evaluate_examples(
 ) -> EvalResult:
     """Multiple-choice accuracy, gold-completion NLL and (``exact_match``) greedy exact match of short answers
     of ``model`` on ``examples`` (sums, see :class:`EvalResult`). Exact match compares whitespace-normalized
-    text: the generation up to the end-of-sequence token against the gold completion."""
+    text: the generation up to the end-of-sequence token against the gold completion.
+
+    Raises:
+        ValueError: an example's answer is not one of its options (naming the example).
+    """
+    for index, example in enumerate(examples):
+        if example.options and example.completion not in example.options:
+            raise ValueError(f"example {index} (prompt {example.prompt[:60]!r}): its answer {example.completion!r} "
+                             f"is not one of its options {list(example.options)!r}; fix its label or its options")
     scores = score_options(model, tokenizer, examples, max_length, batch_size, autocast)
-    n_correct = n_scored = n_tokens = 0
+    n_correct = n_scored = n_tokens = n_one_option = 0
     nll = 0.0
     short = []
     for example, option_scores in zip(examples, scores):
         gold = example.options.index(example.completion) if example.options else 0
-        if example.options:
+        if len(example.options) == 1:
+            n_one_option += 1  # its only option always has the highest score: no information about the model
+        elif example.options:
             n_scored += 1
             # ties count as wrong: an untrained model scoring every option equally has not chosen the answer
             best = max(option_scores)
@@ -308,7 +343,7 @@ def evaluate_examples(
             short.append(example)
     answers = greedy_answers(model, tokenizer, short, max_length, batch_size, autocast) if short else []
     n_exact = sum(_normalize(a) == _normalize(e.completion) for a, e in zip(answers, short))
-    return EvalResult(n_correct, n_scored, nll, n_tokens, n_exact, len(short))
+    return EvalResult(n_correct, n_scored, nll, n_tokens, n_exact, len(short), len(examples), n_one_option)
 
 
 # ---- torchdora eval ---------------------------------------------------------------------------------------
@@ -400,10 +435,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError, ModuleNotFoundError) as err:
         print(f"torchdora eval: error: {err}", file=sys.stderr)
         return 2
-    accuracy = f"accuracy={result.accuracy:.4f} " if result.n_scored else "accuracy=- (no options) "
+    accuracy = f"accuracy={result.accuracy:.4f} " if result.n_scored else "accuracy=- "
     exact = f" exact_match={result.exact_match:.4f} ({result.n_generated} generated)" if result.n_generated else ""
-    print(f"split={config.split} examples={result.n_scored or '-'} {accuracy}perplexity={result.perplexity:.4f}"
-          f"{exact}")
+    print(f"split={config.split} examples={result.n_examples} {accuracy}perplexity={result.perplexity:.4f}{exact}")
+    if result.accuracy_note is not None:
+        print(f"note: {result.accuracy_note}")
     return 0
 
 

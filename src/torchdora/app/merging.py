@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["MergeConfig", "merge_to_folder", "main"]
+__all__ = ["MergeConfig", "merge_to_folder", "refuse_output_over_inputs", "main"]
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,8 @@ def merge_to_folder(config: MergeConfig) -> Path:
 
     Raises:
         FileNotFoundError: the adapter folder or model path does not exist.
-        ValueError: ``output`` exists (without ``overwrite``), or the adapter does not fit the model.
+        ValueError: ``output`` exists (without ``overwrite``), is or contains the adapter or base folder, or the
+            adapter does not fit the model.
     """
     from torchdora.app.assets import BASE_DTYPES, load_model_and_tokenizer, model_for_adapter, resolve_model
     from torchdora.inject import adapter_layers, merge_and_unload
@@ -63,7 +64,8 @@ def merge_to_folder(config: MergeConfig) -> Path:
         raise ValueError(f"--output {output} already exists; choose another folder or pass --overwrite")
     read_adapter(config.adapter)  # missing or corrupt adapter: fail before the model loads
     base = model_for_adapter(config.model, config.adapter)  # no --model: the base the adapter records
-    resolve_model(base)
+    source = resolve_model(base)
+    refuse_output_over_inputs(output, {"--adapter": Path(config.adapter), "--model": Path(source)})
     dtype = BASE_DTYPES[config.dtype or config.base_dtype]
     model, tokenizer = load_model_and_tokenizer(base, dtype=config.base_dtype, quantize=config.quantize)
     load_adapter(model, config.adapter)
@@ -82,6 +84,22 @@ def merge_to_folder(config: MergeConfig) -> Path:
         model.save_pretrained(tmp)  # safetensors by default
         tokenizer.save_pretrained(tmp)
     return output
+
+
+def refuse_output_over_inputs(output: Path, inputs: dict[str, Path]) -> None:
+    """Refuse an ``--output`` that is one of the input folders or contains one: replacing it would delete the
+    inputs (and anything else in it). Inputs that are not local folders (hub names) are ignored."""
+    if not output.exists():
+        return
+    target = output.resolve()
+    for option, path in inputs.items():
+        if not path.exists():
+            continue
+        inside = path.resolve()
+        if target == inside or target in inside.parents:
+            what = "is" if target == inside else "contains"
+            raise ValueError(f"--output {output} {what} the {option} folder {path}; --overwrite would delete it. "
+                             "Choose an --output outside the inputs")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -17,6 +17,7 @@ evaluates held-out test accuracy before and after, and writes a run folder::
     <output_dir>/checkpoint/        the latest resume checkpoint (see :mod:`torchdora.app.checkpoint`)
     <output_dir>/snapshots/step-NNNNNN/   with ``--save-every N``: adapters (or ``model.safetensors``) for the
                                     weight-decomposition analysis (``torchdora analyze``)
+    <output_dir>/.torchdora.lock    while the run runs: its lock (the process id), so no second run writes here
 
 The loop runs on Hugging Face ``accelerate``: mixed precision (``--dtype bfloat16``) and several processes
 (``torchrun`` / ``accelerate launch``, DDP) come from it. ``batch_size`` counts the examples of one
@@ -27,7 +28,9 @@ processes give the same losses (to round-off) when completions have equal length
 Logging, the progress bar and every file are written by the main process only.
 
 The pieces: ``config.py`` (:class:`TrainConfig`, config files, the parser), ``run.py`` (one run's moving parts:
-evaluation, checkpoints, schedule, data order), ``loop.py`` (:func:`train`), ``outputs.py`` (the run folder's files).
+evaluation, checkpoints, schedule, data order), ``preflight.py`` (the run folder's lock, the data fingerprint a resume
+checks, warnings about settings beyond the run's length), ``loop.py`` (:func:`train`), ``outputs.py`` (the run
+folder's files).
 """
 
 from __future__ import annotations
@@ -47,7 +50,13 @@ from torchdora.app.train.config import (
 )
 from torchdora.app.train.loop import train
 from torchdora.app.train.outputs import TrainResult
-from torchdora.app.train.run import TrainingDiverged, TrainingInterrupted, compute_loss, lr_factor
+from torchdora.app.train.run import (
+    TrainingDiverged,
+    TrainingInterrupted,
+    compute_loss,
+    leave_process_group,
+    lr_factor,
+)
 
 __all__ = [
     "TrainConfig",
@@ -83,10 +92,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"torchdora train: {missing}", file=sys.stderr)
             return 2
         train(config)
-    except TrainingDiverged as err:
+        leave_process_group()  # torchrun / accelerate launch: every process ends here together
+    except TrainingDiverged as err:  # every process stops at the same step (the checks are collective)
+        leave_process_group()
         print(f"torchdora train: stopped: {err}", file=sys.stderr)
         return 1
     except TrainingInterrupted as err:
+        leave_process_group()
         print(f"torchdora train: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:  # Ctrl-C while loading, or a second Ctrl-C: no time to save
@@ -98,22 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as err:
         print(f"torchdora train: error: {err}", file=sys.stderr)
         return 2
-    except OSError as err:  # the environment: a full disk, a read-only or foreign folder
-        print(f"torchdora train: error: {environment_error(err)}", file=sys.stderr)
+    except Exception as err:  # the environment (a full disk, a read-only or foreign folder): one line
+        from torchdora.app.cli import environment_error, os_error_of
+
+        cause = os_error_of(err)  # an OSError, or safetensors' report of one
+        if cause is None:
+            raise
+        print(f"torchdora train: error: {environment_error(cause, 'train')}", file=sys.stderr)
         return 2
     return 0
-
-
-def environment_error(err: OSError) -> str:
-    """A one-line message for an operating-system error: what failed, where, and what to do."""
-    import errno
-
-    where = f" ({err.filename})" if err.filename else ""
-    reason = err.strerror or str(err)
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        fix = "free some space or choose another --output-dir; the last complete checkpoint was kept"
-    elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        fix = "choose an --output-dir you can write to"
-    else:
-        fix = "check the folder and the disk, then resume with --resume if a checkpoint was written"
-    return f"{reason}{where}: {fix}"

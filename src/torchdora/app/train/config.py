@@ -117,6 +117,8 @@ class TrainConfig:
             gets a progress bar. ``metrics.jsonl`` has a record for every step regardless.
         d_initial, projection_seed: VeRA/DVoRA's initial ``d`` and the seed of the shared random ``A``/``B``
             (:attr:`torchdora.DoraConfig.d_initial`, ``projection_prng_key``).
+        allow_data_change: with ``resume``, continue although the data's fingerprint differs from the checkpoint's
+            (recorded in its history); otherwise such a resume is refused. Never carried over to a later resume.
     """
 
     method: str = "dora"
@@ -162,6 +164,7 @@ class TrainConfig:
     gradient_checkpointing: str = "off"
     per_device_batch_size: int | None = None
     sharding: str = "none"
+    allow_data_change: bool = False
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -214,7 +217,7 @@ class TrainConfig:
             raise ValueError(f"dropout must be in [0, 1), got dropout={self.dropout!r}")
         if self.max_grad_norm < 0 or self.weight_decay < 0:
             raise ValueError(f"max_grad_norm and weight_decay must be >= 0, got {self.max_grad_norm}, {self.weight_decay}")
-        for name in ("detach_norm", "packing"):
+        for name in ("detach_norm", "packing", "allow_data_change"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be true or false, got {name}={getattr(self, name)!r}")
         for tracker in _names(self.report_to):
@@ -435,6 +438,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", dest="output_dir", help="run folder (default runs/<method>-<time>)")
     p.add_argument("--resume", help="continue the run in this folder (same settings, except that --lr, --schedule, "
                    "--warmup-steps, --max-grad-norm and --weight-decay may change)")
+    p.add_argument("--allow-data-change", dest="allow_data_change", action="store_const", const=True,
+                   help="with --resume: continue although the data changed since the checkpoint (recorded in its "
+                        "history; the run is then no longer the one it started as)")
     p.add_argument("--max-train", dest="max_train", type=int, help="use at most N training examples")
     p.add_argument("--max-eval", dest="max_eval", type=int, help="use at most N validation and test examples (default 200)")
     p.add_argument("--magnitude-only", dest="magnitude_only",
@@ -530,5 +536,6 @@ def command_from_args(argv: list[str] | None) -> tuple[TrainConfig, bool]:
     values = _override(values, overrides)
     if values.get("resume"):
         saved = read_trainer_state(find_checkpoint(values["resume"]))["config"]
-        values = _override({k: v for k, v in saved.items() if k not in ("resume", "output_dir")}, values)
+        once = ("resume", "output_dir", "allow_data_change")  # options of one command, not of the run
+        values = _override({k: v for k, v in saved.items() if k not in once}, values)
     return TrainConfig.from_mapping(values, source=config_file or "the command line"), print_config

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -29,6 +30,7 @@ from torchdora.app.train.outputs import (
     tracker_values,
     write_outputs,
 )
+from torchdora.app.train.preflight import RunFolderLock, check_data_unchanged, data_fingerprint, warn_about_length
 from torchdora.app.train.run import (
     EpochSampler,
     Position,
@@ -62,11 +64,11 @@ def train(config: TrainConfig) -> TrainResult:
         TrainingDiverged: the loss, gradient or weights became NaN or infinite (the last finite checkpoint is kept).
         TrainingInterrupted: SIGINT/SIGTERM arrived; a checkpoint was saved at the step boundary.
     """
-    with StopSignals() as signals:
-        return _train(config, signals)
+    with StopSignals() as signals, contextlib.ExitStack() as held:  # held: the run folder's lock
+        return _train(config, signals, held)
 
 
-def _train(config: TrainConfig, signals: StopSignals) -> TrainResult:
+def _train(config: TrainConfig, signals: StopSignals, held: contextlib.ExitStack) -> TrainResult:
     start_wall = time.perf_counter()
     from accelerate import Accelerator
 
@@ -84,9 +86,12 @@ def _train(config: TrainConfig, signals: StopSignals) -> TrainResult:
     checkpoint_dir, saved_state = check_resume(config)
     resume_run = run_folder_of(checkpoint_dir) if checkpoint_dir else None
     output_dir = Path(config.output_dir or resume_run or default_output_dir(config.method))
+    held.enter_context(RunFolderLock(output_dir, resume_run))
     check_output_dir(output_dir, resume_run)
     config = dataclasses.replace(config, output_dir=str(output_dir))
     splits = load_dataset(config.data, seed=config.seed, max_train=config.max_train, max_eval=config.max_eval)
+    fingerprint = data_fingerprint(splits.items())
+    check_data_unchanged(config, saved_state, fingerprint)
     source = resolve_model(config.model)
     check_model_before_loading(source, config)
     prepare_trackers(config.trackers)
@@ -185,7 +190,8 @@ def _train(config: TrainConfig, signals: StopSignals) -> TrainResult:
                output_dir, total_steps, len(loader),
                Metrics(output_dir / "metrics.jsonl", write=accelerator.is_main_process,
                        on_record=(lambda r: accelerator.log(tracker_values(r), step=r["step"])) if config.trackers
-                       else None))
+                       else None), data_fingerprint=fingerprint)
+    warn_about_length(config, total_steps, accelerator.is_main_process)
     run.say(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f} %)\n"
             f"steps: {total_steps}, global batch {config.batch_size} x {config.grad_accum} "
             f"({config.batch_size // accelerator.num_processes} per process per micro-batch on "

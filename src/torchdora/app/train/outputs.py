@@ -45,10 +45,6 @@ class TrainResult:
     peak_rss_mb_per_process: list[float] = field(default_factory=list)  # by rank; peak_rss_mb is this process's
 
 
-NO_ACCURACY = ("no test example has options or labels (generative data), so there is no multiple-choice "
-               "accuracy; see perplexity (and exact_match, greedy generations of short answers)")
-
-
 # ---- small helpers ------------------------------------------------------------------------------------------
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far, MiB (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
@@ -266,8 +262,8 @@ def write_outputs(model: nn.Module, tokenizer: Any, config: TrainConfig, result:
         replace_dir(tmp, output_dir / "model")
     summary = {
         "method": config.method, "model": config.model, "data": config.data, "steps": result.steps,
-        "test_examples": after.n_scored,
-        **({} if after.n_scored else {"accuracy_note": NO_ACCURACY}),
+        "test_examples": after.n_examples, "accuracy_examples": after.n_scored,
+        **({} if after.accuracy_note is None else {"accuracy_note": after.accuracy_note}),
         "accuracy_before": result.accuracy_before, "accuracy_after": result.accuracy_after,
         "perplexity_before": result.perplexity_before, "perplexity_after": result.perplexity_after,
         "exact_match_before": result.exact_match_before, "exact_match_after": result.exact_match_after,
@@ -284,7 +280,9 @@ def write_outputs(model: nn.Module, tokenizer: Any, config: TrainConfig, result:
 
 def print_summary(config: TrainConfig, result: TrainResult, after: EvalResult) -> None:
     accuracy = (f"{result.accuracy_before:.4f} -> {result.accuracy_after:.4f}  ({after.n_scored} examples)"
-                if after.n_scored else "none: the test examples have no options")
+                if after.n_scored else "none")
+    if after.accuracy_note is not None:
+        accuracy += f"  (note: {after.accuracy_note})"
     print(
         f"\n== torchdora train: {config.method}, {result.steps} steps ==\n"
         f"test accuracy   {accuracy}\n"

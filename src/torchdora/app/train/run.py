@@ -33,10 +33,11 @@ from torchdora.app.train import sharding
 from torchdora.app.train.config import TrainConfig, config_differences, resume_changes
 from torchdora.app.train.loss import cross_entropy
 from torchdora.app.train.outputs import Metrics, named_trainable
+from torchdora.app.train.preflight import data_changes
 from torchdora.files import atomic_write_json
 
 __all__ = ["Run", "Position", "TrainingDiverged", "TrainingInterrupted", "StopSignals", "lr_factor",
-           "train_only_weights", "EpochSampler", "compute_loss", "check_resume"]
+           "train_only_weights", "EpochSampler", "compute_loss", "check_resume", "leave_process_group"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -236,6 +237,23 @@ def shared_state_reset() -> None:
         GradientState._reset_state()
 
 
+def leave_process_group() -> None:
+    """End a multi-process run together: a barrier, then the group destroyed while every process is still alive.
+
+    Without it the group is torn down in interpreter shutdown, each process on its own; gloo has aborted a process
+    whose peer had already closed its connections ("terminate called without an active exception"). Every process
+    must call it (after a run that ended on all of them: finished, diverged or stopped by a signal).
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        except RuntimeError:  # a peer is gone: the run's outcome is already decided and reported
+            pass
+        dist.destroy_process_group()
+
+
 # ---- the run ---------------------------------------------------------------------------------------------------
 @dataclass
 class Position:
@@ -263,6 +281,7 @@ class Run:
     micro_per_epoch: int
     metrics: Metrics
     history: list[dict[str, Any]] = field(default_factory=list)  # resume-time setting changes, oldest first
+    data_fingerprint: dict[str, str] = field(default_factory=dict)  # SHA-256 per split (preflight.data_fingerprint)
 
     @property
     def main_process(self) -> bool:
@@ -317,6 +336,7 @@ class Run:
             "micro_in_epoch": 0 if at_epoch_end else position.micro_in_epoch, "seed": config.seed,
             "num_processes": acc.num_processes, "total_steps": self.total_steps, "config": config.to_dict(),
             "metrics": self.metrics.records, "before": dataclasses.asdict(before), "history": self.history,
+            "data_fingerprint": self.data_fingerprint,
         }
         tmp = begin_checkpoint(self.output_dir) if self.main_process else None
         acc.wait_for_everyone()
@@ -329,7 +349,7 @@ class Run:
                 atomic_write_json(tmp / "scheduler.json", self.scheduler.state_dict())
                 commit_checkpoint(self.output_dir, tmp, state)
                 self.metrics.flush()
-        except OSError:
+        except Exception:  # a full disk (an OSError, or safetensors' SafetensorError): free the unfinished folder
             if self.main_process:
                 discard_checkpoint(tmp)
             raise
@@ -366,6 +386,11 @@ class Run:
             self.history.append({"step": position.step, "changed": {k: list(v) for k, v in changes.items()}})
             listed = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items())
             self.say(f"resuming with changed settings: {listed} (recorded in the checkpoint's history)")
+        data_changed = data_changes(saved.get("data_fingerprint"), self.data_fingerprint)
+        if data_changed:  # allowed by --allow-data-change, else check_data_unchanged refused before loading
+            self.history.append({"step": position.step, "data_changed": data_changed})
+            self.say(f"resuming on changed data ({', '.join(data_changed)} split(s) differ; recorded in the "
+                     "checkpoint's history)")
         self.metrics.reset([r for r in saved.get("metrics", []) if r.get("step", 0) <= position.step])
         before = EvalResult(**saved["before"]) if saved.get("before") is not None else None
         self.say(f"resumed from {checkpoint_dir} at step {position.step}")
