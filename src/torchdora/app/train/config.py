@@ -34,6 +34,7 @@ REPORT_TO = ("none", "tensorboard", "wandb")
 #: the configs installed with the package, nameable as ``--config <name>``
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 SHARDINGS = ("none", "fsdp")
+METRICS_FOR_BEST = ("val_loss", "val_accuracy")
 DEFAULT_BATCH_SIZE = 8
 #: fields that define what a run computes; a checkpoint only resumes a run that agrees on all of them
 #: (``max_eval``: the accuracy before and after training must come from the same test examples)
@@ -89,7 +90,8 @@ class TrainConfig:
         gradient_checkpointing: ``"off"``, ``"reentrant"`` or ``"non-reentrant"``: recompute each decoder block's
             activations in backward (less memory, about one more forward pass of time).
         seed: seeds the data split, the data order and the adapter initialisation.
-        eval_every: validation accuracy every N steps (0: never; the test split is scored at the end).
+        eval_every: validation loss, accuracy and samples every N steps (0: never; the test split is scored at the
+            end); see :mod:`torchdora.app.train.evaluation`.
         save_every: snapshot the adapter (full: the model) every N steps (0: never), for ``torchdora analyze``.
         checkpoint_every: resume checkpoint every N steps (0: only at the end).
         output_dir: run folder; ``None``: ``runs/<method>-<timestamp>`` (or the ``resume`` run's folder).
@@ -117,6 +119,12 @@ class TrainConfig:
             gets a progress bar. ``metrics.jsonl`` has a record for every step regardless.
         d_initial, projection_seed: VeRA/DVoRA's initial ``d`` and the seed of the shared random ``A``/``B``
             (:attr:`torchdora.DoraConfig.d_initial`, ``projection_prng_key``).
+        early_stopping_patience: end the run after this many evaluations in a row without a ``metric_for_best``
+            improvement (0: never); needs ``eval_every``.
+        metric_for_best: ``"val_loss"`` (lower is better) or ``"val_accuracy"`` (higher; needs validation examples
+            with options): the best evaluation keeps its adapter in ``best-adapter/`` and its step in ``summary.json``.
+        sample_prompts, sample_max_new_tokens: greedy generations of the first N validation prompts (up to this many
+            tokens) at every evaluation, in ``metrics.jsonl`` and the trackers' tables (0: none).
         allow_data_change: with ``resume``, continue although the data's fingerprint differs from the checkpoint's
             (recorded in its history); otherwise such a resume is refused. Never carried over to a later resume.
     """
@@ -165,6 +173,10 @@ class TrainConfig:
     per_device_batch_size: int | None = None
     sharding: str = "none"
     allow_data_change: bool = False
+    early_stopping_patience: int = 0
+    metric_for_best: str = "val_loss"
+    sample_prompts: int = 3
+    sample_max_new_tokens: int = 32
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -190,9 +202,12 @@ class TrainConfig:
                              "adapter and trains the base in its --base-dtype: drop --adapter-dtype")
         _choice("gradient_checkpointing", self.gradient_checkpointing, GRADIENT_CHECKPOINTING)
         _choice("sharding", self.sharding, SHARDINGS)
-        for name in ("rank", "grad_accum", "max_length", "eval_batch_size", "val_examples", "log_every"):
+        _choice("metric_for_best", self.metric_for_best, METRICS_FOR_BEST)
+        for name in ("rank", "grad_accum", "max_length", "eval_batch_size", "val_examples", "log_every",
+                     "sample_max_new_tokens"):
             set_(name, _integer(name, getattr(self, name), minimum=1))
-        for name in ("warmup_steps", "eval_every", "save_every", "checkpoint_every", "seed", "projection_seed"):
+        for name in ("warmup_steps", "eval_every", "save_every", "checkpoint_every", "seed", "projection_seed",
+                     "early_stopping_patience", "sample_prompts"):
             set_(name, _integer(name, getattr(self, name), minimum=0))
         for name in ("steps", "epochs", "max_train", "max_eval", "batch_size", "per_device_batch_size"):
             if getattr(self, name) is not None:
@@ -202,6 +217,9 @@ class TrainConfig:
                 f"give batch_size (all processes together) or per_device_batch_size (each process), not both "
                 f"(batch_size={self.batch_size}, per_device_batch_size={self.per_device_batch_size})"
             )
+        if self.early_stopping_patience and not self.eval_every:
+            raise ValueError(f"early_stopping_patience={self.early_stopping_patience} needs evaluations: set "
+                             "--eval-every N (> 0)")
         if self.steps is not None and self.epochs is not None:
             raise ValueError(f"give steps or epochs, not both (steps={self.steps}, epochs={self.epochs})")
         if self.max_length < 2:
@@ -430,7 +448,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", dest="max_length", type=int, help="tokens per example (default 96)")
     p.add_argument("--dtype", choices=DTYPES, help="float32 (default) or bfloat16 mixed precision")
     p.add_argument("--seed", type=int, help="data split, order and initialisation seed (default 0)")
-    p.add_argument("--eval-every", dest="eval_every", type=int, help="validation accuracy every N steps, 0: never (default 60)")
+    p.add_argument("--eval-every", dest="eval_every", type=int, help="validation loss, accuracy and samples every N steps, 0: never (default 60)")
     p.add_argument("--save-every", dest="save_every", type=int,
                    help="snapshot to snapshots/step-NNNNNN every N steps for torchdora analyze (default 0: off)")
     p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int,
@@ -458,6 +476,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-batch-size", dest="eval_batch_size", type=int, help="sequences per scoring pass (default 16)")
     p.add_argument("--val-examples", dest="val_examples", type=int,
                    help="validation examples per periodic evaluation (default 100)")
+    p.add_argument("--early-stopping-patience", dest="early_stopping_patience", type=int,
+                   help="stop after N evaluations in a row without a --metric-for-best improvement (default 0: never)")
+    p.add_argument("--metric-for-best", dest="metric_for_best", choices=METRICS_FOR_BEST,
+                   help="val_loss (default, lower is better) or val_accuracy: picks best-adapter/ and early stopping")
+    p.add_argument("--sample-prompts", dest="sample_prompts", type=int,
+                   help="greedy generations of the first N validation prompts at every evaluation (default 3, 0: off)")
+    p.add_argument("--sample-max-new-tokens", dest="sample_max_new_tokens", type=int,
+                   help="tokens per sample generation (default 32)")
     p.add_argument("--packing", action="store_const", const=True,
                    help="pack short training examples into full max-length rows (attention stays per example)")
     p.add_argument("--report-to", dest="report_to",

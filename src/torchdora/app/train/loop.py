@@ -10,13 +10,14 @@ import random
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
 from torchdora.app.evaluate import EvalResult
 from torchdora.app.train import run as run_module
 from torchdora.app.train.config import TrainConfig
+from torchdora.app.train.evaluation import MetricFn, check_custom_metrics, check_metric_for_best, validate
 from torchdora.app.train.outputs import (
     Metrics,
     Progress,
@@ -53,8 +54,11 @@ from torchdora.files import atomic_write_json
 __all__ = ["train"]
 
 
-def train(config: TrainConfig) -> TrainResult:
+def train(config: TrainConfig, metrics: Mapping[str, MetricFn] | None = None) -> TrainResult:
     """Run one fine-tuning job as ``config`` says and write its run folder; see the module docstring.
+
+    ``metrics``: custom validation metrics, ``{name: fn(model, tokenizer, examples) -> float}``, recorded at every
+    evaluation (:mod:`torchdora.app.train.evaluation`).
 
     Cheap checks come first (config, resume compatibility, output folder, data, model name, targets on a
     weightless model), so bad input fails before the model loads.
@@ -65,10 +69,11 @@ def train(config: TrainConfig) -> TrainResult:
         TrainingInterrupted: SIGINT/SIGTERM arrived; a checkpoint was saved at the step boundary.
     """
     with StopSignals() as signals, contextlib.ExitStack() as held:  # held: the run folder's lock
-        return _train(config, signals, held)
+        return _train(config, signals, held, check_custom_metrics(metrics))
 
 
-def _train(config: TrainConfig, signals: StopSignals, held: contextlib.ExitStack) -> TrainResult:
+def _train(config: TrainConfig, signals: StopSignals, held: contextlib.ExitStack,
+           custom_metrics: dict[str, MetricFn]) -> TrainResult:
     start_wall = time.perf_counter()
     from accelerate import Accelerator
 
@@ -91,6 +96,7 @@ def _train(config: TrainConfig, signals: StopSignals, held: contextlib.ExitStack
     config = dataclasses.replace(config, output_dir=str(output_dir))
     splits = load_dataset(config.data, seed=config.seed, max_train=config.max_train, max_eval=config.max_eval)
     fingerprint = data_fingerprint(splits.items())
+    check_metric_for_best(config.metric_for_best, config.early_stopping_patience, config.eval_every, splits.validation)
     check_data_unchanged(config, saved_state, fingerprint)
     source = resolve_model(config.model)
     check_model_before_loading(source, config)
@@ -190,7 +196,7 @@ def _train(config: TrainConfig, signals: StopSignals, held: contextlib.ExitStack
                output_dir, total_steps, len(loader),
                Metrics(output_dir / "metrics.jsonl", write=accelerator.is_main_process,
                        on_record=(lambda r: accelerator.log(tracker_values(r), step=r["step"])) if config.trackers
-                       else None), data_fingerprint=fingerprint)
+                       else None), data_fingerprint=fingerprint, custom_metrics=custom_metrics)
     warn_about_length(config, total_steps, accelerator.is_main_process)
     run.say(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f} %)\n"
             f"steps: {total_steps}, global batch {config.batch_size} x {config.grad_accum} "
@@ -229,7 +235,7 @@ def _train(config: TrainConfig, signals: StopSignals, held: contextlib.ExitStack
         exact_match_before=before.exact_match, exact_match_after=after.exact_match,
         final_loss=losses[-1] if losses else float("nan"), wall_time_s=time.perf_counter() - start_wall,
         train_time_s=train_time, peak_rss_mb=peak_rss_mb(), trainable_params=trainable, total_params=total,
-        losses=losses, peak_rss_mb_per_process=[round(x, 1) for x in peaks.tolist()],
+        losses=losses, peak_rss_mb_per_process=[round(x, 1) for x in peaks.tolist()], best=run.best.to_dict(),
     )
     write_outputs(run.raw_model, tokenizer, config, result, run.metrics, after)  # collective; the main one writes
     if run.main_process:
@@ -267,7 +273,7 @@ def train_loop(run: Run, sampler: EpochSampler, loader: Any, position: Position,
     tokens = 0
     step_start = time.perf_counter()
     model.train()
-    while position.step < run.total_steps:
+    while position.step < run.total_steps and run.best.stopped_at is None:
         sampler.start_epoch(position.epoch)
         skip = position.micro_in_epoch
         for batch in (loader if skip == 0 else acc.skip_first_batches(loader, skip)):
@@ -309,7 +315,7 @@ def train_loop(run: Run, sampler: EpochSampler, loader: Any, position: Position,
                 progress.close()
                 raise interrupted(run, (signals.signum if signals else None) or signal.SIGTERM, position.step)
             step_start = time.perf_counter()
-            if position.step >= run.total_steps:
+            if position.step >= run.total_steps or run.best.stopped_at is not None:
                 break
         else:
             position.epoch, position.micro_in_epoch = position.epoch + 1, 0
@@ -320,13 +326,11 @@ def after_step(run: Run, position: Position, before: EvalResult, validation: lis
     """Periodic validation, snapshot and checkpoint after optimizer step ``position.step``; whether it checkpointed."""
     config, step = run.config, position.step
     if config.eval_every and step % config.eval_every == 0:
-        result = run.evaluate(validation)
-        run.metrics.add({"step": step, "split": "validation", **result.metrics()})
-        progress.write(f"step {step}: validation {result.describe()}")
-        run.model.train()
+        validate(run, step, validation, progress)
     if config.save_every and step % config.save_every == 0:  # every process: gathering is a collective
         save_snapshot(run.raw_model, config, run.output_dir, step)
-    if (config.checkpoint_every and step % config.checkpoint_every == 0) or step == run.total_steps:
+    if (config.checkpoint_every and step % config.checkpoint_every == 0) or step == run.total_steps \
+            or run.best.stopped_at is not None:
         run.save_checkpoint(position, before)
         return True
     return False

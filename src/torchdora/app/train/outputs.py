@@ -20,7 +20,7 @@ from torchdora.app.train.config import TrainConfig
 from torchdora.files import atomic_save_safetensors, atomic_write_bytes, atomic_write_json, replace_dir
 
 __all__ = ["TrainResult", "Metrics", "Progress", "prepare_trackers", "quiet_library_bars", "json_ready", "peak_rss_mb", "named_trainable", "save_snapshot",
-           "write_outputs", "print_summary", "tracker_values"]
+           "write_outputs", "print_summary", "tracker_values", "best_summary", "write_cards"]
 
 
 @dataclass
@@ -43,6 +43,7 @@ class TrainResult:
     exact_match_before: float = float("nan")  # NaN (null in summary.json) when no short answer was generated
     exact_match_after: float = float("nan")
     peak_rss_mb_per_process: list[float] = field(default_factory=list)  # by rank; peak_rss_mb is this process's
+    best: dict[str, Any] = field(default_factory=dict)  # train.best.Best.to_dict(): the best evaluation's step
 
 
 # ---- small helpers ------------------------------------------------------------------------------------------
@@ -272,10 +273,36 @@ def write_outputs(model: nn.Module, tokenizer: Any, config: TrainConfig, result:
         "peak_rss_mb": result.peak_rss_mb, "peak_rss_mb_per_process": result.peak_rss_mb_per_process,
         "trainable_params": result.trainable_params,
         "total_params": result.total_params,
+        **best_summary(result.best),
     }
     atomic_write_json(output_dir / "summary.json", json_ready(summary))
+    write_cards(config, summary, output_dir)
     plot_training(metrics.records, output_dir / "training.png",
                   title=f"{config.method} on {Path(str(config.model)).name} / {Path(str(config.data)).name}")
+
+
+def best_summary(best: dict[str, Any]) -> dict[str, Any]:
+    """``summary.json``'s record of the best evaluation: the metric, its best value and step, where early stopping
+    ended the run (``None``: it ran to the end); the adapter of that step is in ``best-adapter/``."""
+    if not best or best.get("step") is None:
+        return {}
+    return {"metric_for_best": best["metric"], f"best_{best['metric']}": best["value"], "best_step": best["step"],
+            "early_stopped_at": best.get("stopped_at")}
+
+
+def write_cards(config: TrainConfig, summary: dict[str, Any], output_dir: Path) -> None:
+    """The model cards (``README.md``) of the run's adapter folders or fine-tuned model (:mod:`torchdora.app.model_card`)."""
+    from torchdora.app.model_card import summary_results, write_adapter_card, write_card, card_text
+
+    results = summary_results(json_ready(summary))
+    for name, peft in (("adapter", False), ("adapter-peft", True)):
+        if (output_dir / name).is_dir():
+            write_adapter_card(output_dir / name, config.to_dict(), results, peft=peft)
+    if config.method == "full" and (output_dir / "model").is_dir():
+        folder = output_dir / "model"
+        usage = f"from transformers import AutoModelForCausalLM\n\nmodel = AutoModelForCausalLM.from_pretrained({str(folder)!r})"
+        write_card(folder, card_text(recorded_base_name(config.model), "transformers", config.to_dict(), results,
+                                     f"Fine-tuned {Path(str(config.model)).name}", usage))
 
 
 def print_summary(config: TrainConfig, result: TrainResult, after: EvalResult) -> None:
@@ -293,6 +320,9 @@ def print_summary(config: TrainConfig, result: TrainResult, after: EvalResult) -
         f"wall time       {result.wall_time_s:.1f} s (training {result.train_time_s:.1f} s)\n"
         f"peak RSS        {result.peak_rss_mb:.0f} MiB\n"
         f"trainable       {result.trainable_params:,} of {result.total_params:,} parameters\n"
+        + (f"best            {result.best['metric']} {result.best['value']:.4f} at step {result.best['step']}"
+           + (f" (early stopping at step {result.best['stopped_at']})" if result.best.get("stopped_at") else "")
+           + "\n" if result.best.get("step") is not None else "") +
         f"run folder      {result.output_dir}",
         flush=True,
     )

@@ -31,6 +31,7 @@ from torchdora.app.checkpoint import (
 from torchdora.app.evaluate import EvalResult, evaluate_examples, selected_logits
 from torchdora.app.train import sharding
 from torchdora.app.train.config import TrainConfig, config_differences, resume_changes
+from torchdora.app.train.best import Best
 from torchdora.app.train.loss import cross_entropy
 from torchdora.app.train.outputs import Metrics, named_trainable
 from torchdora.app.train.preflight import data_changes
@@ -282,6 +283,12 @@ class Run:
     metrics: Metrics
     history: list[dict[str, Any]] = field(default_factory=list)  # resume-time setting changes, oldest first
     data_fingerprint: dict[str, str] = field(default_factory=dict)  # SHA-256 per split (preflight.data_fingerprint)
+    custom_metrics: dict[str, Any] = field(default_factory=dict)  # name -> fn(model, tokenizer, examples) -> float
+    best: Best = None  # type: ignore[assignment]  # the best evaluation so far (set in __post_init__)
+
+    def __post_init__(self) -> None:
+        if self.best is None:
+            self.best = Best(self.config.metric_for_best)
 
     @property
     def main_process(self) -> bool:
@@ -336,7 +343,7 @@ class Run:
             "micro_in_epoch": 0 if at_epoch_end else position.micro_in_epoch, "seed": config.seed,
             "num_processes": acc.num_processes, "total_steps": self.total_steps, "config": config.to_dict(),
             "metrics": self.metrics.records, "before": dataclasses.asdict(before), "history": self.history,
-            "data_fingerprint": self.data_fingerprint,
+            "data_fingerprint": self.data_fingerprint, "best": self.best.to_dict(),
         }
         tmp = begin_checkpoint(self.output_dir) if self.main_process else None
         acc.wait_for_everyone()
@@ -392,6 +399,8 @@ class Run:
             self.say(f"resuming on changed data ({', '.join(data_changed)} split(s) differ; recorded in the "
                      "checkpoint's history)")
         self.metrics.reset([r for r in saved.get("metrics", []) if r.get("step", 0) <= position.step])
+        if saved.get("best") and saved["best"]["metric"] == self.config.metric_for_best:
+            self.best = Best(**saved["best"])
         before = EvalResult(**saved["before"]) if saved.get("before") is not None else None
         self.say(f"resumed from {checkpoint_dir} at step {position.step}")
         return position, before
