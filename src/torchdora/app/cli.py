@@ -20,13 +20,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("torchdora.app.train", "fine-tune a model with DoRA, LoRA or full fine-tuning"),
     "eval": ("torchdora.app.evaluate", "multiple-choice accuracy and perplexity of a model (+ adapter)"),
     "merge": ("torchdora.app.merging", "merge an adapter into its base model and save a plain model folder"),
-    "generate": ("torchdora.app.generate", "generate text from a model (+ adapter)"),
+    "generate": ("torchdora.app.generate", "generate text from a model (+ adapter), one prompt or a file of them"),
+    "chat": ("torchdora.app.chat", "chat with a model (+ adapter), tokens streamed as they come"),
+    "compare": ("torchdora.app.compare", "compare run folders: a table of final metrics and one figure of curves"),
     "analyze": ("torchdora.analysis.cli", "magnitude/direction weight-decomposition analysis (paper section 3)"),
 }
 
 
 #: command -> the option that names where it writes (the fix for a full disk or an unwritable folder)
-OUTPUT_OPTIONS: dict[str, str] = {"train": "--output-dir", "merge": "--output", "analyze": "--output-dir"}
+OUTPUT_OPTIONS: dict[str, str] = {"train": "--output-dir", "merge": "--output", "analyze": "--output-dir",
+                                  "generate": "--output", "compare": "--output"}
 
 
 def os_error_of(err: BaseException) -> OSError | None:

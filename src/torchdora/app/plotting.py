@@ -8,10 +8,10 @@ from typing import Any, Sequence
 
 from torchdora.files import atomic_write_bytes
 
-__all__ = ["plot_training"]
+__all__ = ["plot_training", "moving_average"]
 
 
-def _moving_average(values: Sequence[float], window: int) -> list[float]:
+def moving_average(values: Sequence[float], window: int) -> list[float]:
     out, total = [], 0.0
     for i, value in enumerate(values):
         total += value
@@ -36,7 +36,7 @@ def plot_training(records: Sequence[dict[str, Any]], path: str | os.PathLike, ti
     fig, ax_loss = plt.subplots(figsize=(8, 4.5), dpi=110)
     if steps:
         ax_loss.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="loss")
-        ax_loss.plot(steps, _moving_average(losses, max(1, len(losses) // 20)), color="tab:blue",
+        ax_loss.plot(steps, moving_average(losses, max(1, len(losses) // 20)), color="tab:blue",
                      label="loss (moving average)")
     ax_loss.set_xlabel("optimizer step")
     ax_loss.set_ylabel("training loss (completion tokens)", color="tab:blue")

@@ -144,7 +144,7 @@ def validate(run: "Run", step: int, validation: list["Example"], progress: Any) 
         record[name] = float(fn(run.raw_model, run.tokenizer, list(validation)))
     run.metrics.add(record)
     extra = "".join(f", {k} {record[k]:.4f}" for k in run.custom_metrics)
-    progress.write(f"step {step}: validation loss {record['val_loss']:.4f}, {result.describe()}{extra}")
+    progress.write(f"step {step}: validation val_loss {record['val_loss']:.4f}, {result.describe()}{extra}")
     if config.sample_prompts and not run.sharded:  # FSDP: generation lengths differ by process, no lockstep
         samples = sample_records(run.raw_model, run.tokenizer, validation[: config.sample_prompts],
                                  config.sample_max_new_tokens, acc.autocast)
