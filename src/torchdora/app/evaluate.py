@@ -355,12 +355,13 @@ class EvalConfig:
         model: model name or local folder (see :func:`torchdora.app.assets.resolve_model`); ``None``: the base ``adapter``
             records, else the embedded SmolLM2-135M-Instruct.
         adapter: optional adapter folder (torchdora or PEFT format) loaded on top of the model.
-        data: dataset name or path (see :func:`torchdora.app.data.load_dataset`); ``None``: Rotten Tomatoes.
+        data: dataset name or path (:func:`torchdora.app.data.load_dataset`); ``None``: the data of the run ``adapter``
+            was trained in, with its seed (:func:`torchdora.app.run_folder.eval_defaults`), else Rotten Tomatoes.
         split: ``"test"`` or ``"validation"``.
         max_eval: evaluate at most this many examples of the split (a prefix, so results are comparable).
-        max_length: token budget per sequence (prompts are cut from the left).
-        batch_size: sequences per forward pass.
-        seed: the data split seed (must match training's ``--seed`` to evaluate on the same held-out split).
+        max_length, batch_size: token budget per sequence (prompts are cut from the left), sequences per forward.
+        seed: the data split seed (training's ``--seed`` gives its held-out split); ``None``: the run's, else 0.
+        tasks, include_path: lm-evaluation-harness tasks instead (:mod:`torchdora.app.lmeval`), local task YAMLs.
         dtype: ``"float32"`` or ``"bfloat16"`` (autocast).
         base_dtype, quantize: how the base loads (:func:`torchdora.app.assets.load_model_and_tokenizer`);
             use the training run's values for an adapter trained on a bf16 or 4-bit base.
@@ -373,10 +374,12 @@ class EvalConfig:
     max_eval: int | None = None
     max_length: int = 256
     batch_size: int = 16
-    seed: int = 0
+    seed: int | None = None
     dtype: str = "float32"
     base_dtype: str = "float32"
     quantize: str | None = None
+    tasks: str | None = None
+    include_path: str | None = None
 
     def __post_init__(self) -> None:
         if self.split not in ("test", "validation"):
@@ -395,8 +398,12 @@ def run_eval(config: EvalConfig) -> EvalResult:
     """Load data, model and adapter (cheap checks first), then evaluate one split."""
     from torchdora.app.assets import load_model_and_tokenizer, model_for_adapter, resolve_model
     from torchdora.app.data import load_dataset
+    from torchdora.app.run_folder import eval_defaults
     from torchdora.io import load_adapter, read_adapter
 
+    config, note = eval_defaults(config)  # no --data: the adapter's run's data and seed
+    if note is not None:
+        print(note, file=sys.stderr)
     examples = getattr(load_dataset(config.data, seed=config.seed, max_eval=config.max_eval), config.split)
     if config.adapter is not None:
         read_adapter(config.adapter)  # a missing or corrupt adapter fails before the model loads
@@ -416,12 +423,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None,
                    help="model name or local folder (default: the one --adapter records, else the embedded SmolLM2-135M)")
     p.add_argument("--adapter", default=None, help="adapter folder (torchdora or PEFT format)")
-    p.add_argument("--data", default=None, help="dataset name or path (default: rotten_tomatoes)")
+    p.add_argument("--data", default=None, help="dataset name or path (default: the --adapter run's, else rotten_tomatoes)")
     p.add_argument("--split", default="test", choices=["test", "validation"])
     p.add_argument("--max-eval", type=int, default=None, help="evaluate at most N examples")
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0, help="data split seed (use the training run's --seed)")
+    p.add_argument("--seed", type=int, default=None, help="data split seed (default: the --adapter run's, else 0)")
+    p.add_argument("--tasks", default=None, help="comma-separated lm-evaluation-harness tasks instead (lmeval extra)")
+    p.add_argument("--include-path", dest="include_path", default=None, help="folder of local task YAML files")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="bfloat16: autocast")
     add_base_options(p)
     return p
@@ -431,6 +440,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         config = EvalConfig(**{k: v for k, v in vars(args).items()})
+        if config.tasks:
+            from torchdora.app.lmeval import eval_tasks
+
+            return eval_tasks(config)
         result = run_eval(config)
     except (ValueError, TypeError, FileNotFoundError, ModuleNotFoundError) as err:
         print(f"torchdora eval: error: {err}", file=sys.stderr)

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 from torchdora.files import atomic_write_bytes
 
-__all__ = ["METHOD_TAGS", "card_text", "write_card", "write_adapter_card", "run_of_adapter", "summary_results",
+__all__ = ["METHOD_TAGS", "card_text", "write_card", "write_adapter_card", "summary_results",
            "write_merged_card"]
 
 #: ``TrainConfig.method`` -> hub tags (the method's own name first)
@@ -91,19 +91,6 @@ def write_adapter_card(folder: str | os.PathLike, config: Mapping[str, Any], res
     return write_card(folder, card_text(base, "peft", config, results, title, usage, note))
 
 
-def run_of_adapter(adapter: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """``(config.json, summary.json)`` of the run folder an adapter folder sits in (``None``: not in a run)."""
-    run = Path(adapter).resolve().parent
-    if not (run / "config.json").is_file():
-        return None
-    try:
-        config = json.loads((run / "config.json").read_text())
-        summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
-    except (OSError, ValueError):
-        return None
-    return config, summary
-
-
 def summary_results(summary: Mapping[str, Any]) -> dict[str, Any]:
     """The results of a run's ``summary.json`` that a card shows."""
     return {k: summary[k] for k in RESULT_KEYS if k in summary}
@@ -113,6 +100,8 @@ def write_merged_card(folder: str | os.PathLike, adapter: str | os.PathLike, bas
                       dtype: str) -> Path:
     """``README.md`` of a merged model folder: its base, and the run's configuration and results when the adapter
     comes from a run folder (otherwise the adapter's own configuration)."""
+    from torchdora.app.run_folder import run_of_adapter
+
     found = run_of_adapter(adapter)
     if found is not None:
         config, summary = found

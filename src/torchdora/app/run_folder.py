@@ -1,0 +1,44 @@
+"""Reading a run folder from the outside: the run an adapter folder belongs to, and the evaluation defaults it gives.
+
+An adapter written by ``torchdora train`` sits in its run folder (``adapter/``, ``adapter-peft/``,
+``best-adapter/``) beside ``config.json`` (the resolved :class:`~torchdora.app.train.TrainConfig`) and
+``summary.json``; ``eval``, ``merge`` and the model cards read them from there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = ["run_of_adapter", "eval_defaults"]
+
+
+def run_of_adapter(adapter: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """``(config.json, summary.json)`` of the run folder an adapter folder sits in (``None``: not in a run)."""
+    run = Path(adapter).resolve().parent
+    if not (run / "config.json").is_file():
+        return None
+    try:
+        config = json.loads((run / "config.json").read_text())
+        summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
+    except (OSError, ValueError):
+        return None
+    return (config, summary) if isinstance(config, dict) and isinstance(summary, dict) else None
+
+
+def eval_defaults(config: Any) -> tuple[Any, str | None]:
+    """``torchdora eval``'s config with the data and split seed of the run the adapter was trained in, when
+    ``--data`` (and ``--seed``) are not given, and a line saying so (``None``: nothing taken from a run)."""
+    if config.data is not None or config.adapter is None:
+        return dataclasses.replace(config, seed=0 if config.seed is None else config.seed), None
+    found = run_of_adapter(config.adapter)
+    if found is None or not found[0].get("data"):
+        return dataclasses.replace(config, seed=0 if config.seed is None else config.seed), None
+    run = found[0]
+    seed = int(run.get("seed", 0)) if config.seed is None else config.seed
+    note = (f"data: {run['data']} ({config.split} split, seed {seed}), from {Path(config.adapter).resolve().parent}"
+            "/config.json; pass --data to evaluate on other data")
+    return dataclasses.replace(config, data=str(run["data"]), seed=seed), note
