@@ -5,7 +5,8 @@ q/k/v/up/down projections (the paper's commonsense recipe at half rank, its DoRA
 evaluates held-out test accuracy before and after, and writes a run folder::
 
     <output_dir>/config.json        the resolved configuration
-    <output_dir>/metrics.jsonl      one JSON object per step (loss, lr, tokens/s) and per evaluation, appended
+    <output_dir>/metrics.jsonl      one JSON object per step (loss, lr, tokens/s) and per evaluation (val_loss,
+                                    accuracy, ..., and sample generations: :mod:`~torchdora.app.train.evaluation`), appended
                                     and flushed as the run goes (``tail -f``); NaN is written as null
     <output_dir>/summary.json       accuracy (null with a note when no example has options), perplexity, exact
                                     match of short answers, wall time, peak memory (RSS), trainable parameters
@@ -13,6 +14,8 @@ evaluates held-out test accuracy before and after, and writes a run folder::
     <output_dir>/training.png       loss and validation accuracy curves
     <output_dir>/adapter/           the adapter in torchdora format (``torchdora.load_adapter``)
     <output_dir>/adapter-peft/      the same adapter in PEFT's format (``PeftModel.from_pretrained``)
+    <output_dir>/best-adapter/      the adapter of the best evaluation on ``--metric-for-best`` (``val_loss``)
+    <output_dir>/*/README.md        model cards of the adapter folders and model/ (:mod:`torchdora.app.model_card`)
     <output_dir>/model/             full fine-tuning only: the whole model (``save_pretrained``)
     <output_dir>/checkpoint/        the latest resume checkpoint (see :mod:`torchdora.app.checkpoint`)
     <output_dir>/snapshots/step-NNNNNN/   with ``--save-every N``: adapters (or ``model.safetensors``) for the
@@ -30,7 +33,8 @@ Logging, the progress bar and every file are written by the main process only.
 The pieces: ``config.py`` (:class:`TrainConfig`, config files, the parser), ``run.py`` (one run's moving parts:
 evaluation, checkpoints, schedule, data order), ``preflight.py`` (the run folder's lock, the data fingerprint a resume
 checks, warnings about settings beyond the run's length), ``loop.py`` (:func:`train`), ``outputs.py`` (the run
-folder's files).
+folder's files), ``evaluation.py`` (validation loss, samples, custom metrics, best adapter, early stopping) and
+``best.py`` (the best evaluation's record).
 """
 
 from __future__ import annotations
