@@ -184,3 +184,15 @@ def test_compare_prints_a_table_and_writes_one_figure(loop, tmp_path, capsys):
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert cli.main(["compare", str(tmp_path / "not-a-run")]) == 2
     assert cli.main(["compare", str(loop["run"]), "--output", str(tmp_path / "x.txt")]) == 2
+
+
+def test_merged_card_of_an_adapter_outside_a_run_folder(loop, tmp_path):
+    import shutil
+
+    adapter = tmp_path / "loose" / "adapter"
+    shutil.copytree(loop["run"] / "adapter", adapter)
+    assert cli.main(["merge", "--adapter", str(adapter), "--output", str(tmp_path / "merged")]) == 0
+    text = (tmp_path / "merged" / "README.md").read_text()
+    header = yaml.safe_load(text.split("---")[1])
+    assert header["base_model"] == str(loop["model"].resolve()) and header["library_name"] == "transformers"
+    assert header["tags"][:2] == ["torchdora", "dora"] and "No results were recorded." in text

@@ -24,6 +24,8 @@ __all__ = ["METHOD_TAGS", "card_text", "write_card", "write_adapter_card", "summ
 #: ``TrainConfig.method`` -> hub tags (the method's own name first)
 METHOD_TAGS = {"dora": ["dora", "lora"], "lora": ["lora"], "vera": ["vera"], "dvora": ["dvora", "vera", "dora"],
                "full": ["full-fine-tuning"]}
+#: ``TrainConfig.method`` -> how the method is written
+METHOD_NAMES = {"dora": "DoRA", "lora": "LoRA", "vera": "VeRA", "dvora": "DVoRA", "full": "Full"}
 #: results shown in a card (``summary.json`` keys), in order, and the hub metric each one is
 RESULT_KEYS = {"accuracy_after": "accuracy", "perplexity_after": "perplexity", "exact_match_after": "exact_match",
                "final_loss": "loss", "best_step": None, "best_val_loss": "loss", "best_val_accuracy": "accuracy"}
@@ -54,8 +56,8 @@ def card_text(base_model: str, library_name: str, config: Mapping[str, Any], res
               "tags": ["torchdora", *METHOD_TAGS.get(method, [method])] + (["peft"] if library_name == "peft" else []),
               "datasets": [_dataset_name(config.get("data"))], "metrics": metrics}
     lines = ["---", yaml.safe_dump(header, sort_keys=False).rstrip(), "---", "", f"# {title}", "",
-             f"{method.upper() if method != 'full' else 'Full'} fine-tuning of `{base_model}` on "
-             f"`{_dataset_name(config.get('data'))}` with [torchdora](https://github.com/torchdora/torchdora) "
+             f"{METHOD_NAMES.get(method, method)} fine-tuning of `{base_model}` on "
+             f"`{_dataset_name(config.get('data'))}` with torchdora "
              "(DoRA: Liu et al., ICML 2024, arXiv 2402.09353)." + (f" {note}" if note else ""), "",
              "## Usage", "", "```python", usage.strip(), "```", "", "## Results", ""]
     if results:
@@ -87,7 +89,8 @@ def write_adapter_card(folder: str | os.PathLike, config: Mapping[str, Any], res
         usage = ("import torchdora\nfrom transformers import AutoModelForCausalLM\n\n"
                  f"model = AutoModelForCausalLM.from_pretrained({base!r})\n"
                  f"torchdora.load_adapter(model, {str(Path(folder))!r})")
-    title = f"{str(config.get('method', 'dora')).upper()} adapter for {Path(base).name}"
+    method = str(config.get("method", "dora"))
+    title = f"{METHOD_NAMES.get(method, method)} adapter for {Path(base).name}"
     return write_card(folder, card_text(base, "peft", config, results, title, usage, note))
 
 
@@ -120,5 +123,6 @@ def write_merged_card(folder: str | os.PathLike, adapter: str | os.PathLike, bas
     note = ("The adapter is merged into the weights (W' = m · V / ||V||, paper eq. 5): a plain transformers model, "
             "no adapter code needed.")
     return write_card(folder, card_text(base_model, "transformers", config, results,
-                                        f"{Path(base_model).name}, {str(config.get('method', 'dora')).upper()} merged",
+                                        f"{Path(base_model).name} with a merged "
+                                        f"{METHOD_NAMES.get(str(config.get('method', 'dora')), 'DoRA')} adapter",
                                         usage, note))
