@@ -307,6 +307,9 @@ def resolve_model(name_or_path: str | os.PathLike[str] | None) -> Path | str:
             )
         _check_not_pickle_only(path)
         return path
+    if path.exists() and not path.is_file():  # a FIFO or a device such as /dev/zero: reading it never ends
+        raise ValueError(f"Model path {path} is not a regular file (a FIFO, socket or device); pass a model "
+                         f"folder or a .gguf file saved on disk, or {DEFAULT_MODEL!r}.")
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(

@@ -45,7 +45,7 @@ from torchdora.app.train.config import (
     config_to_yaml,
     load_config_file,
 )
-from torchdora.app.train.loop import train
+from torchdora.app.train.loop import LossFn, train
 from torchdora.app.train.outputs import TrainResult
 from torchdora.app.train.run import TrainingDiverged, TrainingInterrupted, compute_loss, lr_factor
 
@@ -67,8 +67,10 @@ __all__ = [
 ]
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``torchdora train``: 0 done, 1 diverged, 2 bad input or environment, 128 + signal number when stopped."""
+def main(argv: list[str] | None = None, loss: LossFn = compute_loss) -> int:
+    """``torchdora train``: 0 done, 1 diverged, 2 bad input or environment, 128 + signal number when stopped.
+
+    ``loss`` is passed on to :func:`train` (tests wrap the default to inject faults)."""
     from torchdora.app.extras import install_hint, missing_assets
 
     try:
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         if missing is not None:
             print(f"torchdora train: {missing}", file=sys.stderr)
             return 2
-        train(config)
+        train(config, loss)
     except TrainingDiverged as err:
         print(f"torchdora train: stopped: {err}", file=sys.stderr)
         return 1
