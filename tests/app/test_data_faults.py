@@ -5,12 +5,21 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from pathlib import Path
 
 import pytest
 import torch
 
-from test_train import FILLER, NEGATIVE, POSITIVE, make_tiny_model, make_tiny_tokenizer, one_thread, write_tiny_data  # noqa: F401
+from test_train import (  # noqa: F401 (one_thread: a fixture)
+    FILLER,
+    NEGATIVE,
+    POSITIVE,
+    make_tiny_model,
+    make_tiny_tokenizer,
+    one_thread,
+    write_tiny_data,
+)
 from torchdora.app import cli
 from torchdora.app.data import IGNORE_INDEX, Example, load_dataset, load_file, render_chat, tokenize_example
 from torchdora.app.data.chat import tokenize_chat
@@ -58,8 +67,6 @@ def test_rows_sharing_a_prompt_are_kept_in_one_split(tmp_path):
 
 def test_group_split_equals_the_plain_split_when_prompts_are_distinct(tmp_path):
     """Distinct prompts: the same splits as before the change (experiments keep their test sets)."""
-    import random
-
     rows = [{"prompt": f"Q{i}?", "completion": f" A{i}"} for i in range(50)]
     splits = load_dataset(write_jsonl(tmp_path / "d.jsonl", rows), seed=4)
     ordered = [Example(r["prompt"], r["completion"]) for r in rows]
@@ -240,6 +247,12 @@ def test_cutting_before_tokenizing_gives_the_tokens_of_tokenizing_everything(smo
             recording = Recording(smollm2)
             assert tokenize_example(recording, example, max_length) == reference_item(smollm2, example, max_length)
             assert max(recording.lengths) < len(example.prompt)  # a piece was tokenized, not the whole text
+    rng = random.Random(0)
+    unusual = ["x" * 20000, "".join(rng.choice("0123456789") for _ in range(20000)), ("word" + " " * 37) * 800,
+               "".join(rng.choice("ab cdé漢字\n.,;1234") for _ in range(20000))]  # one word, digits, spaces, mixed
+    for other in unusual:
+        example = Example(other, other[:2000])  # the completion too long: cut on the right
+        assert tokenize_example(smollm2, example, 32) == reference_item(smollm2, example, 32)
     turns = (("user", text[:3000]), ("assistant", "positive"), ("user", text[3000:9000]), ("assistant", "no"))
     full = smollm2(render_chat(smollm2, turns), add_special_tokens=False)["input_ids"]
     item = tokenize_chat(smollm2, turns, 32)

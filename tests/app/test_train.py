@@ -318,7 +318,8 @@ def test_nan_loss_stops_with_advice_and_keeps_the_checkpoint(tiny, tmp_path):
         return (loss * float("nan") if calls["n"] == 3 else loss), n
 
     out = tmp_path / "run"
-    with pytest.raises(TrainingDiverged, match=r"nan at step 3 .*checkpoint, with finite weights.*step 2.*--resume .* --lr 0.0025"):
+    advice = r"nan at step 3 .*checkpoint, with finite weights.*step 2.*--resume .* --lr 0.0025"
+    with pytest.raises(TrainingDiverged, match=advice):
         train(tiny_config(model_dir, data, out, steps=6, checkpoint_every=2, eval_every=0), loss=nan_at_third_step)
     state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
     assert state["step"] == 2

@@ -29,9 +29,10 @@ def tail_tokens(tokenizer: PreTrainedTokenizerBase, text: str, keep: int, **kwar
     Character offsets in the encoding count from ``start``."""
     budget = (keep + MARGIN) * CHARS_PER_TOKEN
     while budget < len(text):
-        encoded = tokenizer(text[-budget:], **kwargs)
+        start = _run_start(text, len(text) - budget, len(text) - budget // 2)
+        encoded = tokenizer(text[start:], **kwargs)
         if len(encoded["input_ids"]) >= keep + MARGIN:
-            return encoded, len(text) - budget
+            return encoded, start
         budget *= 4
     return tokenizer(text, **kwargs), 0
 
@@ -41,8 +42,17 @@ def head_tokens(tokenizer: PreTrainedTokenizerBase, text: str, keep: int, **kwar
     (all of them for a short text)."""
     budget = (keep + MARGIN) * CHARS_PER_TOKEN
     while budget < len(text):
-        ids = list(tokenizer(text[:budget], **kwargs)["input_ids"])
+        end = _run_start(text, budget, budget * 2)
+        ids = list(tokenizer(text[:end], **kwargs)["input_ids"])
         if len(ids) >= keep + MARGIN:
             return ids
         budget *= 4
     return list(tokenizer(text, **kwargs)["input_ids"])
+
+
+def _run_start(text: str, first: int, last: int) -> int:
+    """The first index in ``[first, last)`` where a run of whitespace starts, else ``first``."""
+    for index in range(max(first, 1), min(last, len(text))):
+        if text[index].isspace() and not text[index - 1].isspace():
+            return index
+    return first

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 
 from torchdora.app.data.schema import DatasetSplits, Example
 
-__all__ = ["SPLIT_STEMS", "VALIDATION_FRACTION", "TEST_FRACTION", "check_limit", "split", "finish", "fill_missing_splits",
-           "describe_splits"]
+__all__ = ["SPLIT_STEMS", "VALIDATION_FRACTION", "TEST_FRACTION", "check_limit", "split", "finish",
+           "fill_missing_splits", "describe_splits"]
 
 VALIDATION_FRACTION = 0.1
 SPLIT_STEMS = {"train": ("train",), "validation": ("validation", "val", "dev"), "test": ("test",)}
