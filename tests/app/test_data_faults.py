@@ -260,6 +260,25 @@ def test_cutting_before_tokenizing_gives_the_tokens_of_tokenizing_everything(smo
     assert smollm2.decode([t for t in item["labels"] if t != IGNORE_INDEX]) == "no<|im_end|>\n"
 
 
+def test_a_long_chat_prompt_is_scored_as_when_tokenized_whole():
+    """Scoring (add_eos=False) conditions on the earlier turns; a template that writes BOS keeps it after the cut."""
+    from test_train import CHATML
+
+    from torchdora.app.data.chat import chat_prompt_ids
+
+    tokenizer, vocab = make_tiny_tokenizer(chat=True)
+    tokenizer.chat_template = "<s>" + CHATML
+    turns = (("user", " ".join(FILLER * 40)), ("assistant", "good"), ("user", " ".join(FILLER * 30)),
+             ("assistant", "bad"))
+    example = Example("transcript", "bad", messages=turns)
+    for max_length in (8, 16):
+        item = tokenize_example(Recording(tokenizer), example, max_length, add_eos=False)
+        prompt = chat_prompt_ids(tokenizer, turns)  # everything tokenized, then cut after the BOS
+        prompt = prompt[:1] + prompt[len(prompt) - (max_length - 2):]
+        assert prompt[0] == vocab["<s>"]
+        assert item == {"input_ids": prompt + [vocab["bad"]], "labels": [IGNORE_INDEX] * len(prompt) + [vocab["bad"]]}
+
+
 def test_a_huge_single_line_is_cut_before_it_is_tokenized(smollm2, tmp_path):
     unit = "the film was a long, slow and very moving story. "
     huge = Example(unit * 100_000, " positive")  # 5 MB, one line

@@ -15,10 +15,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from torchdora.app.data.cutting import head_tokens, tail_tokens
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-
-from torchdora.app.data.cutting import tail_tokens
 
 __all__ = ["Message", "parse_messages", "render_chat", "assistant_spans", "tokenize_chat", "tokenize_chat_cut",
            "chat_prompt_ids"]
@@ -142,4 +142,7 @@ def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Messa
     text = render_chat(tokenizer, messages[:-1], add_generation_prompt=True)
     if keep is None:
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return list(tail_tokens(tokenizer, text, keep, add_special_tokens=False)[0]["input_ids"])
+    encoded, start = tail_tokens(tokenizer, text, keep, add_special_tokens=False)
+    # The first id stays first, as when everything is tokenized: a BOS the template writes is kept by the cut.
+    head = head_tokens(tokenizer, text, 1, add_special_tokens=False)[:1] if start else []
+    return head + list(encoded["input_ids"])
