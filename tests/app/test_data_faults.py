@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_train import (  # noqa: F401 (one_thread: a fixture)
     FILLER,
     NEGATIVE,
@@ -20,6 +19,7 @@ from test_train import (  # noqa: F401 (one_thread: a fixture)
     one_thread,
     write_tiny_data,
 )
+
 from torchdora.app import cli
 from torchdora.app.data import IGNORE_INDEX, Example, load_dataset, load_file, render_chat, tokenize_example
 from torchdora.app.data.chat import tokenize_chat
