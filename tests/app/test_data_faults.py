@@ -199,6 +199,16 @@ def test_a_fifo_or_device_is_not_a_regular_file_for_data_and_weights(tmp_path, c
     assert train_main(["--data", str(fifo), "--output-dir", str(tmp_path / "run2")]) == 2
     assert "is not a regular file" in capsys.readouterr().err
 
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(make_tiny_model(tmp_path / "tiny"), model)
+    (model / "model.safetensors").unlink()
+    (model / "model.safetensors").symlink_to("/dev/zero")  # a weights file inside a model folder
+    assert train_main(["--model", str(model), "--data", str(data), "--output-dir", str(tmp_path / "run3")]) == 2
+    err = capsys.readouterr().err
+    assert f"{model / 'model.safetensors'} is not a regular file" in err and "no file named" not in err, err
+
 
 # ---- item 15: a huge line is cut before it is tokenized --------------------------------------------------------------
 class Recording:
