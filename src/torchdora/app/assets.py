@@ -69,6 +69,15 @@ def looks_like_path(name: str, suffixes: tuple[str, ...] = (".gguf",)) -> bool:
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
+def _check_regular_weights(folder: Path) -> None:
+    """Refuse weights files that are not regular files (a FIFO, or a link to a device such as /dev/zero): reading
+    one blocks or never ends, and transformers would report it as missing."""
+    for entry in sorted(folder.glob("*.safetensors")):
+        if entry.exists() and not entry.is_file():
+            raise ValueError(f"{entry} is not a regular file (a FIFO, socket or device); the model folder needs its "
+                             "weights saved on disk")
+
+
 def _check_not_pickle_only(folder: Path) -> None:
     """Refuse a model folder whose weights exist only as pickle files: loading one can run arbitrary code."""
     if any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file():
@@ -162,8 +171,12 @@ def resolve_model(name_or_path: str | os.PathLike[str] | None) -> Path | str:
                 "Pass a folder written by save_pretrained(), a .gguf file, or "
                 f"{DEFAULT_MODEL!r}."
             )
+        _check_regular_weights(path)
         _check_not_pickle_only(path)
         return path
+    if path.exists() and not path.is_file():  # a FIFO or a device such as /dev/zero: reading it never ends
+        raise ValueError(f"Model path {path} is not a regular file (a FIFO, socket or device); pass a model "
+                         f"folder or a .gguf file saved on disk, or {DEFAULT_MODEL!r}.")
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(

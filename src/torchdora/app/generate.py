@@ -66,8 +66,9 @@ def generate_text(config: GenerateConfig) -> str:
     if config.chat:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError(f"the tokenizer of {base!r} has no chat template; drop --chat")
-        text = tokenizer.apply_chat_template([{"role": "user", "content": config.prompt}], tokenize=False,
-                                             add_generation_prompt=True)
+        from torchdora.app.data.chat import render_chat  # a failing template: one line naming it
+
+        text = render_chat(tokenizer, [("user", config.prompt)], add_generation_prompt=True)
         inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
     else:
         inputs = tokenizer(config.prompt, return_tensors="pt")
