@@ -35,8 +35,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from torchdora import DoraConfig, inject
-from torchdora.io import atomic_write_bytes
+from torchdora import AdapterLayer, DoraConfig, inject
+from torchdora.files import atomic_write_bytes
 from torchdora.layers import LinearAdapter
 
 METHODS = ("dora", "lora", "peft-dora")
@@ -263,7 +263,8 @@ def model_variants(base: nn.Module, r: int, fixed_recompute: bool = True) -> dic
 
 def recomputing(model: nn.Module) -> list[str]:
     """The short names of the DoRA layers that recompute their product (e.g. ``['k_proj', 'q_proj', 'v_proj']``)."""
-    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if getattr(m, "recompute_output", 0)})
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                   if isinstance(m, AdapterLayer) and m.recompute_output})
 
 
 def bench_model(shape: str, layers: int, batch: int, seq: int, r: int, repeats: int, device,

@@ -361,3 +361,16 @@ def test_a_peft_folder_written_elsewhere_loads_without_a_checksum(tmp_path, make
     atomic_save_safetensors(load_file(path), path, {"format": "pt"})
     config, tensors, _ = read_adapter(folder)
     assert config.r == 2 and tensors
+
+
+def test_an_adapter_file_that_is_not_a_regular_file_is_named_so(tmp_path):
+    """A FIFO (or a link to a device) in place of the weights is never opened: "not a regular file", not "not
+    found" (issue 25, item 14)."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    inject(model, DoraConfig(r=1, target_modules=["0"]))
+    save_adapter(model, tmp_path / "a")
+    weights = tmp_path / "a" / "torchdora_adapter.safetensors"
+    weights.unlink()
+    os.mkfifo(weights)
+    with pytest.raises(ValueError, match="not a regular file"):
+        read_adapter(tmp_path / "a")

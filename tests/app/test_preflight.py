@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from test_reliability import OPTIONS, Killed, argv, folder_bytes, patch_loss
+from test_reliability import OPTIONS, Killed, argv, faulty_loss, folder_bytes
 from test_train import one_thread, tiny, tiny_config  # noqa: F401 (fixtures)
 from torchdora.app.checkpoint import find_checkpoint, read_trainer_state
 from torchdora.app.train import config_from_args, main, train
@@ -92,16 +92,14 @@ def killed(loss):
     raise Killed("kill -9 in step 3")
 
 
-def test_resume_on_changed_data_is_refused_unless_allowed_and_the_change_is_recorded(tiny, tmp_path, monkeypatch,
+def test_resume_on_changed_data_is_refused_unless_allowed_and_the_change_is_recorded(tiny, tmp_path,
                                                                                      capsys):
     model_dir, tiny_data = tiny
     data = tmp_path / "data.jsonl"
     data.write_text(tiny_data.read_text())
     out = tmp_path / "run"
-    patch_loss(monkeypatch, 3, killed)  # in step 3, after the step-2 checkpoint
-    with pytest.raises(Killed):
-        train(tiny_config(model_dir, data, out, **OPTIONS))
-    monkeypatch.undo()
+    with pytest.raises(Killed):  # in step 3, after the step-2 checkpoint
+        train(tiny_config(model_dir, data, out, **OPTIONS), faulty_loss(3, killed))
     recorded = read_trainer_state(find_checkpoint(out))["data_fingerprint"]
     assert set(recorded) == {"train", "validation", "test"}
 

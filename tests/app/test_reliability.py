@@ -67,18 +67,19 @@ def folder_bytes(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def patch_loss(monkeypatch, at_call: int, action) -> None:
-    """Run ``action(loss)`` on the ``at_call``-th micro-batch loss (1-based); it may return a replacement."""
-    real, calls = train_mod.run.compute_loss, {"n": 0}
+def faulty_loss(at_call: int, action):
+    """The training loss, with ``action(loss)`` run on the ``at_call``-th micro-batch loss (1-based); it may return
+    a replacement. Passed to ``main(argv, loss=...)``."""
+    real, calls = train_mod.compute_loss, {"n": 0}
 
-    def patched(model, batch):
+    def faulty(model, batch):
         calls["n"] += 1
         loss, n = real(model, batch)
         if calls["n"] == at_call:
             loss = action(loss) or loss
         return loss, n
 
-    monkeypatch.setattr(train_mod.run, "compute_loss", patched)
+    return faulty
 
 
 # ---- 1. --resume A --output-dir B, B another run ---------------------------------------------------------------
@@ -111,8 +112,7 @@ def test_nan_stop_keeps_a_finite_checkpoint_that_resumes_with_a_lower_lr(tiny, t
     the finiteness check refuses the step-4 checkpoint (the old code wrote it, full of NaN)."""
     model_dir, data = tiny
     out = tmp_path / "run"
-    patch_loss(monkeypatch, 4, _nan_gradient)
-    assert main(argv(model_dir, data, out, max_grad_norm=max_grad_norm)) == 1
+    assert main(argv(model_dir, data, out, max_grad_norm=max_grad_norm), loss=faulty_loss(4, _nan_gradient)) == 1
     err = capsys.readouterr().err
     what = "the weights became NaN or infinite by step 4" if max_grad_norm == 0 else "gradient norm became nan"
     assert what in err and "Traceback" not in err
@@ -154,8 +154,9 @@ def test_a_signal_at_a_random_step_saves_that_step_and_resumes_exactly(tiny, tmp
     step = random.Random(f"{signum}-{os.getpid()}").randint(1, 7)  # any step before the last
     out = tmp_path / "run"
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    patch_loss(monkeypatch, step, lambda loss: os.kill(os.getpid(), signum))
-    code = main(argv(model_dir, data, out, checkpoint_every=0))  # no periodic checkpoint: only the signal's
+    # no periodic checkpoint: only the signal's
+    code = main(argv(model_dir, data, out, checkpoint_every=0),
+                loss=faulty_loss(step, lambda loss: os.kill(os.getpid(), signum)))
     err = capsys.readouterr().err
     assert code == 128 + signum, err
     assert f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved" in err, err
@@ -197,8 +198,7 @@ def test_a_second_signal_stops_at_once_without_a_checkpoint(tiny, tmp_path, monk
         os.kill(os.getpid(), signal.SIGINT)  # the handler re-raises it with Python's own: KeyboardInterrupt
         wait_until(lambda: False, "the KeyboardInterrupt of the second SIGINT")
 
-    patch_loss(monkeypatch, 3, twice)
-    assert main(argv(model_dir, data, out)) == 130
+    assert main(argv(model_dir, data, out), loss=faulty_loss(3, twice)) == 130
     err = capsys.readouterr().err
     assert "SIGINT received: stopping after the current step" in err
     assert "second SIGINT: stopping now" in err and "Traceback" not in err
@@ -386,8 +386,7 @@ def test_a_full_disk_gives_a_clear_error_and_keeps_the_last_checkpoint(tiny, tmp
             except OSError:
                 pass
 
-    patch_loss(monkeypatch, 5, fill_disk)
-    assert main(argv(model_dir, data, out)) == 2
+    assert main(argv(model_dir, data, out), loss=faulty_loss(5, fill_disk)) == 2
     err = capsys.readouterr().err
     assert "No space left on device" in err and "free some space" in err and "Traceback" not in err
     assert read_trainer_state(find_checkpoint(out))["step"] == 4

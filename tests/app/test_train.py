@@ -307,7 +307,7 @@ def test_resume_refuses_a_different_config(tiny, tmp_path):
         train(tiny_config(model_dir, data, tmp_path / "x", resume=str(tmp_path)))
 
 
-def test_nan_loss_stops_with_advice_and_keeps_the_checkpoint(tiny, tmp_path, monkeypatch):
+def test_nan_loss_stops_with_advice_and_keeps_the_checkpoint(tiny, tmp_path):
     model_dir, data = tiny
     real = train_mod.compute_loss
     calls = {"n": 0}
@@ -317,10 +317,10 @@ def test_nan_loss_stops_with_advice_and_keeps_the_checkpoint(tiny, tmp_path, mon
         loss, n = real(model, batch)
         return (loss * float("nan") if calls["n"] == 3 else loss), n
 
-    monkeypatch.setattr(train_mod.run, "compute_loss", nan_at_third_step)
     out = tmp_path / "run"
-    with pytest.raises(TrainingDiverged, match=r"nan at step 3 .*checkpoint, with finite weights.*step 2.*--resume .* --lr 0.0025"):
-        train(tiny_config(model_dir, data, out, steps=6, checkpoint_every=2, eval_every=0))
+    advice = r"nan at step 3 .*checkpoint, with finite weights.*step 2.*--resume .* --lr 0.0025"
+    with pytest.raises(TrainingDiverged, match=advice):
+        train(tiny_config(model_dir, data, out, steps=6, checkpoint_every=2, eval_every=0), loss=nan_at_third_step)
     state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
     assert state["step"] == 2
     assert not (out / "summary.json").exists()
@@ -355,11 +355,11 @@ def _strict_json(text: str):
     return json.loads(text, parse_constant=refuse)
 
 
-def test_metrics_are_on_disk_at_every_step_while_the_run_goes(tiny, tmp_path, monkeypatch):
+def test_metrics_are_on_disk_at_every_step_while_the_run_goes(tiny, tmp_path):
     model_dir, data = tiny
     out = tmp_path / "run"
     seen = []
-    real_loss = train_mod.run.compute_loss
+    real_loss = train_mod.compute_loss
 
     def loss_and_look(model, batch):
         # before the forward pass of step k + 1 the file must already hold steps 1..k (no checkpoint written yet)
@@ -367,8 +367,7 @@ def test_metrics_are_on_disk_at_every_step_while_the_run_goes(tiny, tmp_path, mo
         seen.append([_strict_json(line)["step"] for line in lines if "loss" in _strict_json(line)])
         return real_loss(model, batch)
 
-    monkeypatch.setattr(train_mod.run, "compute_loss", loss_and_look)
-    train(tiny_config(model_dir, data, out, steps=6, eval_every=0, checkpoint_every=0))
+    train(tiny_config(model_dir, data, out, steps=6, eval_every=0, checkpoint_every=0), loss=loss_and_look)
     assert seen == [list(range(1, k + 1)) for k in range(6)]
     assert not (tmp_path / "run" / "checkpoint" / "unused").exists()
 

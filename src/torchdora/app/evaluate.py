@@ -178,7 +178,7 @@ class _Request:
     targets: dict[int, tuple[list[int], list[int]]]
 
 
-def _requests(tokenizer: "PreTrainedTokenizerBase", examples: Sequence[Example], max_length: int) -> list[_Request]:
+def tokenized_requests(tokenizer: "PreTrainedTokenizerBase", examples: Sequence[Example], max_length: int) -> list[_Request]:
     """Sequences to score; options of one token that share the prompt are scored from a single sequence."""
     requests: list[_Request] = []
     for index, example in enumerate(examples):
@@ -217,7 +217,7 @@ def score_options(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got batch_size={batch_size!r}")
-    requests = sorted(_requests(tokenizer, examples, max_length), key=lambda r: len(r.input_ids))
+    requests = sorted(tokenized_requests(tokenizer, examples, max_length), key=lambda r: len(r.input_ids))
     scores: list[list[float]] = [[0.0] * len(e.options or (e.completion,)) for e in examples]
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

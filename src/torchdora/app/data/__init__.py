@@ -24,7 +24,13 @@ Sources understood by :func:`load_dataset`:
 * Any other name: Hugging Face ``datasets.load_dataset`` (optional package,
   needs network access).
 
-The modules: ``loaders.py`` (:class:`Example`, file formats, splits, tokenization and collation), ``chat.py``
+Every row is kept: rows that share a prompt go to the same split (:mod:`~torchdora.app.data.splits`), so no
+prompt is both trained on and tested.
+
+The modules, by concern: ``schema.py`` (:class:`Example`, :class:`DatasetSplits`, the row schemas), ``readers.py``
+(data files, errors naming file and line), ``splits.py`` (group-aware splits), ``builtin.py`` (Rotten Tomatoes,
+BIG-bench), ``hub.py`` (Hugging Face datasets), ``loaders.py`` (:func:`load_dataset`, which picks the source),
+``tokenization.py`` (token ids, collation), ``cutting.py`` (long texts cut before tokenizing), ``chat.py``
 (chat-template rendering and the assistant-only label mask), ``packing.py`` (short examples packed into full
 rows, attention kept per example).
 """

@@ -15,10 +15,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from torchdora.app.data.cutting import head_tokens, tail_tokens
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["Message", "parse_messages", "render_chat", "assistant_spans", "tokenize_chat", "chat_prompt_ids"]
+__all__ = ["Message", "parse_messages", "render_chat", "assistant_spans", "tokenize_chat", "tokenize_chat_cut",
+           "chat_prompt_ids"]
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant", "tool")
@@ -55,8 +58,22 @@ def render_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message],
             "'messages' rows cannot be rendered; use an instruction-tuned model, set tokenizer.chat_template, "
             "or write prompt/completion rows"
         )
-    return tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in messages], tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
+    from jinja2 import TemplateError  # SecurityError (the sandbox refused) is one
+
+    try:
+        return tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in messages], tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    except (TemplateError, OverflowError, RecursionError, MemoryError) as err:
+        raise ValueError(
+            f"the chat template of {getattr(tokenizer, 'name_or_path', '?') or 'this tokenizer'} failed "
+            f"({type(err).__name__}: {_first_line(err)}); fix 'chat_template' in its tokenizer_config.json "
+            "(or chat_template.jinja), or write prompt/completion rows"
+        ) from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:200] if text else "no message"
 
 
 def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message]) -> tuple[str, list[tuple[int, int]]]:
@@ -96,20 +113,36 @@ def tokenize_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message
     without adding any. A token is trained when its first character lies inside an assistant span. Too-long
     conversations keep their last ``max_length`` tokens (the latest turns, like prompts cut from the left).
     """
+    return tokenize_chat_cut(tokenizer, messages, max_length)[0]
+
+
+def tokenize_chat_cut(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message],
+                      max_length: int) -> tuple[dict[str, list[int]], bool]:
+    """:func:`tokenize_chat` and whether the conversation was longer than ``max_length`` (cut from the left).
+
+    Only the end of a long conversation is tokenized (:func:`torchdora.app.data.cutting.tail_tokens`)."""
     text, spans = assistant_spans(tokenizer, messages)
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    encoded, base = tail_tokens(tokenizer, text, max_length, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(encoded["input_ids"])
-    starts = [start for start, _ in encoded["offset_mapping"]]
+    starts = [base + start for start, _ in encoded["offset_mapping"]]
     labels = [token if any(a <= start < b for a, b in spans) else IGNORE_INDEX for token, start in zip(ids, starts)]
-    if len(ids) > max_length:
+    cut = len(ids) > max_length
+    if cut:
         ids, labels = ids[-max_length:], labels[-max_length:]
     if all(label == IGNORE_INDEX for label in labels[1:]):
         raise ValueError(f"a conversation has no assistant token left to train on within max_length={max_length}")
-    return {"input_ids": ids, "labels": labels}
+    return {"input_ids": ids, "labels": labels}, cut
 
 
-def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message]) -> list[int]:
+def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message],
+                    keep: int | None = None) -> list[int]:
     """Ids of every turn before the last (assistant) one plus the generation prompt: what evaluation conditions
-    on to score or generate the final answer."""
-    return list(tokenizer(render_chat(tokenizer, messages[:-1], add_generation_prompt=True),
-                          add_special_tokens=False)["input_ids"])
+    on to score or generate the final answer. With ``keep``, only the ids whose last ``keep`` are exact (the end
+    of a long conversation is tokenized, not all of it)."""
+    text = render_chat(tokenizer, messages[:-1], add_generation_prompt=True)
+    if keep is None:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    encoded, start = tail_tokens(tokenizer, text, keep, add_special_tokens=False)
+    # The first id stays first, as when everything is tokenized: a BOS the template writes is kept by the cut.
+    head = head_tokens(tokenizer, text, 1, add_special_tokens=False)[:1] if start else []
+    return head + list(encoded["input_ids"])

@@ -52,7 +52,7 @@ from torchdora.app.train.config import (
     config_to_yaml,
     load_config_file,
 )
-from torchdora.app.train.loop import train
+from torchdora.app.train.loop import LossFn, train
 from torchdora.app.train.outputs import TrainResult
 from torchdora.app.train.run import (
     TrainingDiverged,
@@ -80,8 +80,10 @@ __all__ = [
 ]
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``torchdora train``: 0 done, 1 diverged, 2 bad input or environment, 128 + signal number when stopped."""
+def main(argv: list[str] | None = None, loss: LossFn = compute_loss) -> int:
+    """``torchdora train``: 0 done, 1 diverged, 2 bad input or environment, 128 + signal number when stopped.
+
+    ``loss`` is passed on to :func:`train` (tests wrap the default to inject faults)."""
     from torchdora.app.extras import install_hint, missing_assets
 
     try:
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         if missing is not None:
             print(f"torchdora train: {missing}", file=sys.stderr)
             return 2
-        train(config)
+        train(config, loss)
         leave_process_group()  # torchrun / accelerate launch: every process ends here together
     except TrainingDiverged as err:  # every process stops at the same step (the checks are collective)
         leave_process_group()

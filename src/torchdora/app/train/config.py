@@ -375,17 +375,32 @@ def _config_path(name_or_path: str | os.PathLike) -> Path:
 
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """A YAML (``.yaml``/``.yml``) or JSON config file, or a shipped config's name, as a dict of fields."""
+    import yaml
+
+    from torchdora.app.data.readers import unique_keys
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        """``yaml.safe_load``, refusing a mapping that repeats a key (YAML would keep the last silently)."""
+
+        def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"option {key!r} is given twice; keep one", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
     path = _config_path(path)
     text = path.read_text()
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
         else:
-            data = json.loads(text)
-    except Exception as err:  # yaml.YAMLError / json.JSONDecodeError: both say where
-        raise ValueError(f"config file {path} could not be parsed: {err}") from None
+            data = json.loads(text, object_pairs_hook=unique_keys)
+    except Exception as err:  # yaml.YAMLError / json.JSONDecodeError / a repeated key: each says where or which
+        raise ValueError(f"config file {path} could not be parsed: {' '.join(str(err).split())}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from torchdora.app.assets import recorded_base_name
 from torchdora.app.checkpoint import optimizer_state_from_flat, optimizer_state_to_flat
-from torchdora.app.evaluate import EvalResult, _requests, evaluate_examples, selected_logits
+from torchdora.app.evaluate import EvalResult, evaluate_examples, tokenized_requests, selected_logits
 from torchdora.app.train.config import TrainConfig
 from torchdora.distributed import full_tensor, is_main_process, shard_model
 from torchdora.files import atomic_save_safetensors, atomic_write_json
@@ -190,7 +190,7 @@ def evaluate_in_lockstep(model: nn.Module, tokenizer: Any, examples: Sequence, m
     advance (the summary then records no exact match for generative data).
     """
     device = next(model.parameters()).device
-    mine = math.ceil(len(_requests(tokenizer, examples, max_length)) / batch_size)
+    mine = math.ceil(len(tokenized_requests(tokenizer, examples, max_length)) / batch_size)
     most = torch.tensor([mine], dtype=torch.long, device=device)
     dist.all_reduce(most, op=dist.ReduceOp.MAX)  # before any forward, so no process is inside one
     result = evaluate_examples(model, tokenizer, examples, max_length, batch_size, autocast, exact_match=False)
