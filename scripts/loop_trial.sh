@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The practitioner's loop, scripted (issue 26): messages data -> train with a validation split, early stopping and
 # sample generations -> chat answering prompts piped from a file -> merge -> the merged folder's model card.
-# Runs offline on the embedded default model (SmolLM2-135M-Instruct) in a few minutes on a CPU:
+# Runs offline on the embedded default model (SmolLM2-135M-Instruct), 12 steps, a few minutes on a CPU:
 #   scripts/loop_trial.sh [work folder]     (default: a fresh temporary folder)
 set -euo pipefail
 work="${1:-$(mktemp -d)}"
@@ -19,8 +19,9 @@ with open(sys.argv[1], "w") as f:
             {"role": "user", "content": f"Review {i}: a {words} film."},
             {"role": "assistant", "content": label}]}) + "\n")
 PY
-torchdora train --data "$work/chat.jsonl" --output-dir "$work/run" --steps 40 --eval-every 10 \
-    --early-stopping-patience 2 --sample-prompts 2 --sample-max-new-tokens 8 --max-eval 20 --val-examples 20
+torchdora train --data "$work/chat.jsonl" --output-dir "$work/run" --steps 12 --eval-every 4 \
+    --early-stopping-patience 2 --checkpoint-every 4 --sample-prompts 2 --sample-max-new-tokens 4 --max-eval 8 \
+    --max-length 64 --warmup-steps 2
 printf 'Review: a superb, charming film.\nReview: a dull and tedious film.\n/exit\n' > "$work/prompts.txt"
 torchdora chat --adapter "$work/run/best-adapter" --system "Classify the review as positive or negative." \
     --max-new-tokens 8 < "$work/prompts.txt"
