@@ -89,8 +89,8 @@ def torchdora_calls(code: str) -> list[tuple[str, list[str]]]:
     for line in code.replace("\\\n", " ").splitlines():
         words = shlex.split(line, comments=True)
         for i, word in enumerate(words):
-            if word in ("torchdora", "scripts/train.sh") and (i == 0 or words[i - 1] in ("-m", "bash", "exec")
-                                                               or "=" in words[i - 1]):
+            called = i == 0 or words[i - 1] in ("-m", "bash", "exec") or "=" in words[i - 1]
+            if called and (word == "scripts/train.sh" or word == "torchdora" and i + 1 < len(words)):
                 command, rest = ("train", words[i + 1:]) if word.endswith(".sh") else (words[i + 1], words[i + 2:])
                 rest = rest[:next((k for k, w in enumerate(rest) if w in ("|", "&&", "||", ";")), len(rest))]
                 calls.append((command, [w.split("=", 1)[0] for w in rest if w.startswith("--")]))
@@ -108,6 +108,11 @@ def help_text(argv: list[str], capsys) -> str:
     return capsys.readouterr().out
 
 
+def listed_commands(capsys) -> list[str]:
+    """The commands ``torchdora --help`` lists."""
+    return re.findall(r"^  (\S+)  ", help_text(["--help"], capsys).split("commands:", 1)[1], flags=re.M)
+
+
 def test_calls_are_found_in_shell_lines():
     """The parser of shell lines, on the forms the pages use."""
     code = ("torchdora train --rank 8 lr=1e-4   # --not-an-option in a comment\n"
@@ -122,8 +127,7 @@ def test_shell_examples_use_commands_and_options_that_exist(capsys):
     shell = [b for b in BLOCKS if b.language in SHELL]
     calls = [(b.where, command, options) for b in shell for command, options in torchdora_calls(b.code)]
     assert len(calls) > 10, calls
-    usage = help_text(["--help"], capsys)
-    commands = set(re.findall(r"^  (\S+)  ", usage.split("commands:", 1)[1], flags=re.M))
+    commands = set(listed_commands(capsys))
     unknown = [(where, command) for where, command, _ in calls if command not in commands]
     assert unknown == [], f"commands that `torchdora --help` does not list: {unknown}"
     known = {command: set(re.findall(r"--[\w-]+", help_text([command, "--help"], capsys)))
@@ -131,6 +135,13 @@ def test_shell_examples_use_commands_and_options_that_exist(capsys):
     wrong = [(where, command, option) for where, command, options in calls for option in options
              if option not in known[command]]
     assert wrong == [], f"options that the command's --help does not list: {wrong}"
+
+
+def test_every_command_has_its_section_in_the_cli_guide(capsys):
+    """docs/cli.md has a ``## `torchdora <command>` `` section for each command that ``torchdora --help`` lists."""
+    commands = listed_commands(capsys)
+    sections = set(re.findall(r"^## `torchdora ([\w-]+)`", (ROOT / "docs" / "cli.md").read_text(), flags=re.M))
+    assert commands and [c for c in commands if c not in sections] == []
 
 
 # ---- links and the site ------------------------------------------------------------------------------------------
