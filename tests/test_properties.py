@@ -49,7 +49,7 @@ RTOL = 1e-6
 def _assert_matches(got: Tensor, want: Tensor) -> None:
     """Relative tolerance 1e-6, elementwise and against the output's scale (an element near 0 carries the round-off
     of its larger terms; a PEFT file loads fp32 adapter tensors, whose products round at ~1e-7)."""
-    assert_close(got, want, rtol=RTOL, atol=RTOL * float(want.abs().max()))
+    assert_close(got, want, rtol=RTOL, atol=RTOL * float(want.detach().abs().max()))
 
 
 # ---- the models: two adaptable modules each, named "0" and "2" ------------------------------------------------

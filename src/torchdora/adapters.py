@@ -42,8 +42,8 @@ __all__ = [
     "mixed_batch",
 ]
 
-#: PEFT's name for :func:`torchdora.disable_adapters`: ``with disable_adapter(model): ...`` runs the base model
 disable_adapter = disable_adapters
+"""PEFT's name for :func:`torchdora.disable_adapters`: ``with disable_adapter(model): ...`` runs the base model."""
 
 
 def list_adapters(model: nn.Module) -> list[str]:

@@ -81,7 +81,8 @@ class DoraConfig:
         target_modules: which modules get an adapter: a regex string matched against the whole dotted name,
             a list of exact names or name suffixes, or ``"all-linear"`` (every Linear/Conv1D except the output head).
         exclude_modules: same forms as ``target_modules``; matching modules are skipped.
-        rank_pattern / alpha_pattern: ``{regex: value}`` per-module overrides of ``r`` / ``alpha``.
+        rank_pattern: ``{regex: value}`` per-module overrides of ``r``.
+        alpha_pattern: ``{regex: value}`` per-module overrides of ``alpha``.
         magnitude_only_modules: modules (same forms as a list target) that train only the magnitude ``m``
             (paper §5.6); they must also be targeted.
         recompute_modules: DoRA Linear/Conv1D modules (same forms as ``magnitude_only_modules``) that keep only

@@ -209,8 +209,8 @@ def load_model(
         from_pretrained_kwargs: passed to ``from_pretrained`` when ``base`` is a name (``dtype``, ``device_map``).
 
     Raises:
-        FileNotFoundError: no adapter in ``adapter``. ValueError: no base given and none recorded, or the
-        adapter does not fit the base.
+        FileNotFoundError: no adapter in ``adapter``.
+        ValueError: no base given and none recorded, or the adapter does not fit the base.
     """
     read_adapter(adapter)  # a missing or corrupt adapter fails before a base model is loaded
     if base is None:

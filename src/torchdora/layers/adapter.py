@@ -23,6 +23,8 @@ DEFAULT_ADAPTER = "default"
 
 def is_conv1d(module: nn.Module) -> bool:
     """Whether ``module`` is transformers' GPT-2 style ``Conv1D`` (a linear layer with weight ``(in, out)``)."""
+    if not any(c.__name__ == "Conv1D" for c in type(module).__mro__):
+        return False  # cheap test first: never import transformers for modules that cannot be one
     try:
         from transformers.pytorch_utils import Conv1D
     except ImportError:  # transformers is an optional extra
