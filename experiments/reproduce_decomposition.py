@@ -57,8 +57,22 @@ METHOD_NAMES = {"full": "Full fine-tuning", "full-qv": "Full fine-tuning of q_pr
                 "dora": "DoRA"}
 
 
+#: named settings; explicit options override a plan's values. "pilot": the first rerun (constant lr, 0.2 epoch);
+#: "plateau": the positive control's length, one epoch of the 8,614 training examples at batch 16 (539 steps per
+#: epoch) with a linear decay to 0 and a snapshot every 54 steps, resumable from checkpoints every 108 steps.
+PLANS: dict[str, dict] = {
+    "pilot": dict(seeds=[0, 1], methods=list(METHODS), adapter_steps=200, adapter_save_every=20, full_steps=120,
+                  full_save_every=20, schedule="constant", warmup_steps=5, batch_size=8, checkpoint_every=0,
+                  output_dir=Path("experiments/runs/decomposition")),
+    "plateau": dict(seeds=[0, 1, 2], methods=["full", "lora", "dora"], adapter_steps=540, adapter_save_every=54,
+                    full_steps=540, full_save_every=54, schedule="linear", warmup_steps=20, batch_size=16,
+                    checkpoint_every=108, output_dir=Path("experiments/runs/decomposition-plateau")),
+}
+
+
 @dataclass(frozen=True)
 class Settings:
+    plan: str
     model: str
     data: str
     seeds: tuple[int, ...]
@@ -69,56 +83,81 @@ class Settings:
     full_steps: int
     full_save_every: int
     full_lr: float
+    schedule: str
     warmup_steps: int
     batch_size: int
     max_length: int
     rank: int
     alpha: float
+    dropout: float
+    magnitude_lr_ratio: float
+    weight_decay: float
+    magnitude_weight_decay: float | None
     max_train: int | None
     max_eval: int | None
+    checkpoint_every: int
     bootstrap: int
     output_dir: Path
     docs: Path
     figures_dir: Path
     data_dir: Path
     analyze_only: bool
+    skip_analysis: bool
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--plan", choices=sorted(PLANS), default="pilot",
+                   help="named settings (default pilot); the options below override its values")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--data", default="rotten_tomatoes")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    p.add_argument("--adapter-steps", type=int, default=200)
-    p.add_argument("--adapter-save-every", type=int, default=20)
+    p.add_argument("--seeds", nargs="+", type=int)
+    p.add_argument("--methods", nargs="+", choices=METHODS, help="what to train (the analysis takes every run "
+                   "of the plan found in --output-dir)")
+    p.add_argument("--adapter-steps", type=int)
+    p.add_argument("--adapter-save-every", type=int)
     p.add_argument("--adapter-lr", type=float, default=1e-3)
-    p.add_argument("--full-steps", type=int, default=120)
-    p.add_argument("--full-save-every", type=int, default=20)
+    p.add_argument("--full-steps", type=int)
+    p.add_argument("--full-save-every", type=int)
     p.add_argument("--full-lr", type=float, default=1e-4)
-    p.add_argument("--warmup-steps", type=int, default=5, help="linear warm-up, then a constant learning rate")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--schedule", choices=("constant", "linear", "cosine"), help="after the linear warm-up")
+    p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--batch-size", type=int)
     p.add_argument("--max-length", type=int, default=48)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16.0)
+    ablation = p.add_argument_group("one-change ablations of the adapter runs (their runs get their own folders)")
+    ablation.add_argument("--dropout", type=float, default=0.0, help="adapter input dropout (the paper: 0.05)")
+    ablation.add_argument("--magnitude-lr-ratio", type=float, default=1.0,
+                          help="DoRA: the magnitude's learning rate is lr × this")
+    ablation.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay of A and B")
+    ablation.add_argument("--magnitude-weight-decay", type=float, default=None,
+                          help="DoRA: AdamW weight decay of the magnitude (default: --weight-decay)")
     p.add_argument("--max-train", type=int, default=None)
     p.add_argument("--max-eval", type=int, default=200)
+    p.add_argument("--checkpoint-every", type=int, help="resume checkpoints every N steps (0: at the end only); "
+                   "an unfinished run with a checkpoint is resumed, not restarted")
     p.add_argument("--bootstrap", type=int, default=2000, help="layer resamples for the 95 %% intervals")
-    p.add_argument("--output-dir", type=Path, default=Path("experiments/runs/decomposition"))
+    p.add_argument("--output-dir", type=Path)
     p.add_argument("--docs", type=Path, default=Path("docs/results-decomposition.md"))
     p.add_argument("--figures-dir", type=Path, default=Path("docs/figures"))
     p.add_argument("--data-dir", type=Path, default=Path("docs/data/decomposition"))
     p.add_argument("--analyze-only", action="store_true",
                    help="train nothing: analyse the snapshots already in --output-dir (also of unfinished runs)")
+    p.add_argument("--skip-analysis", action="store_true", help="train only; analyse later with --analyze-only")
     a = p.parse_args(argv)
+    for key, value in PLANS[a.plan].items():
+        if getattr(a, key) is None:
+            setattr(a, key, value)
     for kind in ("adapter", "full"):
         steps, every = getattr(a, f"{kind}_steps"), getattr(a, f"{kind}_save_every")
         if every < 1 or steps // every < 3:
             p.error(f"--{kind}-steps {steps} / --{kind}-save-every {every}: need at least 3 snapshots per run")
-    return Settings(a.model, a.data, tuple(a.seeds), tuple(a.methods), a.adapter_steps, a.adapter_save_every,
-                    a.adapter_lr, a.full_steps, a.full_save_every, a.full_lr, a.warmup_steps, a.batch_size,
-                    a.max_length, a.rank, a.alpha, a.max_train, a.max_eval, a.bootstrap, a.output_dir, a.docs,
-                    a.figures_dir, a.data_dir, a.analyze_only)
+    return Settings(a.plan, a.model, a.data, tuple(a.seeds), tuple(a.methods), a.adapter_steps, a.adapter_save_every,
+                    a.adapter_lr, a.full_steps, a.full_save_every, a.full_lr, a.schedule, a.warmup_steps,
+                    a.batch_size, a.max_length, a.rank, a.alpha, a.dropout, a.magnitude_lr_ratio, a.weight_decay,
+                    a.magnitude_weight_decay, a.max_train, a.max_eval, a.checkpoint_every, a.bootstrap,
+                    a.output_dir, a.docs, a.figures_dir, a.data_dir, a.analyze_only, a.skip_analysis)
 
 
 def lr_of(s: Settings, method: str) -> float:
@@ -129,17 +168,34 @@ def steps_of(s: Settings, method: str) -> tuple[int, int]:
     return (s.adapter_steps, s.adapter_save_every) if method in ("lora", "dora") else (s.full_steps, s.full_save_every)
 
 
+def ablation_options(s: Settings, method: str) -> dict[str, float]:
+    """The ablation settings that differ from the default and apply to ``method`` (train option → value)."""
+    out: dict[str, float] = {}
+    if method in ("lora", "dora") and s.dropout:
+        out["dropout"] = s.dropout
+    if method in ("lora", "dora") and s.weight_decay:
+        out["weight_decay"] = s.weight_decay
+    if method == "dora" and s.magnitude_lr_ratio != 1.0:
+        out["magnitude_lr_ratio"] = s.magnitude_lr_ratio
+    if method == "dora" and s.magnitude_weight_decay is not None and s.magnitude_weight_decay != s.weight_decay:
+        out["magnitude_weight_decay"] = s.magnitude_weight_decay
+    return out
+
+
 def train_options(s: Settings, method: str, seed: int) -> list[str]:
     """The ``torchdora train`` options of one run (without the output folder)."""
     steps, every = steps_of(s, method)
     opts = ["--method", "full" if method == "full-qv" else method, "--model", s.model, "--data", s.data,
-            "--lr", str(lr_of(s, method)), "--schedule", "constant", "--warmup-steps", str(s.warmup_steps),
+            "--lr", str(lr_of(s, method)), "--schedule", s.schedule, "--warmup-steps", str(s.warmup_steps),
             "--steps", str(steps), "--save-every", str(every), "--batch-size", str(s.batch_size),
-            "--max-length", str(s.max_length), "--seed", str(seed), "--eval-every", "0", "--checkpoint-every", "0"]
+            "--max-length", str(s.max_length), "--seed", str(seed), "--eval-every", "0",
+            "--checkpoint-every", str(s.checkpoint_every)]
     if method == "full-qv":
         opts += ["--train-only", "q_proj,v_proj"]
     if method in ("lora", "dora"):
         opts += ["--targets", "q_proj,v_proj", "--rank", str(s.rank), "--alpha", str(s.alpha)]
+    for key, value in ablation_options(s, method).items():
+        opts += ["--" + key.replace("_", "-"), str(value)]
     if s.max_train is not None:
         opts += ["--max-train", str(s.max_train)]
     if s.max_eval is not None:
@@ -147,39 +203,63 @@ def train_options(s: Settings, method: str, seed: int) -> list[str]:
     return opts
 
 
+#: config.json values of settings an older run's config may lack
+_CONFIG_DEFAULTS = {"dropout": 0.0, "weight_decay": 0.0, "magnitude_lr_ratio": 1.0, "magnitude_weight_decay": None}
+
+
 def _expected_config(s: Settings, method: str, seed: int) -> dict:
     """The config.json fields a reusable run must have (the others are defaults or do not change the weights)."""
     steps, every = steps_of(s, method)
-    want = {"method": "full" if method == "full-qv" else method, "lr": lr_of(s, method), "schedule": "constant",
+    want = {"method": "full" if method == "full-qv" else method, "lr": lr_of(s, method), "schedule": s.schedule,
             "warmup_steps": s.warmup_steps, "steps": steps, "save_every": every, "batch_size": s.batch_size,
             "max_length": s.max_length, "seed": seed, "max_train": s.max_train,
             "train_only": "q_proj,v_proj" if method == "full-qv" else ""}
     if method in ("lora", "dora"):
         want.update(rank=s.rank, alpha=s.alpha)
+    want.update({k: v for k, v in _CONFIG_DEFAULTS.items() if k != "magnitude_weight_decay"})
+    want.update(ablation_options(s, method))
     return want
 
 
 def run_dir(s: Settings, method: str, seed: int) -> Path:
-    return s.output_dir / f"{method}-seed{seed}"
+    """``<output_dir>/<method>-seed<seed>``, with the ablation settings in the name (``dora-seed0-mlr10``)."""
+    short = {"dropout": "drop", "weight_decay": "wd", "magnitude_lr_ratio": "mlr", "magnitude_weight_decay": "mwd"}
+    suffix = "".join(f"-{short[k]}{v:g}" for k, v in ablation_options(s, method).items())
+    return s.output_dir / f"{method}-seed{seed}{suffix}"
+
+
+def _matches(s: Settings, method: str, seed: int, config: dict) -> bool:
+    return all(config.get(k, _CONFIG_DEFAULTS.get(k)) == v for k, v in _expected_config(s, method, seed).items())
 
 
 def reusable(s: Settings, method: str, seed: int) -> bool:
     folder = run_dir(s, method, seed)
     if not (folder / "summary.json").is_file():
         return False
-    config = json.loads((folder / "config.json").read_text())
-    return all(config.get(k) == v for k, v in _expected_config(s, method, seed).items())
+    return _matches(s, method, seed, json.loads((folder / "config.json").read_text()))
+
+
+def resumable(s: Settings, method: str, seed: int) -> bool:
+    """An unfinished run of these settings with a resume checkpoint."""
+    folder = run_dir(s, method, seed)
+    if (folder / "summary.json").is_file() or not (folder / "checkpoint").is_dir():
+        return False
+    return (folder / "config.json").is_file() and _matches(s, method, seed, json.loads((folder / "config.json").read_text()))
 
 
 def train(s: Settings, method: str, seed: int) -> float:
-    """Train one run unless a matching finished one exists; returns the minutes it took (NaN if reused)."""
+    """Train one run unless a matching finished one exists (an unfinished one with a checkpoint is resumed);
+    returns the minutes it took (NaN if reused)."""
     folder = run_dir(s, method, seed)
     if reusable(s, method, seed):
         print(f"[{method} seed {seed}] reusing {folder}", flush=True)
         return math.nan
-    if folder.exists():  # unfinished or trained with other settings: train refuses a used folder
-        shutil.rmtree(folder)
-    cmd = [sys.executable, "-m", "torchdora", "train", *train_options(s, method, seed), "--output-dir", str(folder)]
+    if resumable(s, method, seed):
+        cmd = [sys.executable, "-m", "torchdora", "train", "--resume", str(folder)]
+    else:
+        if folder.exists():  # unfinished without a checkpoint, or other settings: train refuses a used folder
+            shutil.rmtree(folder)
+        cmd = [sys.executable, "-m", "torchdora", "train", *train_options(s, method, seed), "--output-dir", str(folder)]
     print(shlex.join(cmd), flush=True)
     start = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=REPO)
@@ -416,7 +496,9 @@ def main(argv: list[str] | None = None) -> int:
         for seed in s.seeds:
             for method in s.methods:
                 train(s, method, seed)
-    runs = [(m, seed) for seed in s.seeds for m in s.methods if (run_dir(s, m, seed) / "snapshots").is_dir()]
+    if s.skip_analysis:
+        return 0
+    runs = [(m, seed) for seed in s.seeds for m in METHODS if (run_dir(s, m, seed) / "snapshots").is_dir()]
     if not runs:
         raise SystemExit(f"no run with snapshots under {s.output_dir}: train first (drop --analyze-only)")
     print("measuring ΔM and ΔD ...", flush=True)
@@ -428,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     print("random updates of the same size (the null) ...", flush=True)
     null = random_update_rows(weights, rows, ranks={"lora": s.rank, "dora": s.rank}, seed=0)
     verdicts = compare_to_null(rows, null, modules=("q_proj", "v_proj"), n_boot=s.bootstrap, seed=0)
-    methods = tuple(m for m in s.methods if any(r.method == m for r in rows))
+    methods = tuple(m for m in METHODS if any(r.method == m for r in rows))
     s = dataclasses.replace(s, methods=methods)
     write_csv(rows, s.data_dir / "decomposition.csv")
     write_csv(null, s.data_dir / "null.csv")
