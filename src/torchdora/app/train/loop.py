@@ -16,6 +16,7 @@ import torch
 from torchdora.app.evaluate import EvalResult
 from torchdora.app.train import run as run_module
 from torchdora.app.train.config import TrainConfig
+from torchdora.app.train.optim import param_groups
 from torchdora.app.train.outputs import (
     Metrics,
     Progress,
@@ -169,7 +170,8 @@ def _train(config: TrainConfig, signals: StopSignals) -> TrainResult:
                                          collate_fn=Collator(tokenizer.pad_token_id),
                                          generator=torch.Generator().manual_seed(config.seed))
     names = {p: n for n, p in named_trainable(model).items()}
-    optimizer = torch.optim.AdamW(list(names), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, config.lr, config.magnitude_lr_ratio, config.weight_decay,
+                                               config.magnitude_weight_decay))
     if fsdp:  # already sharded: accelerate must not wrap it in DDP
         optimizer, loader = accelerator.prepare(optimizer, loader)
     else:

@@ -31,6 +31,7 @@ from torchdora.app.checkpoint import (
 from torchdora.app.evaluate import EvalResult, evaluate_examples, selected_logits
 from torchdora.app.train import sharding
 from torchdora.app.train.config import TrainConfig, config_differences, resume_changes
+from torchdora.app.train.optim import apply_group_settings
 from torchdora.app.train.loss import cross_entropy
 from torchdora.app.train.outputs import Metrics, named_trainable
 from torchdora.io import atomic_write_json
@@ -378,11 +379,10 @@ class Run:
         ``LambdaLR`` computes them (``base · λ(step)``).
         """
         groups = self.scheduler.optimizer.param_groups
-        self.scheduler.base_lrs = [self.config.lr] * len(groups)
+        self.scheduler.base_lrs = apply_group_settings(groups, self.config.lr, self.config.weight_decay,
+                                                       self.config.magnitude_weight_decay)
         for group, fn in zip(groups, self.scheduler.lr_lambdas):
-            group["initial_lr"] = self.config.lr
-            group["lr"] = self.config.lr * fn(self.scheduler.last_epoch)
-            group["weight_decay"] = self.config.weight_decay
+            group["lr"] = group["initial_lr"] * fn(self.scheduler.last_epoch)
         self.scheduler._last_lr = [group["lr"] for group in groups]
 
     def diverged(self, what: str, step: int) -> TrainingDiverged:
