@@ -57,16 +57,17 @@ METHOD_NAMES = {"full": "Full fine-tuning", "full-qv": "Full fine-tuning of q_pr
                 "dora": "DoRA"}
 
 
-#: named settings; explicit options override a plan's values. "pilot": the first rerun (constant lr, 0.2 epoch);
-#: "plateau": the positive control's length, one epoch of the 8,614 training examples at batch 16 (539 steps per
-#: epoch) with a linear decay to 0 and a snapshot every 54 steps, resumable from checkpoints every 108 steps.
+#: named settings; explicit options override a plan's values. "pilot": the first rerun (constant lr, 0.2 epoch of
+#: the 8,614 training examples); "plateau": the positive control's length, sized for a shared 2-core CPU: one
+#: epoch of 2,000 training examples at batch 8 (250 steps) with a linear decay to 0, a snapshot every 25 steps,
+#: resumable from checkpoints every 50 steps.
 PLANS: dict[str, dict] = {
     "pilot": dict(seeds=[0, 1], methods=list(METHODS), adapter_steps=200, adapter_save_every=20, full_steps=120,
                   full_save_every=20, schedule="constant", warmup_steps=5, batch_size=8, checkpoint_every=0,
-                  output_dir=Path("experiments/runs/decomposition")),
-    "plateau": dict(seeds=[0, 1, 2], methods=["full", "lora", "dora"], adapter_steps=540, adapter_save_every=54,
-                    full_steps=540, full_save_every=54, schedule="linear", warmup_steps=20, batch_size=16,
-                    checkpoint_every=108, output_dir=Path("experiments/runs/decomposition-plateau")),
+                  max_train=None, output_dir=Path("experiments/runs/decomposition")),
+    "plateau": dict(seeds=[0, 1, 2], methods=["full", "lora", "dora"], adapter_steps=250, adapter_save_every=25,
+                    full_steps=250, full_save_every=25, schedule="linear", warmup_steps=10, batch_size=8,
+                    checkpoint_every=50, max_train=2000, output_dir=Path("experiments/runs/decomposition-plateau")),
 }
 
 
@@ -133,7 +134,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     ablation.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay of A and B")
     ablation.add_argument("--magnitude-weight-decay", type=float, default=None,
                           help="DoRA: AdamW weight decay of the magnitude (default: --weight-decay)")
-    p.add_argument("--max-train", type=int, default=None)
+    p.add_argument("--max-train", type=int, help="training examples kept (pilot: all 8,614)")
     p.add_argument("--max-eval", type=int, default=200)
     p.add_argument("--checkpoint-every", type=int, help="resume checkpoints every N steps (0: at the end only); "
                    "an unfinished run with a checkpoint is resumed, not restarted")
