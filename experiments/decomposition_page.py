@@ -254,15 +254,16 @@ def write_page(p: PageSettings, argv: list[str] | None = None) -> int:
         methods = [m for m in METHOD_NAMES if m in sets[n].methods]
         lines += ["", f"**{SET_TITLES.get(n, n)}** (95 % layer-bootstrap intervals; runs row: t over runs)", "",
                   *sensitivity_lines(an, methods, METHOD_NAMES)]
-    lines += ["", "## 5. One-change ablations", ""]
+    lines += ["", "## 5. Next runs, and the one-change ablations", ""]
     done = [n for n in analyses if n not in ("plateau", "pilot")]
     for n in done:
         v = analyses[n].verdict("dora", "q_proj")
         if v is not None:
             lines.append(f"- `{n}`: DoRA q_proj step-centred r {fmt_interval(v.statistics['partial'])}, "
                          f"**{v.verdicts['partial']}**.")
-    lines += ["Not run yet (the CPU budget went to the control); each is one command, one change from the plateau "
-              "plan, with its own run folders and result set:" if not done else "Runs still to do:", ""]
+    lines += ["Not run yet (this session's CPU went to the control). Each is one command; each ablation is one "
+              "change from the plateau plan, with its own run folders and result set, and is analysed against the "
+              "plain DoRA runs of the same plan:" if not done else "Runs still to do:", ""]
     lines += [f"- {what}: `{cmd}`" for cmd, what in NEXT_RUNS]
     lines += ["", "## 6. Runs", "", "| set | method | seed | lr | steps | batch | training examples | test accuracy "
               "before → after | mean loss per quarter | wall time |", "|---|---|---|---|---|---|---|---|---|---|"]

@@ -23,7 +23,7 @@ from torchdora.analysis.report import read_csv, save_figure, write_stats_csv
 from torchdora.analysis.sensitivity import (
     CurvePoint, SeedStatistic, leave_one_layer_out, log_rows, normalized_rows, run_curves, seed_statistics,
 )
-from torchdora.analysis.stats import Interval, Verdict, compare_to_null, decide, module_type, paired_difference
+from torchdora.analysis.stats import Interval, Verdict, compare_to_null, decide, paired_difference
 from torchdora.io import atomic_write_bytes
 
 __all__ = ["ResultSet", "read_set", "read_norms", "write_norms", "SetAnalysis", "analyse_set", "write_set_csvs",
@@ -261,7 +261,3 @@ def plot_curves(sets: Sequence[tuple[str, Sequence[CurvePoint]]], path: str | os
                 ax.set_ylabel(f"{modules}: across-layer r")
     figure.suptitle("within-snapshot r of ΔM on ΔD per run (solid) and its random-update null (dashed)", fontsize=9)
     return save_figure(figure, path)
-
-
-def module_types(rows: Sequence[DecompositionRow]) -> list[str]:
-    return list(dict.fromkeys(module_type(r.module) for r in rows))
