@@ -113,7 +113,7 @@ def analyse_set(rs: ResultSet, n_boot: int = 2000) -> SetAnalysis:
         for kind in MODULES:
             s = seed_statistics(rs.rows, rs.null, method, kind, "partial")
             seeds[(method, kind)] = s
-            said[(method, kind)] = decide(s.mean, s.difference)
+            said[(method, kind)] = decide(s.mean, s.difference) if len(s.runs) > 1 else "one run: no interval"
             loo[(method, kind)] = leave_one_layer_out(rs.rows, method, kind, "partial")
     return SetAnalysis(verdicts, run_curves(rs.rows, rs.null, MODULES), seeds, loo, said)
 
