@@ -161,9 +161,14 @@ def width_sentence(an: SetAnalysis) -> str:
         else:
             parts.append(f"{n} runs give a t interval with t_0.975,{n - 1} = {t_quantile_975(n - 1):.2f} times "
                          f"the standard error")
-    widths = [s.mean.high - s.mean.low for s in an.seeds.values() if math.isfinite(s.mean.low)]
-    tail = (f"; here the run intervals are {min(widths):.2f} to {max(widths):.2f} wide (a correlation spans 2), "
-            "against the layer bootstrap's narrower ones, which do not count seed-to-seed variation") if widths else ""
+    widths = [s.difference.high - s.difference.low for s in an.seeds.values() if math.isfinite(s.difference.low)]
+    tail = ""
+    if widths:
+        wide = sum(w > 1 for w in widths)
+        tail = (f". The intervals of measured − null over runs are {min(widths):.2f} to {max(widths):.2f} wide (a "
+                f"correlation spans 2); {wide} of {len(widths)} are wider than 1, i.e. say nothing about the sign. "
+                "The layer bootstrap's narrower intervals do not count seed-to-seed variation; where the two "
+                "disagree, the verdict holds for these runs' layers, not for the method")
     return "With runs as units, " + " and ".join(parts) + tail + "."
 
 
