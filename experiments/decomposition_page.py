@@ -115,7 +115,7 @@ def control_section(name: str, an: SetAnalysis | None, runs: list[dict]) -> tupl
             "the same setting. Next, in this order: (1) the control's other seeds at this length (`"
             f"{TRAIN} --plan {name} --methods full --seeds 1 2`), so that one run's layer pattern is not taken "
             "for the method's; (2) the whole training set, one epoch and more (`--max-train 8614 --full-steps 1080 "
-            "--full-save-every 108`, about 4 h per run on this CPU when it is quiet), since the paper's checkpoints "
+            "--full-save-every 108`, about 3.6 h per run at the 12 s per step this control took, niced on one thread of the shared CPU), since the paper's checkpoints "
             "span several epochs; (3) a lower peak learning rate held longer (`--full-lr 2e-5`), the usual setting "
             "for full fine-tuning. If full fine-tuning still shows no negative step-centred r at a loss plateau, "
             "the paper's negative sign is a property of its setting (VL-BART on image-text tasks, its checkpoint "

@@ -179,7 +179,7 @@ def sensitivity_lines(an: SetAnalysis, methods: Sequence[str], names: dict[str, 
              "v_proj: measured | null | verdict |", "|---|---|---|---|---|---|---|---|"]
     for method in methods:
         specs = [(VARIANT_NAMES[variant] + ", step-centred r", variant, "partial") for variant in VARIANTS]
-        specs.insert(1, ("raw ΔM, Spearman ρ (ranks; unchanged by any monotone rescaling of both axes)", "raw",
+        specs.insert(1, ("raw ΔM, Spearman ρ (ranks only; the same on log scale)", "raw",
                          "spearman"))
         for label, variant, stat in specs:
             cells = []
