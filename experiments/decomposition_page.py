@@ -266,7 +266,7 @@ def write_page(p: PageSettings, argv: list[str] | None = None) -> int:
         if v is not None:
             lines.append(f"- `{n}`: DoRA q_proj step-centred r {fmt_interval(v.statistics['partial'])}, "
                          f"**{v.verdicts['partial']}**.")
-    lines += ["Not run yet (this session's CPU went to the control). Each is one command; each ablation is one "
+    lines += ["Not run yet (the CPU went to the control first). Each is one command; each ablation is one "
               "change from the plateau plan, with its own run folders and result set, and is analysed against the "
               "plain DoRA runs of the same plan:" if not done else "Runs still to do:", ""]
     lines += [f"- {what}: `{cmd}`" for cmd, what in NEXT_RUNS]
