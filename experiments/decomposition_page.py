@@ -89,7 +89,7 @@ def control_section(name: str, an: SetAnalysis | None, runs: list[dict]) -> tupl
     unfinished = [r for r in full_runs if r.get("finished") != "True"]
     s = an.seeds[("full", "q_proj")]
     lines = [
-        f"**{'Reproduced' if ok else 'Not reproduced'}.** Full fine-tuning ({len(s.runs)} run(s), "
+        f"**{'Reproduced' if ok else 'Not reproduced'}.** Full fine-tuning ({len(s.runs)} run{'s' if len(s.runs) > 1 else ''}, "
         f"{SET_TITLES.get(name, name)}), q_proj: step-centred r = {fmt_interval(v.statistics['partial'])} against "
         f"{fmt_interval(v.null['partial'])} for random updates of the same size; measured − null "
         f"{fmt_interval(v.difference['partial'])}: **{v.verdicts['partial']}**. "

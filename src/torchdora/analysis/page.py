@@ -199,7 +199,7 @@ def sensitivity_lines(an: SetAnalysis, methods: Sequence[str], names: dict[str, 
             if s is None:
                 cells += ["n/a"] * 3
                 continue
-            cells += [f"{fmt_interval(s.mean)} ({len(s.runs)} runs)",
+            cells += [f"{fmt_interval(s.mean)} ({len(s.runs)} run{'s' if len(s.runs) > 1 else ''})",
                       fmt_interval(paired_mean(s.null_per_run)), an.seed_verdicts[(method, kind)]]
         lines.append(f"| {names.get(method, method)} | raw ΔM, step-centred r, runs (seeds) as units, Student t "
                      "| " + " | ".join(cells) + " |")
