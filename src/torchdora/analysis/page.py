@@ -238,7 +238,9 @@ def plot_curves(sets: Sequence[tuple[str, Sequence[CurvePoint]]], path: str | os
     sets = [(name, curves) for name, curves in sets if curves]
     if not sets:
         raise ValueError(f"nothing to plot: no {modules} curves")
-    methods = list(dict.fromkeys(c.method for _, curves in sets for c in curves))
+    order = ("full", "full-qv", "lora", "dora")
+    methods = sorted(dict.fromkeys(c.method for _, curves in sets for c in curves),
+                     key=lambda m: (order.index(m) if m in order else len(order), m))
     figure = Figure(figsize=(3.2 * len(methods), 2.6 * len(sets)), layout="constrained")
     axes = figure.subplots(len(sets), len(methods), squeeze=False, sharey=True)
     for row, (name, curves) in enumerate(sets):
@@ -255,6 +257,9 @@ def plot_curves(sets: Sequence[tuple[str, Sequence[CurvePoint]]], path: str | os
             ax.set_title(f"{name}: {method}", fontsize=9)
             if runs:
                 ax.legend(fontsize=7, loc="lower left")
+            else:
+                ax.text(0.5, 0.5, "not run", ha="center", va="center", transform=ax.transAxes, color="0.5")
+                ax.set_xticks([])
             if row == len(sets) - 1:
                 ax.set_xlabel("step")
             if col == 0:
