@@ -18,7 +18,7 @@ from torchdora.analysis.stats import (
 from torchdora.files import atomic_write_bytes
 
 __all__ = [
-    "write_csv", "read_csv", "write_json", "plot_scatter", "plot_layers", "plot_statistics", "STATS_COLUMNS",
+    "write_csv", "read_csv", "write_json", "save_figure", "plot_scatter", "plot_layers", "plot_statistics", "STATS_COLUMNS",
     "write_stats_csv", "verdicts_json", "format_verdicts",
 ]
 
@@ -74,7 +74,7 @@ def _marker(method: str, index: int) -> str:
     return _MARKERS.get(method.lower(), _EXTRA_MARKERS[index % len(_EXTRA_MARKERS)])
 
 
-def _save_figure(figure: Any, path: str | os.PathLike[str]) -> Path:
+def save_figure(figure: Any, path: str | os.PathLike[str]) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(figure)  # Agg, whatever pyplot's global backend is
@@ -175,7 +175,7 @@ def plot_scatter(rows: Sequence[DecompositionRow], path: str | os.PathLike[str],
             ax.ticklabel_format(axis="both", style="sci", scilimits=(-2, 3))
     if mappable is not None:
         figure.colorbar(mappable, ax=axes, label=color_by, shrink=0.8)
-    return _save_figure(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_statistics(verdicts: Sequence[Verdict], path: str | os.PathLike[str]) -> Path:
@@ -204,7 +204,7 @@ def plot_statistics(verdicts: Sequence[Verdict], path: str | os.PathLike[str]) -
         ax.set_xlabel("correlation of ΔM on ΔD")
         ax.set_title(kind)
     figure.suptitle("measured (blue) and random updates of the same size (grey), 95 % intervals", fontsize=9)
-    return _save_figure(figure, path)
+    return save_figure(figure, path)
 
 
 def _interval_cells(interval: Interval) -> list[str]:
@@ -285,4 +285,4 @@ def plot_layers(rows: Sequence[DecompositionRow], path: str | os.PathLike[str]) 
             if all(getattr(r, metric) > 0 for r in rows if module_type(r.module) == kind):
                 axes[i][j].set_yscale("log")  # methods differ by orders of magnitude
             axes[i][j].legend(fontsize=7)
-    return _save_figure(figure, path)
+    return save_figure(figure, path)

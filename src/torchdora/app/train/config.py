@@ -42,7 +42,7 @@ RUN_FIELDS = (
     "method", "model", "data", "targets", "rank", "alpha", "dropout", "steps", "epochs", "batch_size",
     "grad_accum", "max_length", "dtype", "seed", "max_train", "max_eval", "magnitude_only", "detach_norm",
     "packing", "train_only", "d_initial", "projection_seed",
-    "base_dtype", "quantize", "adapter_dtype",
+    "base_dtype", "quantize", "adapter_dtype", "magnitude_lr_ratio", "magnitude_weight_decay",
 )
 #: optimisation settings a resume may change on purpose (e.g. a lower ``lr`` after a divergence); each
 #: change is recorded in the checkpoint's ``history``
@@ -106,6 +106,9 @@ class TrainConfig:
             (default): the layers whose output nothing else keeps and whose input is narrowest, found by one short
             forward (:func:`torchdora.recompute.choose_recompute`); ``"none"``: never.
         max_grad_norm: gradient clipping (0: off). weight_decay: AdamW weight decay.
+        magnitude_lr_ratio, magnitude_weight_decay: DoRA/DVoRA: the magnitude ``m`` trains with learning rate
+            ``lr × magnitude_lr_ratio`` and this weight decay (``None``: ``weight_decay``), in its own AdamW
+            parameter group (:func:`torchdora.app.train.optim.param_groups`).
         train_only: ``method="full"`` only: comma-separated module names/suffixes whose weights alone train
             (e.g. ``q_proj,v_proj``, the control of the decomposition analysis); empty: every parameter.
         eval_batch_size: sequences per forward pass when scoring.
@@ -158,6 +161,8 @@ class TrainConfig:
     recompute: str = "auto"
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
+    magnitude_lr_ratio: float = 1.0
+    magnitude_weight_decay: float | None = None
     eval_batch_size: int = 16
     val_examples: int = 100
     packing: bool = False
@@ -235,6 +240,7 @@ class TrainConfig:
             raise ValueError(f"dropout must be in [0, 1), got dropout={self.dropout!r}")
         if self.max_grad_norm < 0 or self.weight_decay < 0:
             raise ValueError(f"max_grad_norm and weight_decay must be >= 0, got {self.max_grad_norm}, {self.weight_decay}")
+        self._check_magnitude_optimizer()
         for name in ("detach_norm", "packing", "allow_data_change"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be true or false, got {name}={getattr(self, name)!r}")
@@ -253,6 +259,22 @@ class TrainConfig:
             raise ValueError(f"train_only={self.train_only!r} needs --method full; adapters train --targets")
         set_("model", None if self.model in (None, "") else str(self.model))
         set_("data", None if self.data in (None, "") else str(self.data))
+
+    def _check_magnitude_optimizer(self) -> None:
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
+        set_("magnitude_lr_ratio", _number("magnitude_lr_ratio", self.magnitude_lr_ratio))
+        if self.magnitude_lr_ratio <= 0:
+            raise ValueError(f"magnitude_lr_ratio must be positive, got magnitude_lr_ratio={self.magnitude_lr_ratio!r}")
+        if self.magnitude_weight_decay in ("", "none"):
+            set_("magnitude_weight_decay", None)
+        if self.magnitude_weight_decay is not None:
+            set_("magnitude_weight_decay", _number("magnitude_weight_decay", self.magnitude_weight_decay))
+            if self.magnitude_weight_decay < 0:
+                raise ValueError(f"magnitude_weight_decay must be >= 0, got {self.magnitude_weight_decay!r}")
+        changed = self.magnitude_lr_ratio != 1.0 or self.magnitude_weight_decay is not None
+        if changed and self.method not in ("dora", "dvora"):
+            raise ValueError(f"magnitude_lr_ratio/magnitude_weight_decay need --method dora or dvora: {self.method} "
+                             "has no magnitude; drop --magnitude-lr-ratio/--magnitude-weight-decay")
 
     @property
     def target_list(self) -> list[str]:
@@ -485,6 +507,10 @@ def _parser() -> argparse.ArgumentParser:
                    "q,k,v,o in a Llama), none, or comma-separated names (e.g. q_proj,k_proj,v_proj)")
     p.add_argument("--max-grad-norm", dest="max_grad_norm", type=float, help="gradient clipping, 0: off (default 1)")
     p.add_argument("--weight-decay", dest="weight_decay", type=float, help="AdamW weight decay (default 0)")
+    p.add_argument("--magnitude-lr-ratio", dest="magnitude_lr_ratio", type=float,
+                   help="dora/dvora: the magnitude's learning rate is lr x this (own AdamW group; default 1)")
+    p.add_argument("--magnitude-weight-decay", dest="magnitude_weight_decay", type=float,
+                   help="dora/dvora: AdamW weight decay of the magnitude (default: --weight-decay)")
     p.add_argument("--sharding", choices=SHARDINGS,
                    help="none (default): each process holds the whole model, DDP averages gradients; fsdp: FSDP2 "
                         "shards the model over the processes (one fully_shard per decoder block and the root)")

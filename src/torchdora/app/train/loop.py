@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torchdora.app.evaluate import EvalResult
 from torchdora.app.train.config import TrainConfig
 from torchdora.app.train.evaluation import MetricFn, check_custom_metrics, check_metric_for_best, validate
+from torchdora.app.train.optim import param_groups
 from torchdora.app.train.outputs import (
     Metrics,
     Progress,
@@ -292,7 +293,8 @@ def _setup_optimizer(config: TrainConfig, accelerator: Any, model: Any, tokenize
     """AdamW over the trainable weights and its schedule, everything prepared by accelerate, gathered in a
     :class:`Run`; and the optimizer steps of one epoch."""
     names = {p: n for n, p in named_trainable(model).items()}
-    optimizer = torch.optim.AdamW(list(names), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, config.lr, config.magnitude_lr_ratio, config.weight_decay,
+                                               config.magnitude_weight_decay))
     if fsdp:  # already sharded: accelerate must not wrap it in DDP
         optimizer, data.loader = accelerator.prepare(optimizer, data.loader)
     else:

@@ -32,6 +32,7 @@ from torchdora.app.evaluate import EvalResult, evaluate_examples, selected_logit
 from torchdora.app.train import sharding
 from torchdora.app.train.config import TrainConfig, config_differences, resume_changes
 from torchdora.app.train.best import Best
+from torchdora.app.train.optim import apply_group_settings
 from torchdora.app.train.loss import cross_entropy
 from torchdora.app.train.outputs import Metrics, named_trainable
 from torchdora.app.train.preflight import data_changes
@@ -412,11 +413,10 @@ class Run:
         ``LambdaLR`` computes them (``base · λ(step)``).
         """
         groups = self.scheduler.optimizer.param_groups
-        self.scheduler.base_lrs = [self.config.lr] * len(groups)
+        self.scheduler.base_lrs = apply_group_settings(groups, self.config.lr, self.config.weight_decay,
+                                                       self.config.magnitude_weight_decay)
         for group, fn in zip(groups, self.scheduler.lr_lambdas):
-            group["initial_lr"] = self.config.lr
-            group["lr"] = self.config.lr * fn(self.scheduler.last_epoch)
-            group["weight_decay"] = self.config.weight_decay
+            group["lr"] = group["initial_lr"] * fn(self.scheduler.last_epoch)
         self.scheduler._last_lr = [group["lr"] for group in groups]
 
     def diverged(self, what: str, step: int) -> TrainingDiverged:
