@@ -140,12 +140,16 @@ def test_dora_adapter_at_full_rank_is_exact_and_below_it_the_recorded_error_is_t
 
     tensors = load_file(low / "adapter_model.safetensors")
     report = json.loads((low / REPORT_FILE).read_text())
+    residual = total = 0.0
     for name, delta in reference.items():
         b = tensors[f"base_model.model.{name}.lora_B.weight"].double()
         a = tensors[f"base_model.model.{name}.lora_A.weight"].double()
         direct = float((delta - b @ a).norm() / delta.norm())
         assert 0.01 < direct < 1  # DoRA's ΔW is not rank 2: a real approximation, not a trivial one
         assert report["layers"][name]["relative_error"] == pytest.approx(direct, rel=1e-4)  # fp32 factors
+        assert report["layers"][name]["delta_norm"] == pytest.approx(float(delta.norm()), rel=1e-6)
+        residual, total = residual + float((delta - b @ a).norm()) ** 2, total + float(delta.norm()) ** 2
+    assert report["overall_relative_error"] == pytest.approx((residual / total) ** 0.5, rel=1e-4)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -70,11 +70,12 @@ class ExportLoraConfig:
 
 @dataclass(frozen=True)
 class LayerExport:
-    """One layer's LoRA factors (fp32) and the relative error of ``lora_B @ lora_A`` against ΔW."""
+    """One layer's LoRA factors (fp32), the relative error of ``lora_B @ lora_A`` against ΔW, and ``||ΔW||_F``."""
 
     lora_A: Tensor  # (R, in)
     lora_B: Tensor  # (out, R)
     relative_error: float
+    delta_norm: float
 
     @property
     def rank(self) -> int:
@@ -109,7 +110,7 @@ def lowrank_factors(delta: Tensor, rank: int | None = None, max_error: float | N
     root = s[:r].sqrt()
     return LayerExport(lora_A=(root[:, None] * vh[:r]).float().contiguous(),
                        lora_B=(u[:, :r] * root).float().contiguous(),
-                       relative_error=float(relative_errors(s)[r]))
+                       relative_error=float(relative_errors(s)[r]), delta_norm=float(s.square().sum().sqrt()))
 
 
 def merged_updates(model: nn.Module) -> dict[str, Tensor]:
@@ -191,11 +192,16 @@ def export_lora(config: ExportLoraConfig, log=print) -> Path:
         log(f"{name:<48} rank {e.rank:>5}  relative error {e.relative_error:.3e}")
     tensors = {f"base_model.model.{name}.{part}.weight": getattr(e, part)
                for name, e in exports.items() for part in ("lora_A", "lora_B")}
+    total = sum(e.delta_norm**2 for e in exports.values())
     report = {
         "adapter": str(Path(config.adapter).resolve()), "rank": config.rank, "max_error": config.max_error,
         "max_relative_error": max(e.relative_error for e in exports.values()),
+        # ||ΔW − B·A||_F / ||ΔW||_F over all layers stacked
+        "overall_relative_error": (sum((e.relative_error * e.delta_norm) ** 2 for e in exports.values()) / total) ** 0.5
+        if total > 0 else 0.0,
         "parameters": sum(t.numel() for t in tensors.values()),
-        "layers": {name: {"rank": e.rank, "relative_error": e.relative_error, "shape": list(shapes[name])}
+        "layers": {name: {"rank": e.rank, "relative_error": e.relative_error, "delta_norm": e.delta_norm,
+                          "shape": list(shapes[name])}
                    for name, e in exports.items()},
     }
     output.parent.mkdir(parents=True, exist_ok=True)
