@@ -120,10 +120,11 @@ def test_tokenizer_and_chat_template_travel_in_the_file(merged_run, tmp_path):
     reader = gguf.GGUFReader(out)
     fields = {name: reader.fields[name].contents() for name in (
         "general.architecture", "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.bos_token_id",
-        "tokenizer.ggml.eos_token_id", "tokenizer.chat_template", "general.file_type")}
+        "tokenizer.ggml.eos_token_id", "tokenizer.chat_template", "general.file_type", "tokenizer.ggml.add_bos_token")}
     assert fields == {"general.architecture": "llama", "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2",
                       "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
-                      "tokenizer.chat_template": CHAT, "general.file_type": 1}  # 1: mostly f16, the default
+                      "tokenizer.chat_template": CHAT, "general.file_type": 1,  # 1: mostly f16, the default
+                      "tokenizer.ggml.add_bos_token": False}  # as the tokenizer: it adds no BOS
     types = reader.fields["tokenizer.ggml.token_type"].contents()
     assert types[:3] == [int(gguf.TokenType.CONTROL)] * 3 and set(types[3:]) == {int(gguf.TokenType.NORMAL)}
     original, back = _bpe_tokenizer(), AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)

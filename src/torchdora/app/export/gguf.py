@@ -246,6 +246,11 @@ def _add_tokenizer(writer: Any, tokenizer: PreTrainedTokenizerBase, n_vocab: int
         special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=n_vocab)
     if not special.merges:
         raise ValueError("the tokenizer has no BPE merges to write; llama.cpp could not tokenize with it")
+    # what the tokenizer does, not what a config file may say: llama.cpp adds BOS to a gpt2 vocab unless told not to
+    with_specials, plain = tokenizer("a")["input_ids"], tokenizer("a", add_special_tokens=False)["input_ids"]
+    for kind, at, token_id in (("bos", 0, tokenizer.bos_token_id), ("eos", -1, tokenizer.eos_token_id)):
+        special.add_special_token[kind] = token_id is not None and len(with_specials) > len(plain) and (
+            with_specials[at] == token_id)
     special.add_to_gguf(writer, quiet=True)
 
 
