@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(args.work)
     adapter = Path(args.adapter)
-    if not (adapter / "adapter_config.json").is_file():
+    if not adapter.is_dir():
         print(f"no adapter at {adapter}: training a small one (torchdora train --steps 10)", flush=True)
         if cli.main(["train", "--steps", "10", "--output-dir", str(work / "train"), "--max-eval", "8",
                      "--eval-every", "0"]) != 0:
