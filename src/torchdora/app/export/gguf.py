@@ -264,6 +264,8 @@ def write_gguf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path:
     """
     import gguf
 
+    from torchdora.io import default_mode
+
     check_gguf_export(model.config, outtype)
     path = Path(path)
     tensors = gguf_tensors(model, outtype)  # every refusal before a byte is written
@@ -281,6 +283,7 @@ def write_gguf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path:
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        os.chmod(tmp, default_mode())  # mkstemp's 0600 would hide the model from other users of the machine
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
