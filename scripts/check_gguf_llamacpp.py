@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"adapter": str(adapter), "tokens": args.tokens, "prompts": PROMPTS, "outtypes": {}}
     ok = True
     for outtype in outtypes:
-        llm = Llama(model_path=str(work / f"merged-{outtype}.gguf"), n_ctx=512, n_threads=2, verbose=False)
+        llm = Llama(model_path=str(work / f"merged-{outtype}.gguf"), n_ctx=512, n_threads=2, verbose=False,
+                    logits_all=True)  # without it llama-cpp-python leaves `scores` unfilled (it samples in C)
         same_prompt_ids = [llm.tokenize(text.encode(), add_bos=False, special=True) == ids
                            for text, ids in zip(prompts, prompt_ids)]
         got = [greedy_llamacpp(llm, ids, args.tokens, eos) for ids in prompt_ids]
