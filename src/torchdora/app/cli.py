@@ -19,7 +19,9 @@ __all__ = ["main", "COMMANDS", "os_error_of", "environment_error"]
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("torchdora.app.train", "fine-tune a model with DoRA, LoRA or full fine-tuning"),
     "eval": ("torchdora.app.evaluate", "multiple-choice accuracy and perplexity of a model (+ adapter)"),
-    "merge": ("torchdora.app.merging", "merge an adapter into its base model and save a plain model folder"),
+    "merge": ("torchdora.app.merging", "merge an adapter into its base model: a plain model folder, or a GGUF file"),
+    "export-lora": ("torchdora.app.export.lora", "the rank-R LoRA adapter closest to a DoRA adapter (PEFT format, "
+                                                 "for LoRA-only servers)"),
     "generate": ("torchdora.app.generate", "generate text from a model (+ adapter), one prompt or a file of them"),
     "chat": ("torchdora.app.chat", "chat with a model (+ adapter), tokens streamed as they come"),
     "compare": ("torchdora.app.compare", "compare run folders: a table of final metrics and one figure of curves"),

