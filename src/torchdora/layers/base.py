@@ -22,11 +22,16 @@ import torch
 from torch import Tensor, nn
 
 from torchdora import functional as DF
-from torchdora.cache import CachedValue, sample_of
+from torchdora.cache import CachedValue, in_graph, sample_of
 
 __all__ = ["AdapterLayer", "Adapter", "DEFAULT_ADAPTER", "is_conv1d"]
 
 DEFAULT_ADAPTER = "default"
+
+
+def _norm_dtype(weight: Tensor) -> torch.dtype:
+    """The dtype the norms are accumulated and kept in: fp32, fp64 for an fp64 weight."""
+    return torch.promote_types(weight.dtype, torch.float32) if weight.is_floating_point() else torch.float32
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -348,9 +353,9 @@ class AdapterLayer(nn.Module):
     def base_sq_norm(self) -> Tensor:
         """``||W||²`` per row, cached until the base weight changes (see :mod:`torchdora.cache`)."""
         weight = self.weight_2d()
-        if torch.compiler.is_compiling():  # the cache check is not traceable; recompute in graph
-            return DF.base_row_sq_norm(weight.detach())
-        return self._sq_norm_cache.get(lambda: DF.base_row_sq_norm(weight), sampled=(self._weight_storage(),))
+        if torch.compiler.is_compiling():  # the eager cache, read at run time: the base is frozen
+            return in_graph(self, "base_sq_norm", (), (weight,), weight.shape[0], _norm_dtype(weight))
+        return self._sq_norm_cache.get(lambda: DF.base_row_sq_norm(weight), (self._weight_storage(),))
 
     def _row_norm(self, detach: bool) -> Tensor:
         """``||W + s·B·A||`` per row, ``(out,)`` in fp32 (fp64 for fp64 weights)."""
@@ -365,29 +370,40 @@ class AdapterLayer(nn.Module):
         return DF.factored_row_norm(weight, a, b, self.scaling, self.base_sq_norm())
 
     def _cache_inputs(self) -> dict:
-        """What the norm depends on, for :meth:`CachedValue.get`: ``A``, ``B`` exactly, ``W`` by a sample."""
-        return {"exact": (self.lora_A, self.lora_B), "sampled": (self._weight_storage(),),
+        """What the norm depends on, for :meth:`CachedValue.get`: ``A``, ``B``, the base weight, the settings."""
+        return {"tensors": (self.lora_A, self.lora_B, self._weight_storage()),
                 "extra": (self.scaling, self.norm_method)}
 
     def row_norm(self) -> Tensor:
         """``||W + s·B·A||`` per row as the forward uses it, ``(out,)``.
 
         Detached (paper §4.3) unless ``detach_norm=False`` and autograd is recording. The detached norm is
-        cached and reused while ``A``, ``B`` and the base weight hold what they held when it was computed
-        (:mod:`torchdora.cache` says how that is checked), so eval and gradient-accumulation micro-batches
-        compute it once.
+        cached and reused while ``A``, ``B`` and the base weight are unchanged (checked on the host, without a
+        device synchronisation: :mod:`torchdora.cache`; an edit through ``.data`` needs
+        :func:`torchdora.clear_cache`), so decoding and gradient-accumulation micro-batches compute it once.
+        Under ``torch.compile`` a training step (autograd recording) computes it in the graph; an eval forward
+        reads the cached one (:func:`torchdora.cache.in_graph`).
         """
         if not self.detach_norm and torch.is_grad_enabled():
             return self._row_norm(detach=False)
         if torch.compiler.is_compiling():
-            return self._row_norm(detach=True).detach()
+            if torch.is_grad_enabled():
+                return self._row_norm(detach=True).detach()
+            weight = self.weight_2d()
+            return in_graph(self, "_cached_row_norm", (self._current,), self._cache_inputs()["tensors"],
+                            weight.shape[0], _norm_dtype(weight))
         return self.adapter._norm_cache.get(lambda: self._row_norm(detach=True), **self._cache_inputs())
+
+    def _cached_row_norm(self, name: str) -> Tensor:
+        """Adapter ``name``'s cached detached norm, eagerly (what a compiled eval forward reads at run time)."""
+        with self.using(name):
+            return self.adapter._norm_cache.get(lambda: self._row_norm(detach=True), **self._cache_inputs())
 
     def dora_factor(self) -> Tensor:
         """``m / ||W + s·B·A||`` per output feature, ``(out,)``, ``0`` for a zero-norm row.
 
         Without autograd recording (inference) the factor is cached and reused while ``m``, ``A``, ``B`` and
-        the base weight are unchanged, so unmerged inference computes it once.
+        the base weight are unchanged, so unmerged inference computes it once (same rule as :meth:`row_norm`).
         """
         if self.magnitude is None:
             raise RuntimeError("dora_factor() needs a DoRA layer (use_dora=True)")
@@ -395,7 +411,7 @@ class AdapterLayer(nn.Module):
             norm = self.row_norm()
             return DF.dora_scale(self.magnitude.to(norm.dtype), norm)
         inputs = self._cache_inputs()
-        inputs["exact"] += (self.magnitude,)
+        inputs["tensors"] += (self.magnitude,)
 
         def factor() -> Tensor:
             norm = self.row_norm()
@@ -406,18 +422,20 @@ class AdapterLayer(nn.Module):
     def clear_cache(self) -> None:
         """Forget the cached norms and factor (:func:`torchdora.clear_cache` does it for a whole model).
 
-        Needed only after editing the *base weight* in place behind autograd (through ``.data`` or a raw
-        pointer) in a way that may miss the sampled entries (a few rows or columns): every other change is
-        seen (:mod:`torchdora.cache`).
+        Needed after an edit the cache cannot see from the host: an in-place edit through ``.data`` (which
+        leaves the parameter's version counter alone), a write through shared memory (``.numpy()``, DLPack), or
+        an update by something that is not a ``torch.optim.Optimizer`` and writes behind the version counter.
+        Every other change is seen (:mod:`torchdora.cache`).
         """
         self._sq_norm_cache.clear()
         for adapter in self.adapters.values():
             adapter.clear_cache()
 
     def _magnitude_has_zero(self) -> bool:
-        """Whether some ``m`` is exactly 0, cached per content of ``m`` (on CUDA the check is a host sync)."""
+        """Whether some ``m`` is exactly 0, cached as a Python bool while ``m`` is unchanged (on CUDA the first
+        check after a change reads the device once)."""
         m = self.magnitude
-        return bool(self.adapter._zero_magnitude_cache.get(lambda: (m == 0).any(), exact=(m,)))
+        return self.adapter._zero_magnitude_cache.get(lambda: bool((m == 0).any()), (m,))
 
     def _fast_forward(self, x: Tensor) -> Tensor | None:
         """The fused DoRA forward for this layer type, or ``None`` where there is none (the reference runs)."""
@@ -496,8 +514,7 @@ class AdapterLayer(nn.Module):
         z = self._base_product(x)  # (B, ..., out) or (B, out, ...) for a conv
         out_features = z.shape[self.feature_dim]
         factors = torch.ones(x.shape[0], out_features, dtype=z.dtype, device=z.device)  # (B, out)
-        for name in dict.fromkeys(n for n in row_adapters if n is not None):
-            rows = torch.tensor([i for i, n in enumerate(row_adapters) if n == name], device=z.device)
+        for name, rows in self._row_groups(row_adapters, z.device):
             with self.using(name):
                 if not self.magnitude_only:
                     z = z.index_add(0, rows, self._lora_product(x.index_select(0, rows)).to(z.dtype),
@@ -507,6 +524,17 @@ class AdapterLayer(nn.Module):
         shape = [x.shape[0]] + [1] * (z.dim() - 1)
         shape[self.feature_dim] = out_features
         return self._add_bias(z * factors.view(shape))
+
+    def _row_groups(self, row_adapters: Sequence[str | None], device: torch.device) -> list[tuple[str, Tensor]]:
+        """``(name, rows)`` per adapter of a mixed batch, the row indices on ``device``; kept for the next call
+        with the same assignment (a generated token's), since building them is a host-to-device copy."""
+        key = (tuple(row_adapters), device)
+        kept = self.__dict__.get("_row_groups_kept")
+        if kept is None or kept[0] != key:
+            groups = [(name, torch.tensor([i for i, n in enumerate(row_adapters) if n == name], device=device))
+                      for name in dict.fromkeys(n for n in row_adapters if n is not None)]
+            kept = self.__dict__["_row_groups_kept"] = (key, groups)
+        return kept[1]
 
     # ---- merging ----------------------------------------------------------------------------------
     @torch.no_grad()

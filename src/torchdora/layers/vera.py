@@ -145,10 +145,9 @@ class VeraAdapter(LinearAdapter):
 
     def _cache_inputs(self) -> dict:
         inputs = super()._cache_inputs()
-        inputs["exact"] = (self.vera_lambda_d, self.vera_lambda_b)
-        if self.vera_projection is not None:
-            # frozen and shared by every layer: checked by identity and a sample, not copied into each layer's cache
-            inputs["sampled"] += (self.vera_projection.vera_A, self.vera_projection.vera_B)
+        inputs["tensors"] = (self._weight_storage(), self.vera_lambda_d, self.vera_lambda_b)
+        if self.vera_projection is not None:  # the frozen pair every layer shares
+            inputs["tensors"] += (self.vera_projection.vera_A, self.vera_projection.vera_B)
         return inputs
 
     def _lora_product(self, x: Tensor) -> Tensor:
