@@ -433,3 +433,74 @@ def test_unmerge_restores_weight_after_adapter_edits_while_merged():
     layer.float()
     layer.unmerge()
     assert_close(layer.base.weight, weight, rtol=1e-5, atol=1e-6)  # fp32 round-off of W·f/f
+
+
+# ---- no device synchronisation ----------------------------------------------------------------------------------
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ops that read a device tensor on the host (a synchronisation on CUDA) or copy host data into
+    a new tensor (a host-to-device copy that waits, on CUDA), while ``active`` is set (inside adapter layers)."""
+
+    WATCHED = {
+        torch.ops.aten.is_nonzero.default, torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default,
+        torch.ops.aten.item.default, torch.ops.aten.lift_fresh.default, torch.ops.aten.nonzero.default,
+        torch.ops.aten.masked_select.default, torch.ops.aten.allclose.default,
+    }
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.active = 0
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.active and func in self.WATCHED:
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _host_reads_in_adapter_layers(model: nn.Module, run: Callable[[], object]) -> list[str]:
+    from torchdora import adapter_layers
+
+    mode = _HostReads()
+
+    def enter(module, args):
+        mode.active += 1
+
+    def leave(module, args, out):
+        mode.active -= 1
+
+    handles = [h for layer in adapter_layers(model).values()
+               for h in (layer.register_forward_pre_hook(enter), layer.register_forward_hook(leave))]
+    try:
+        with mode, torch.no_grad():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    return mode.seen
+
+
+@pytest.mark.parametrize("setting", ["one", "two_active", "mixed_batch"])
+def test_eval_forward_reads_nothing_on_the_host_after_the_first_call(make_tiny_llama, input_ids, perturb, setting):
+    """Unmerged eval (decoding): after the first call, no adapter layer syncs with the device, whatever it holds."""
+    from torchdora import mixed_batch, set_adapter
+
+    model = make_tiny_llama()
+    config = DoraConfig(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj",
+                                        "embed_tokens"], r=4)
+    inject(model, config)
+    torchdora.add_adapter(model, "lora", DoraConfig(target_modules=config.target_modules, r=2, use_dora=False))
+    perturb(model, seed=2)
+    batch = input_ids[:2]
+    if setting == "one":
+        run = lambda: model(batch)  # noqa: E731
+    elif setting == "two_active":
+        set_adapter(model, ["default", "lora"])
+        run = lambda: model(batch)  # noqa: E731
+    else:
+        def run():
+            with mixed_batch(model, ["default", "lora"]):
+                return model(batch)
+    first = _host_reads_in_adapter_layers(model, run)
+    assert first, "guard: the watch records what the first call reads (m == 0 and the mixed batch's row indices)"
+    assert _host_reads_in_adapter_layers(model, run) == []
+    assert _host_reads_in_adapter_layers(model, run) == []
