@@ -151,3 +151,14 @@ def test_inductor_matches_eager(perturb, monkeypatch):
     assert want_grads
     for name, grad in want_grads.items():
         assert_close(dict(model.named_parameters())[name].grad, grad, **TOL, msg=name)
+
+
+def test_cli_compile_flags():
+    """``torchdora train --compile`` and ``torchdora generate --compile`` reach their configs (off by default)."""
+    from torchdora.app import generate
+    from torchdora.app.train.config import config_from_args
+
+    assert config_from_args(["--compile"]).compile is True
+    assert config_from_args([]).compile is False
+    assert generate.GenerateConfig(**vars(generate._parser().parse_args(["--prompt", "hi", "--compile"]))).compile
+    assert not generate.GenerateConfig(**vars(generate._parser().parse_args(["--prompt", "hi"]))).compile

@@ -28,6 +28,7 @@ class GenerateConfig:
         base_dtype, quantize: how the base loads (:func:`torchdora.app.assets.load_model_and_tokenizer`); an
             adapter on a 4-bit base merges into plain layers of the base's dtype.
         chat: wrap the prompt in the tokenizer's chat template as a user turn (instruction-tuned models).
+        compile: run the model through ``torch.compile`` (a slower first token, faster ones after it).
     """
 
     prompt: str
@@ -39,6 +40,7 @@ class GenerateConfig:
     base_dtype: str = "float32"
     quantize: str | None = None
     chat: bool = False
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str) or not self.prompt:
@@ -71,6 +73,8 @@ def generate_text(config: GenerateConfig) -> str:
         inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
     else:
         inputs = tokenizer(config.prompt, return_tensors="pt")
+    if config.compile:
+        model.compile()
     torch.manual_seed(config.seed)
     sampling = config.temperature > 0
     extra = {"temperature": config.temperature, "top_p": 1.0, "top_k": 0} if sampling else {}
@@ -92,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampling")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to the prompt")
+    p.add_argument("--compile", action="store_true", help="compile the model with torch.compile")
     add_base_options(p)
     return p
 

@@ -168,6 +168,8 @@ def _train(config: TrainConfig, signals: StopSignals) -> TrainResult:
                                          sampler=sampler,
                                          collate_fn=Collator(tokenizer.pad_token_id),
                                          generator=torch.Generator().manual_seed(config.seed))
+    if config.compile:
+        model.compile()  # in place: the state-dict keys stay as they are
     names = {p: n for n, p in named_trainable(model).items()}
     optimizer = torch.optim.AdamW(list(names), lr=config.lr, weight_decay=config.weight_decay)
     if fsdp:  # already sharded: accelerate must not wrap it in DDP
