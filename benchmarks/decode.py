@@ -72,7 +72,7 @@ def greedy(model: nn.Module, prompt: torch.Tensor, tokens: int, forward: Callabl
     """``tokens`` greedy tokens after ``prompt`` ``(B, P)`` with a KV cache; returns them ``(B, tokens)``."""
     from transformers import DynamicCache
 
-    forward = forward or model
+    forward = model if forward is None else forward
     cache = DynamicCache()
     ids, out = prompt, []
     with torch.no_grad():

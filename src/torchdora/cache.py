@@ -96,56 +96,60 @@ def _watch_optimizers() -> None:
 
 
 # ---- host-side facts ------------------------------------------------------------------------------------------
-def _facts(tensors: Sequence[Tensor | None]) -> tuple[tuple, list]:
-    """Per tensor ``(address, version, offset, shape, strides, dtype)`` and its storage (``None`` for ``None``),
-    then the optimizer step count if some tensor is trainable (``None`` for a frozen set: the base weight)."""
-    facts, storages, trainable = [], [], False
-    for t in tensors:
-        if t is None:
-            facts.append(None)
-            storages.append(None)
-            continue
-        storage = t.untyped_storage()
-        facts.append((storage.data_ptr(), t._version, t.storage_offset(), t.shape, t.stride(), t.dtype))
-        storages.append(storage)
-        trainable = trainable or t.requires_grad
-    facts.append(_steps if trainable else None)
-    return tuple(facts), storages
+def _fact(t: Tensor, storage: Any) -> tuple:
+    return storage.data_ptr(), t._version, t.storage_offset(), t.shape, t.stride(), t.dtype
 
 
 class CachedValue:
     """One value computed without autograd and reused while the host-side facts of its inputs hold (see the
-    module doc): the tensors' storages, addresses, version counters and layout, the optimizer step count and
-    ``extra`` hashable settings (a scaling, a method name)."""
+    module doc): the tensors' storages, addresses, version counters and layout, the optimizer step count (for
+    trainable inputs) and ``extra`` hashable settings (a scaling, a method name)."""
 
-    __slots__ = ("_key", "_storages", "_value", "_inference", "__weakref__")
+    __slots__ = ("_kept", "_extra", "_steps", "_value", "_inference", "__weakref__")
 
     def __init__(self) -> None:
         _watch_optimizers()
         self.clear()
 
+    def _holds(self, tensors: Sequence[Tensor | None], extra: tuple) -> bool:
+        kept = self._kept
+        if kept is None or len(kept) != len(tensors) or extra != self._extra:
+            return False
+        if self._inference and not torch.is_inference_mode_enabled():
+            return False  # a value made under inference_mode cannot enter autograd's graph outside it
+        trainable = False
+        for t, (fact, ref) in zip(tensors, kept):  # a plain loop: this runs per layer per generated token
+            if t is None:
+                if ref is not None:
+                    return False
+                continue
+            storage = t.untyped_storage()
+            if ref is None or ref() is not storage or _fact(t, storage) != fact:
+                return False
+            trainable = trainable or t.requires_grad
+        return not trainable or self._steps == _steps
+
     def get(self, compute: Callable[[], Any], tensors: Sequence[Tensor | None] = (), extra: tuple = ()) -> Any:
         """The cached value, or ``compute()`` (run under ``torch.no_grad()``) when some fact changed."""
-        facts, storages = _facts(tensors)
-        key = (facts, extra)
-        if (
-            key == self._key
-            and all(s is None or ref() is s for s, ref in zip(storages, self._storages))
-            # a value made under inference_mode cannot enter autograd's graph outside it
-            and (not self._inference or torch.is_inference_mode_enabled())
-        ):
+        if self._holds(tensors, extra):
             return self._value
         with torch.no_grad():
             value = compute()
-        self._key = key
-        self._storages = [None if s is None else weakref.ref(s) for s in storages]
-        self._value = value
+        kept = []
+        for t in tensors:
+            if t is None:
+                kept.append((None, None))
+            else:
+                storage = t.untyped_storage()
+                kept.append((_fact(t, storage), weakref.ref(storage)))
+        self._kept, self._extra, self._steps, self._value = kept, extra, _steps, value
         self._inference = isinstance(value, Tensor) and value.is_inference()
         return value
 
     def clear(self) -> None:
-        self._key: tuple | None = None
-        self._storages: list = []
+        self._kept: list | None = None
+        self._extra: tuple = ()
+        self._steps = -1
         self._value: Any = None
         self._inference = False
 

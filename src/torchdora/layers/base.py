@@ -371,8 +371,9 @@ class AdapterLayer(nn.Module):
 
     def _cache_inputs(self) -> dict:
         """What the norm depends on, for :meth:`CachedValue.get`: ``A``, ``B``, the base weight, the settings."""
-        return {"tensors": (self.lora_A, self.lora_B, self._weight_storage()),
-                "extra": (self.scaling, self.norm_method)}
+        adapter = self.adapter  # once: each per-adapter attribute read looks the adapter up again
+        return {"tensors": (adapter.lora_A, adapter.lora_B, self._weight_storage()),
+                "extra": (adapter.scaling, self.norm_method)}
 
     def row_norm(self) -> Tensor:
         """``||W + s·B·A||`` per row as the forward uses it, ``(out,)``.
@@ -405,19 +406,21 @@ class AdapterLayer(nn.Module):
         Without autograd recording (inference) the factor is cached and reused while ``m``, ``A``, ``B`` and
         the base weight are unchanged, so unmerged inference computes it once (same rule as :meth:`row_norm`).
         """
-        if self.magnitude is None:
+        adapter = self.adapter
+        magnitude = adapter.magnitude
+        if magnitude is None:
             raise RuntimeError("dora_factor() needs a DoRA layer (use_dora=True)")
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             norm = self.row_norm()
-            return DF.dora_scale(self.magnitude.to(norm.dtype), norm)
+            return DF.dora_scale(magnitude.to(norm.dtype), norm)
         inputs = self._cache_inputs()
-        inputs["tensors"] += (self.magnitude,)
+        inputs["tensors"] += (magnitude,)
 
         def factor() -> Tensor:
             norm = self.row_norm()
-            return DF.dora_scale(self.magnitude.to(norm.dtype), norm)
+            return DF.dora_scale(magnitude.to(norm.dtype), norm)
 
-        return self.adapter._factor_cache.get(factor, **inputs)
+        return adapter._factor_cache.get(factor, **inputs)
 
     def clear_cache(self) -> None:
         """Forget the cached norms and factor (:func:`torchdora.clear_cache` does it for a whole model).
@@ -434,8 +437,9 @@ class AdapterLayer(nn.Module):
     def _magnitude_has_zero(self) -> bool:
         """Whether some ``m`` is exactly 0, cached as a Python bool while ``m`` is unchanged (on CUDA the first
         check after a change reads the device once)."""
-        m = self.magnitude
-        return self.adapter._zero_magnitude_cache.get(lambda: bool((m == 0).any()), (m,))
+        adapter = self.adapter
+        m = adapter.magnitude
+        return adapter._zero_magnitude_cache.get(lambda: bool((m == 0).any()), (m,))
 
     def _fast_forward(self, x: Tensor) -> Tensor | None:
         """The fused DoRA forward for this layer type, or ``None`` where there is none (the reference runs)."""
