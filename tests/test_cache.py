@@ -504,3 +504,72 @@ def test_eval_forward_reads_nothing_on_the_host_after_the_first_call(make_tiny_l
     assert first, "guard: the watch records what the first call reads (m == 0 and the mixed batch's row indices)"
     assert _host_reads_in_adapter_layers(model, run) == []
     assert _host_reads_in_adapter_layers(model, run) == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("setting", ["one", "two_active", "mixed_batch"])
+def test_cuda_eval_forward_does_not_synchronise(make_tiny_llama, input_ids, perturb, setting):
+    """On a GPU, under ``torch.cuda.set_sync_debug_mode("error")`` inside every adapter layer: after the first
+    call, an unmerged eval forward raises on no synchronisation (one adapter, two active, a mixed batch)."""
+    from torchdora import adapter_layers, mixed_batch, set_adapter
+
+    model = make_tiny_llama()
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "embed_tokens"]
+    inject(model, DoraConfig(target_modules=targets, r=4))
+    torchdora.add_adapter(model, "lora", DoraConfig(target_modules=targets, r=2, use_dora=False))
+    perturb(model, seed=2)
+    model.cuda()
+    batch = input_ids[:2].cuda()
+    if setting == "two_active":
+        set_adapter(model, ["default", "lora"])
+
+    def run():
+        with torch.no_grad():
+            if setting == "mixed_batch":
+                with mixed_batch(model, ["default", "lora"]):
+                    return model(batch).logits
+            return model(batch).logits
+
+    first = run()  # fills the caches (reads m == 0 once, copies the row indices)
+    hooks = [h for layer in adapter_layers(model).values() for h in (
+        layer.register_forward_pre_hook(lambda *_: torch.cuda.set_sync_debug_mode("error")),
+        layer.register_forward_hook(lambda *_: torch.cuda.set_sync_debug_mode("default")))]
+    try:
+        again = run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        for h in hooks:
+            h.remove()
+    assert_close(again, first, rtol=0, atol=0)
+
+
+def test_mixed_batch_stacks_follow_edits(make_tiny_llama, input_ids, perturb):
+    """Without autograd a mixed batch reads stacked adapters kept between calls: it equals the per-adapter path
+    (autograd on) before and after an in-place edit of one adapter's ``B``, and the edit changes its rows."""
+    from torchdora import mixed_batch
+
+    model = make_tiny_llama()
+    targets = ["q_proj", "v_proj", "up_proj"]
+    inject(model, DoraConfig(target_modules=targets, r=4))
+    torchdora.add_adapter(model, "small", DoraConfig(target_modules=targets, r=2))
+    torchdora.add_adapter(model, "lora", DoraConfig(target_modules=targets, r=3, use_dora=False))
+    perturb(model, seed=4)
+    rows = ["default", "small", None, "lora"]
+    ids = input_ids[:1].expand(len(rows), -1)
+
+    def both():
+        with mixed_batch(model, rows):
+            with torch.no_grad():
+                stacked = model(ids).logits
+            return stacked, model(ids).logits.detach()
+
+    first, want = both()
+    assert_close(first, want, **FP32)
+    with torch.no_grad():
+        layer = model.model.layers[0].self_attn.q_proj
+        with layer.using("small"):
+            layer.lora_B.add_(0.5)
+    got, want = both()
+    assert_close(got, want, **FP32)
+    assert not torch.allclose(got[1], first[1], **FP32)  # guard: the edited adapter's row moved
+    assert_close(got[0], first[0], rtol=0, atol=0)  # and no other

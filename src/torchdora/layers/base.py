@@ -147,6 +147,9 @@ class AdapterLayer(nn.Module):
     feature_dim: int = -1
     #: "factored" (default, never builds ``out × in``) or "dense" (the reference formula)
     norm_method: str = "factored"
+    #: a mixed-adapter batch runs as two batched products over per-row stacked ``A``, ``s·B`` (layers whose
+    #: update is ``(x Aᵀ) Bᵀ`` on the last dim: linear kinds), rather than one small product per adapter
+    stacks_mixed_batch: bool = False
     #: use the fused forward/backward of :mod:`torchdora.fast` where the layer type has one (``False``: the plain
     #: autograd composition of :func:`torchdora.functional.dora_combine`, the reference path)
     use_fast_path: bool = True
@@ -515,6 +518,8 @@ class AdapterLayer(nn.Module):
             raise ValueError(f"no adapter named {unknown} in {type(self).__name__}; it has {list(self.adapters)}")
         if self.merged_adapters:
             raise RuntimeError("a mixed-adapter batch needs the unmerged base weight; call unmerge() first")
+        if self.stacks_mixed_batch and not torch.is_grad_enabled():
+            return self._mixed_stacked(x, row_adapters)
         z = self._base_product(x)  # (B, ..., out) or (B, out, ...) for a conv
         out_features = z.shape[self.feature_dim]
         factors = torch.ones(x.shape[0], out_features, dtype=z.dtype, device=z.device)  # (B, out)
@@ -528,6 +533,67 @@ class AdapterLayer(nn.Module):
         shape = [x.shape[0]] + [1] * (z.dim() - 1)
         shape[self.feature_dim] = out_features
         return self._add_bias(z * factors.view(shape))
+
+    def _mixed_stacked(self, x: Tensor, row_adapters: Sequence[str | None]) -> Tensor:
+        """:meth:`mixed_forward` for a linear kind without autograd: ``y_i = f_{g(i)} ⊙ (x_i Wᵀ + (x_i A_{g(i)}ᵀ)
+        (s·B_{g(i)})ᵀ) + b`` as batched products, whatever the number of adapters (decoding cost of one)."""
+        names = tuple(dict.fromkeys(n for n in row_adapters if n is not None))
+        a, b, s, f = self._mixed_stacks(names)  # (G+1, r, in), (G+1, out, r), (G+1,), (G+1, out); G: the base
+        idx = self._row_index(row_adapters, names, x.device)  # (B,) slot of each row
+        z = self._base_product(x)  # (B, ..., out)
+        xb = x.reshape(x.shape[0], -1, x.shape[-1]).to(a.dtype)  # (B, T, in)
+        h = torch.bmm(xb, a.index_select(0, idx).transpose(1, 2))  # (B, T, r)
+        lora = torch.bmm(h, b.index_select(0, idx).transpose(1, 2)).view(z.shape).to(z.dtype)  # (B, ..., out)
+        z = z.addcmul(lora, s.index_select(0, idx).to(z.dtype).view(-1, *([1] * (z.dim() - 1))))
+        factor = f.index_select(0, idx).to(z.dtype)  # (B, out)
+        return self._add_bias(z * factor.view(x.shape[0], *([1] * (z.dim() - 2)), -1))
+
+    def _mixed_stacks(self, names: tuple[str, ...]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``A`` ``(G+1, r, in)``, ``B`` ``(G+1, out, r)`` (zero-padded to the largest rank), the scales ``(G+1,)``
+        and the factors ``(G+1, out)`` (``1`` for LoRA) of adapters ``names``, then a zero update and factor 1 for
+        base rows; cached while every adapter and the base weight are unchanged (:mod:`torchdora.cache`)."""
+        tensors, extra = [], [names]
+        for name in names:
+            with self.using(name):
+                inputs = self._cache_inputs()
+                tensors += [*inputs["tensors"], self.magnitude]
+                extra.append(inputs["extra"])
+        cache = self.__dict__.get("_mixed_cache")
+        if cache is None:
+            cache = self.__dict__["_mixed_cache"] = CachedValue()
+        return cache.get(lambda: self._build_mixed_stacks(names), tensors, tuple(extra))
+
+    def _build_mixed_stacks(self, names: tuple[str, ...]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        pairs, factors = [], []
+        for name in names:
+            with self.using(name):
+                pairs.append((self.lora_A_2d(), self.lora_B_2d(), self.scaling))
+                factors.append(self.dora_factor() if self.use_dora else None)
+        known = [a for a, _, _ in pairs if a is not None]
+        weight = self._weight_storage()
+        dtype = known[0].dtype if known else torch.float32
+        rank = max([a.shape[0] for a in known], default=1)
+        a_stack = weight.new_zeros(len(names) + 1, rank, self.in_features, dtype=dtype)
+        b_stack = weight.new_zeros(len(names) + 1, self.out_features, rank, dtype=dtype)
+        f_stack = weight.new_ones(len(names) + 1, self.out_features, dtype=torch.float32)
+        scales = torch.tensor([s for _, _, s in pairs] + [0.0], dtype=torch.float32, device=weight.device)
+        for g, ((a, b, _), factor) in enumerate(zip(pairs, factors)):
+            if a is not None:  # a magnitude-only adapter has no direction update
+                a_stack[g, :a.shape[0]] = a
+                b_stack[g, :, :a.shape[0]] = b
+            if factor is not None:
+                f_stack[g] = factor
+        return a_stack, b_stack, scales, f_stack
+
+    def _row_index(self, row_adapters: Sequence[str | None], names: tuple[str, ...], device: torch.device) -> Tensor:
+        """The stack slot of each row (``len(names)`` for base rows) on ``device``, kept for the next call."""
+        key = (tuple(row_adapters), device)
+        kept = self.__dict__.get("_row_index_kept")
+        if kept is None or kept[0] != key:
+            slot = {n: g for g, n in enumerate(names)}
+            index = torch.tensor([slot.get(n, len(names)) for n in row_adapters], device=device)
+            kept = self.__dict__["_row_index_kept"] = (key, index)
+        return kept[1]
 
     def _row_groups(self, row_adapters: Sequence[str | None], device: torch.device) -> list[tuple[str, Tensor]]:
         """``(name, rows)`` per adapter of a mixed batch, the row indices on ``device``; kept for the next call

@@ -44,6 +44,7 @@ class QuantizedLinearAdapter(AdapterLayer):
     analysis, not in a loop).
     """
 
+    stacks_mixed_batch = True
     #: dtype of the ``nn.Linear`` that :meth:`merge` swaps in (``None``: the base's compute dtype)
     merge_dtype: torch.dtype | None = None
 
