@@ -195,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         base = base.to(device).eval()
         source = f"embedded SmolLM2-135M-Instruct, {base.config.num_hidden_layers} blocks"
     load = os.getloadavg() if hasattr(os, "getloadavg") else ()
-    lines = [f"{source}, {args.dtype} on {args.device}, torch {torch.__version__}, "
-             f"{torch.get_num_threads()} thread(s), load average before: {' '.join(f'{x:.2f}' for x in load)}", ""]
+    lines = [(f"{source}, {args.dtype} on {args.device}, torch {torch.__version__}, "
+              f"{torch.get_num_threads()} thread(s), load average before: {' '.join(f'{x:.2f}' for x in load)}"), ""]
     times, checks = decode_rows(base, args, device)
     lines += ["| row | ms per generation step | tokens/s |", "|---|---|---|"]
     per_token = {k: v / args.tokens for k, v in times.items()}
@@ -213,8 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.compile:
         ctimes, cchecks, compile_s = compile_rows(base, args, device)
         checks += cchecks + [f"compiling (both methods, decode and step, first calls): {compile_s:.0f} s"]
-        lines += ["", f"torch.compile rows: the model cut to {args.compile_layers} blocks; step: batch "
-                  f"{args.step_batch} × {args.step_seq} tokens, loss + backward; decode: batch 1, ms per token", "",
+        lines += ["", (f"torch.compile rows: the model cut to {args.compile_layers} blocks; step: batch "
+                       f"{args.step_batch} × {args.step_seq} tokens, loss + backward; decode: batch 1, ms per token"), "",
                   "| row | ms |", "|---|---|"]
         scale = {k: (args.tokens if "decode" in k else 1) for k in ctimes}
         lines += [f"| {k} | {1e3 * v / scale[k]:.2f} |" for k, v in ctimes.items()]

@@ -255,7 +255,8 @@ def test_which_edits_move_the_version_counter():
     p.detach().mul_(2.0)  # a detached alias shares the counter
     assert p._version == 2
     steps = {}
-    for name, kwargs in {"for-loop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}.items():
+    kinds = {"for-loop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
+    for name, kwargs in kinds.items():
         q = nn.Parameter(torch.randn(4, 3))
         q.grad = torch.ones(4, 3)
         torch.optim.AdamW([q], lr=0.1, **kwargs).step()
@@ -491,15 +492,14 @@ def test_eval_forward_reads_nothing_on_the_host_after_the_first_call(make_tiny_l
     torchdora.add_adapter(model, "lora", DoraConfig(target_modules=config.target_modules, r=2, use_dora=False))
     perturb(model, seed=2)
     batch = input_ids[:2]
-    if setting == "one":
-        run = lambda: model(batch)  # noqa: E731
-    elif setting == "two_active":
+    if setting == "two_active":
         set_adapter(model, ["default", "lora"])
-        run = lambda: model(batch)  # noqa: E731
-    else:
-        def run():
+
+    def run():
+        if setting == "mixed_batch":
             with mixed_batch(model, ["default", "lora"]):
                 return model(batch)
+        return model(batch)
     first = _host_reads_in_adapter_layers(model, run)
     assert first, "guard: the watch records what the first call reads (m == 0 and the mixed batch's row indices)"
     assert _host_reads_in_adapter_layers(model, run) == []

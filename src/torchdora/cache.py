@@ -30,6 +30,7 @@ parametrization (its tensor is rebuilt on every access, so it is never reused), 
 
 Under ``torch.compile`` the eager lookup is not traceable; :func:`in_graph` reads the cached value through a
 custom operator that runs at run time, so a compiled eval forward reads the norm instead of recomputing it.
+``docs/cache.md`` has the table of what is seen and the tests behind it.
 """
 
 from __future__ import annotations
