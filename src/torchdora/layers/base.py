@@ -27,6 +27,9 @@ from torchdora.cache import CachedValue, in_graph, sample_of
 __all__ = ["AdapterLayer", "Adapter", "DEFAULT_ADAPTER", "is_conv1d"]
 
 DEFAULT_ADAPTER = "default"
+#: most adapters in a mixed batch multiplied all together (each token against every adapter's ``A`` and ``B``);
+#: more run one adapter at a time
+MIXED_STACK_MAX = 8
 
 
 def _norm_dtype(weight: Tensor) -> torch.dtype:
@@ -518,7 +521,8 @@ class AdapterLayer(nn.Module):
             raise ValueError(f"no adapter named {unknown} in {type(self).__name__}; it has {list(self.adapters)}")
         if self.merged_adapters:
             raise RuntimeError("a mixed-adapter batch needs the unmerged base weight; call unmerge() first")
-        if self.stacks_mixed_batch and not torch.is_grad_enabled():
+        if self.stacks_mixed_batch and not torch.is_grad_enabled() and (
+                len(set(row_adapters) - {None}) <= MIXED_STACK_MAX):
             return self._mixed_stacked(x, row_adapters)
         z = self._base_product(x)  # (B, ..., out) or (B, out, ...) for a conv
         out_features = z.shape[self.feature_dim]
@@ -535,29 +539,42 @@ class AdapterLayer(nn.Module):
         return self._add_bias(z * factors.view(shape))
 
     def _mixed_stacked(self, x: Tensor, row_adapters: Sequence[str | None]) -> Tensor:
-        """:meth:`mixed_forward` for a linear kind without autograd: ``y_i = f_{g(i)} ⊙ (x_i Wᵀ + (x_i A_{g(i)}ᵀ)
-        (s·B_{g(i)})ᵀ) + b`` as batched products, whatever the number of adapters (decoding cost of one)."""
+        """:meth:`mixed_forward` for a linear kind without autograd, as two products against every adapter of the
+        batch at once: ``h = x [A_1; …; A_G]ᵀ`` ``(…, G·r)``, each row keeps its own adapter's block of ``h``
+        (scaled by its ``s``, the others zeroed), then ``h [B_1 … B_G]ᵀ``; no per-adapter loop and no per-row
+        copy of ``A``, ``B`` (``G ≤`` :data:`MIXED_STACK_MAX` keeps the extra products small)."""
         names = tuple(dict.fromkeys(n for n in row_adapters if n is not None))
-        a, b, s, f = self._mixed_stacks(names)  # (G+1, r, in), (G+1, out, r), (G+1,), (G+1, out); G: the base
-        idx = self._row_index(row_adapters, names, x.device)  # (B,) slot of each row
+        a_cat, b_cat, s_table, f_table = self._mixed_stacks(names)  # (G·r, in), (G·r, out), (G+1, G), (G+1, out)
+        idx = self._row_index(row_adapters, names, x.device)  # (B,) each row's adapter, len(names) for the base
         z = self._base_product(x)  # (B, ..., out)
-        xb = x.reshape(x.shape[0], -1, x.shape[-1]).to(a.dtype)  # (B, T, in)
-        h = torch.bmm(xb, a.index_select(0, idx).transpose(1, 2))  # (B, T, r)
-        lora = torch.bmm(h, b.index_select(0, idx).transpose(1, 2)).view(z.shape).to(z.dtype)  # (B, ..., out)
-        z = z.addcmul(lora, s.index_select(0, idx).to(z.dtype).view(-1, *([1] * (z.dim() - 1))))
-        factor = f.index_select(0, idx).to(z.dtype)  # (B, out)
-        return self._add_bias(z * factor.view(x.shape[0], *([1] * (z.dim() - 2)), -1))
+        rows, groups = x.shape[0], len(names)
+        xb = x.reshape(rows, -1, x.shape[-1]).to(a_cat.dtype)  # (B, T, in)
+        h = torch.matmul(xb, a_cat.T).view(rows, xb.shape[1], groups, -1)  # (B, T, G, r)
+        h = h * s_table.index_select(0, idx).view(rows, 1, groups, 1)  # s_g on the row's own block, 0 elsewhere
+        lora = torch.matmul(h.view(rows, xb.shape[1], -1), b_cat)  # (B, T, out)
+        z = z + lora.view(z.shape).to(z.dtype)
+        factor = f_table.index_select(0, idx).to(z.dtype)  # (B, out)
+        return self._add_bias(z * factor.view(rows, *([1] * (z.dim() - 2)), -1))
 
     def _mixed_stacks(self, names: tuple[str, ...]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``A`` ``(G+1, r, in)``, ``B`` ``(G+1, out, r)`` (zero-padded to the largest rank), the scales ``(G+1,)``
-        and the factors ``(G+1, out)`` (``1`` for LoRA) of adapters ``names``, then a zero update and factor 1 for
-        base rows; cached while every adapter and the base weight are unchanged (:mod:`torchdora.cache`)."""
-        tensors, extra = [], [names]
-        for name in names:
-            with self.using(name):
-                inputs = self._cache_inputs()
-                tensors += [*inputs["tensors"], self.magnitude]
-                extra.append(inputs["extra"])
+        """``[A_1; …; A_G]`` ``(G·r, in)`` and ``[B_1 … B_G]ᵀ`` ``(G·r, out)`` (zero-padded to the largest rank),
+        the scales as rows ``s_g·e_g`` ``(G+1, G)`` and the factors ``(G+1, out)`` (``1`` for LoRA) of adapters
+        ``names``, row ``G`` for base rows (no update, factor 1); cached while every adapter and the base weight
+        are unchanged (:mod:`torchdora.cache`)."""
+        if type(self)._cache_inputs is AdapterLayer._cache_inputs:  # read straight from the adapters (per token)
+            tensors: list = [self._weight_storage()]
+            extra: list = [names, self.norm_method]
+            for name in names:
+                adapter = self.adapters[name]
+                tensors += [adapter.lora_A, adapter.lora_B, adapter.magnitude]
+                extra.append(adapter.scaling)
+        else:  # a layer kind with inputs of its own (VeRA's vectors and shared pair)
+            tensors, extra = [], [names]
+            for name in names:
+                with self.using(name):
+                    inputs = self._cache_inputs()
+                    tensors += [*inputs["tensors"], self.magnitude]
+                    extra.append(inputs["extra"])
         cache = self.__dict__.get("_mixed_cache")
         if cache is None:
             cache = self.__dict__["_mixed_cache"] = CachedValue()
@@ -572,18 +589,19 @@ class AdapterLayer(nn.Module):
         known = [a for a, _, _ in pairs if a is not None]
         weight = self._weight_storage()
         dtype = known[0].dtype if known else torch.float32
-        rank = max([a.shape[0] for a in known], default=1)
-        a_stack = weight.new_zeros(len(names) + 1, rank, self.in_features, dtype=dtype)
-        b_stack = weight.new_zeros(len(names) + 1, self.out_features, rank, dtype=dtype)
-        f_stack = weight.new_ones(len(names) + 1, self.out_features, dtype=torch.float32)
-        scales = torch.tensor([s for _, _, s in pairs] + [0.0], dtype=torch.float32, device=weight.device)
-        for g, ((a, b, _), factor) in enumerate(zip(pairs, factors)):
+        rank, groups = max([a.shape[0] for a in known], default=1), len(names)
+        a_cat = weight.new_zeros(groups, rank, self.in_features, dtype=dtype)
+        b_cat = weight.new_zeros(groups, rank, self.out_features, dtype=dtype)
+        s_table = weight.new_zeros(groups + 1, groups, dtype=dtype)
+        f_table = weight.new_ones(groups + 1, self.out_features, dtype=torch.float32)
+        for g, ((a, b, scaling), factor) in enumerate(zip(pairs, factors)):
             if a is not None:  # a magnitude-only adapter has no direction update
-                a_stack[g, :a.shape[0]] = a
-                b_stack[g, :, :a.shape[0]] = b
+                a_cat[g, :a.shape[0]] = a
+                b_cat[g, :a.shape[0]] = b.T
+                s_table[g, g] = scaling
             if factor is not None:
-                f_stack[g] = factor
-        return a_stack, b_stack, scales, f_stack
+                f_table[g] = factor
+        return a_cat.view(groups * rank, -1), b_cat.view(groups * rank, -1), s_table, f_table
 
     def _row_index(self, row_adapters: Sequence[str | None], names: tuple[str, ...], device: torch.device) -> Tensor:
         """The stack slot of each row (``len(names)`` for base rows) on ``device``, kept for the next call."""
