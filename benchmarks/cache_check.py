@@ -3,8 +3,8 @@
     python benchmarks/cache_check.py                 # SmolLM2-135M architecture, 30 layers, 2×256 tokens
     python benchmarks/cache_check.py --rounds 5 --layers 30
 
-Every eval forward of a DoRA layer looks its factor ``m / ||W + s·B·A||`` up in a cache that first compares
-``A``, ``B`` and ``m`` exactly and a 4096-entry sample of ``W`` (:mod:`torchdora.cache`). This prints
+Every eval forward of a DoRA layer looks its factor ``m / ||W + s·B·A||`` up in a cache checked from host-side
+facts of ``A``, ``B``, ``m`` and ``W`` (storage, address, version counter, layout: :mod:`torchdora.cache`). This prints
 
 1. the whole-model unmerged eval forward (the row of ``benchmarks/run.py``), DoRA and LoRA interleaved, as the
    median DoRA/LoRA ratio of each of ``--rounds`` rounds, so the spread from a loaded machine shows;

@@ -24,6 +24,9 @@ from torchdora.layers import LinearAdapter
 pytestmark = pytest.mark.usefixtures("single_thread")
 # one fp32 computation against another that sums in a different order (a row alone vs in a batch)
 FP32 = dict(rtol=1e-6, atol=1e-6)
+# a mixed batch without autograd multiplies stacked per-row adapters in batched products (bmm): another
+# summation order than one row alone, a few fp32 ulps through the two blocks (measured 2e-6)
+MIXED = dict(rtol=1e-5, atol=1e-5)
 CONFIG = DoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "up_proj"])
 
 
@@ -160,7 +163,7 @@ def test_mixed_batch_equals_each_row_alone(make_tiny_llama, perturb):
         else:
             torchdora.set_adapter(model, name)
             want = _logits(model, ids[i:i + 1])
-        assert_close(got[i:i + 1], want, **FP32, msg=f"row {i} ({name})")
+        assert_close(got[i:i + 1], want, **MIXED, msg=f"row {i} ({name})")
     # guard: the same ids through different adapters differ, so each row really used its own
     same = ids[:1].expand(4, -1)
     with torchdora.mixed_batch(model, ["a", "b", "c", None]):

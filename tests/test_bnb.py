@@ -233,8 +233,13 @@ def test_torchdora_qdora_adapter_loads_in_peft(llama4bit_folder, input_ids, tmp_
     assert_close(_logits(theirs, input_ids), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_requantized_base_through_data_is_seen_by_the_cache():
-    """Issue 20 on a 4-bit base: the packed bytes re-written through ``.data`` (a re-quantization) are seen."""
+def test_requantized_base_through_data_needs_clear_cache():
+    """On a 4-bit base: packed bytes re-written through ``.data`` (a re-quantization in place) are an edit the
+    cache cannot see from the host (:mod:`torchdora.cache`'s rule); ``torchdora.clear_cache`` makes it seen."""
+    import copy
+
+    import torchdora
+
     q, _ = _pair()
     q.eval()
     x = torch.randn(3, q.in_features)
@@ -243,10 +248,12 @@ def test_requantized_base_through_data_is_seen_by_the_cache():
         other = _linear4bit(seed=5)
         q.base.weight.data.copy_(other.weight.data)  # new packed bytes, same quant_state object
         q.base.weight.quant_state = other.weight.quant_state
+        stale = q(x)  # the new base product with the old factor
+        torchdora.clear_cache(q)
         got = q(x)
-        q.clear_cache()
-        want = q(x)
+        want = copy.deepcopy(q)(x)  # a copy starts with empty caches
     assert_close(got, want, rtol=0, atol=0)
+    assert not torch.allclose(stale, want, **TIGHT)  # not seen before clear_cache: the limitation is real
     assert not torch.allclose(got, before, **TIGHT)
 
 

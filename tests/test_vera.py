@@ -170,14 +170,16 @@ def test_gradcheck_exact_gradient(use_dora, fast):
 
 @pytest.mark.parametrize("edit", ["vera_lambda_d", "vera_lambda_b", "projection"])
 def test_inference_cache_sees_every_edit(edit):
-    """The cached DVoRA norm and factor are recomputed after d, b or the shared pair change behind autograd."""
+    """The cached DVoRA norm and factor are recomputed after d, b or the shared pair change in place (their
+    version counters move; an edit through ``.data`` needs ``torchdora.clear_cache``, tests/test_cache.py)."""
     layer = _f64_layer(True).eval()
     x = torch.randn(3, 7, dtype=torch.float64)
     with torch.no_grad():
-        layer(x)  # fills the caches
+        before = layer(x)  # fills the caches
         target = layer.vera_projection.vera_B if edit == "projection" else getattr(layer, edit)
-        target.data.mul_(1.5)
+        target.mul_(1.5)
         got = layer(x)
+    assert not torch.allclose(got, before, **F64)  # guard: the edit matters
     projection = layer.vera_projection
     want_w = _reference_weight(layer.base.weight, projection.vera_A, projection.vera_B, layer.vera_lambda_d,
                                layer.vera_lambda_b, layer.magnitude)

@@ -1,40 +1,53 @@
-"""Cached values that cannot go stale: each entry remembers the *contents* it was computed from.
+"""Cached values checked against what the host already knows: no device synchronisation, no tensor comparison.
 
-DoRA's unmerged eval path reuses ``m / ||W + s·B·A||`` and ``||W||²`` per output feature.
-Tensor version counters do not see every edit: ``p.data`` has its own counter (so ``p.data.add_(…)`` leaves
-``p._version`` alone), fused optimizers write without bumping it, and a parametrization rebuilds its tensor on
-every access, possibly at a reused address. So an entry here is checked against what it was computed from
-before it is used:
+DoRA's unmerged forward reuses ``||W||²`` and ``m / ||W + s·B·A||`` per output feature (the norm is a constant
+of the adapter while it is not trained: paper §4.3, ``docs/architecture.md``). A :class:`CachedValue` entry
+remembers, for each tensor it was computed from, facts that live on the host:
 
-- small tensors (the adapter's ``A``, ``B``, ``m``: ``r·(in + out) + out`` numbers per layer) are compared
-  exactly with a copy kept when the entry was filled (``torch.equal``);
-- the large frozen base weight is compared by identity (address, version counter, dtype, device, shape,
-  strides) plus :data:`SAMPLE` of its entries spread over the whole tensor, one per block of
-  ``numel / SAMPLE`` consecutive entries at a varying offset inside the block. Reading every entry of ``W``
-  would cost what the layer's matrix product costs when it reads ``W`` (one token at a time, as in decoding).
+- the tensor's storage (a weak reference: a storage that was freed or replaced never matches again, even when
+  the new one sits at the same address), the storage's address, and the tensor's offset, shape, strides, dtype;
+- the tensor's version counter, which every in-place edit through the tensor or a view of it bumps:
+  ``with torch.no_grad(): p.add_(…)``, ``p.copy_(…)``, ``load_state_dict``, the for-loop and ``foreach``
+  optimizers;
+- for an entry computed from a trainable tensor (``requires_grad``), how many ``torch.optim.Optimizer.step()``
+  calls the process has made: fused optimizers (``fused=True``) write the parameters without bumping their
+  version counters (torch 2.13), so any step invalidates such entries (the frozen base's ``||W||²`` stays).
 
-The rule for code that edits the base weight in place *behind autograd* (through ``.data`` or a raw pointer) in
-a way that may touch none of the sampled entries (a few rows, a few columns): call
-:func:`torchdora.clear_cache` on the model afterwards. Every other change is seen: an in-place edit through
-the parameter, an optimizer step, ``.to()``, a state-dict load, ``swap_tensors``, a parametrization, and any
-edit of ``A``, ``B`` or ``m`` however it is made.
+Reading these costs about a microsecond per tensor and never waits for the device, so an unmerged DoRA forward
+at one token (decoding) costs what LoRA's does.
 
-On CUDA a check reads its verdict on the host: one synchronisation per cache lookup.
+**The rule for edits these facts cannot see**: call :func:`torchdora.clear_cache` on the model after
+
+- an in-place edit through ``.data`` (``p.data.add_(…)``, ``p.data.copy_(…)``): ``p.data`` is a new tensor with
+  a version counter of its own, so ``p``'s does not move (measured: ``p._version`` is unchanged);
+- a write through memory shared outside autograd (``t.numpy()``, DLPack, a raw pointer, a custom kernel that
+  does not declare its output mutated);
+- a parameter update by code that is not a ``torch.optim.Optimizer`` and writes behind the version counter.
+
+Everything else is seen: an in-place edit through the tensor (``torch.no_grad()`` included), an optimizer step,
+``.to()``/``.half()`` and back, ``p.data = new_tensor``, ``load_state_dict``, ``torch.utils.swap_tensors``, a
+parametrization (its tensor is rebuilt on every access, so it is never reused), and any change of shape or dtype.
+
+Under ``torch.compile`` the eager lookup is not traceable; :func:`in_graph` reads the cached value through a
+custom operator that runs at run time, so a compiled eval forward reads the norm instead of recomputing it.
+``docs/cache.md`` has the table of what is seen and the tests behind it.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Callable, Sequence
+import itertools
+import weakref
+from typing import Any, Callable, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
-__all__ = ["SAMPLE", "Snapshot", "CachedValue", "sample_of"]
+__all__ = ["SAMPLE", "CachedValue", "in_graph", "optimizer_steps", "sample_of"]
 
-#: how many entries of a large tensor (the base weight) are compared on every lookup
+#: how many entries of a large tensor stand for it in :func:`sample_of`
 SAMPLE = 4096
-_CHUNK = 32768
 
 
 @functools.lru_cache(maxsize=128)
@@ -48,7 +61,10 @@ def _sample_positions(numel: int, device: torch.device) -> Tensor:
 
 
 def sample_of(t: Tensor) -> Tensor:
-    """The :data:`SAMPLE` entries of ``t`` that stand for it (all of them when it is small), a view or a gather."""
+    """The :data:`SAMPLE` entries of ``t`` that stand for it (all of them when it is small), a view or a gather.
+
+    Not used by the cache (its checks read no tensor data); merging keeps one to recognise the weight it wrote.
+    """
     flat = t.detach()
     flat = flat.view(-1) if flat.is_contiguous() else flat.reshape(-1)  # a copy only for a non-contiguous weight
     if flat.numel() <= SAMPLE:
@@ -58,65 +74,137 @@ def sample_of(t: Tensor) -> Tensor:
     return flat.index_select(0, _sample_positions(flat.numel(), flat.device))
 
 
-def _meta(exact: Sequence[Tensor | None], sampled: Sequence[Tensor | None], extra: tuple) -> tuple:
-    # a sampled tensor's identity catches replacements and tracked edits that miss every sampled entry
-    return (
-        tuple(None if t is None else (t.dtype, t.device, tuple(t.shape)) for t in exact),
-        tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape), t.stride())
-              for t in sampled),
-        extra,
-    )
+# ---- optimizer steps ------------------------------------------------------------------------------------------
+_steps = 0
+_hook: Any = None
 
 
-def _current(exact: Sequence[Tensor | None], sampled: Sequence[Tensor | None]) -> list[Tensor]:
-    return [t.detach() for t in exact if t is not None] + [sample_of(t) for t in sampled if t is not None]
+def _count_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    global _steps
+    _steps += 1
 
 
-def _all_equal(current: list[Tensor], kept: list[Tensor]) -> bool:
-    """Element-wise equality; the shapes already agree (:func:`_meta` is compared first)."""
-    if current and current[0].device.type != "cpu":
-        # one host synchronisation for all of them rather than one per tensor
-        return bool(torch.stack([(a == b).all() for a, b in zip(current, kept)]).all())
-    # in chunks below ATen's parallel grain (32768): a parallel torch.equal's thread hand-off cost 8 ms on the
-    # loaded 2-core machine, a serial chunk microseconds
-    return all(torch.equal(a[i:i + _CHUNK], b[i:i + _CHUNK])
-               for a, b in ((x.reshape(-1), y.reshape(-1)) for x, y in zip(current, kept))
-               for i in range(0, a.numel(), _CHUNK))
+def optimizer_steps() -> int:
+    """How many ``torch.optim.Optimizer.step()`` calls this process has made since the first cache was built."""
+    return _steps
 
 
-class Snapshot:
-    """What a cached value was computed from: exact copies of ``exact`` tensors, a sample of ``sampled`` ones
-    (with their identity), and ``extra`` hashable settings (a scaling, a method name)."""
+def _watch_optimizers() -> None:
+    """Count optimizer steps from now on (a global post-step hook, installed once, on the first cache)."""
+    global _hook
+    if _hook is None:
+        _hook = register_optimizer_step_post_hook(_count_step)
 
-    __slots__ = ("meta", "values")
 
-    def __init__(self, exact: Sequence[Tensor | None] = (), sampled: Sequence[Tensor | None] = (),
-                 extra: tuple = ()) -> None:
-        self.meta = _meta(exact, sampled, extra)
-        self.values = [t.clone() for t in _current(exact, sampled)]
-
-    def matches(self, exact: Sequence[Tensor | None] = (), sampled: Sequence[Tensor | None] = (),
-                extra: tuple = ()) -> bool:
-        """Whether the tensors still hold what they held when the snapshot was taken (see the module doc)."""
-        return _meta(exact, sampled, extra) == self.meta and _all_equal(_current(exact, sampled), self.values)
+# ---- host-side facts ------------------------------------------------------------------------------------------
+def _fact(t: Tensor, storage: Any) -> tuple:
+    return storage.data_ptr(), t._version, t.storage_offset(), t.shape, t.stride(), t.dtype
 
 
 class CachedValue:
-    """One value computed without autograd and reused while its inputs' :class:`Snapshot` matches."""
+    """One value computed without autograd and reused while the host-side facts of its inputs hold (see the
+    module doc): the tensors' storages, addresses, version counters and layout, the optimizer step count (for
+    trainable inputs) and ``extra`` hashable settings (a scaling, a method name)."""
 
-    __slots__ = ("_entry",)
+    __slots__ = ("_kept", "_extra", "_steps", "_value", "_inference", "__weakref__")
 
     def __init__(self) -> None:
-        self._entry: tuple[Snapshot, Tensor] | None = None
+        _watch_optimizers()
+        self.clear()
 
-    def get(self, compute: Callable[[], Tensor], exact: Sequence[Tensor | None] = (),
-            sampled: Sequence[Tensor | None] = (), extra: tuple = ()) -> Tensor:
-        entry = self._entry
-        if entry is None or not entry[0].matches(exact, sampled, extra):
-            snapshot = Snapshot(exact, sampled, extra)
-            with torch.no_grad():
-                entry = self._entry = (snapshot, compute())
-        return entry[1]
+    def _holds(self, tensors: Sequence[Tensor | None], extra: tuple) -> bool:
+        kept = self._kept
+        if kept is None or len(kept) != len(tensors) or extra != self._extra:
+            return False
+        if self._inference and not torch.is_inference_mode_enabled():
+            return False  # a value made under inference_mode cannot enter autograd's graph outside it
+        trainable = False
+        for t, (fact, ref) in zip(tensors, kept):  # a plain loop: this runs per layer per generated token
+            if t is None:
+                if ref is not None:
+                    return False
+                continue
+            storage = t.untyped_storage()
+            if ref is None or ref() is not storage or _fact(t, storage) != fact:
+                return False
+            trainable = trainable or t.requires_grad
+        return not trainable or self._steps == _steps
+
+    def get(self, compute: Callable[[], Any], tensors: Sequence[Tensor | None] = (), extra: tuple = ()) -> Any:
+        """The cached value, or ``compute()`` (run under ``torch.no_grad()``) when some fact changed."""
+        if self._holds(tensors, extra):
+            return self._value
+        with torch.no_grad():
+            value = compute()
+        kept = []
+        for t in tensors:
+            if t is None:
+                kept.append((None, None))
+            else:
+                storage = t.untyped_storage()
+                kept.append((_fact(t, storage), weakref.ref(storage)))
+        self._kept, self._extra, self._steps, self._value = kept, extra, _steps, value
+        self._inference = isinstance(value, Tensor) and value.is_inference()
+        return value
 
     def clear(self) -> None:
-        self._entry = None
+        self._kept: list | None = None
+        self._extra: tuple = ()
+        self._steps = -1
+        self._value: Any = None
+        self._inference = False
+
+    def __deepcopy__(self, memo: dict) -> "CachedValue":
+        return CachedValue()  # a copy's tensors are new storages: nothing cached would match
+
+    def __reduce__(self) -> tuple:
+        return (CachedValue, ())  # pickled empty (torch.save of a whole model)
+
+
+# ---- under torch.compile ------------------------------------------------------------------------------------
+_owners: dict[int, tuple[weakref.ref, str, tuple]] = {}
+_handles: dict[tuple[int, str, tuple], int] = {}
+_next_handle = itertools.count()
+
+
+@torch.compiler.assume_constant_result
+def _handle(owner: nn.Module, method: str, args: tuple) -> int:
+    """A number naming ``owner.<method>(*args)``, baked into the compiled graph; run once, while tracing."""
+    key = (id(owner), method, args)
+    handle = _handles.get(key)
+    if handle is None or _owners[handle][0]() is not owner:  # new, or a dead owner's id reused
+        handle = next(_next_handle)
+        _handles[key] = handle
+        _owners[handle] = (weakref.ref(owner), method, args)
+    return handle
+
+
+@torch.library.custom_op("torchdora::cached_value", mutates_args=())
+def _cached_value(handle: int, inputs: list[Tensor], size: int, dtype: torch.dtype) -> Tensor:
+    """At run time: ``owner.<method>(*args)`` eagerly (a cache lookup), copied: the compiled graph may reuse
+    an operator's output buffer, and the cache's own tensor must stay as it is."""
+    ref, method, args = _owners[handle]
+    owner = ref()
+    if owner is None:
+        raise RuntimeError("torchdora: the module this compiled graph reads a cached norm from no longer exists; "
+                           "compile the model again")
+    with torch.no_grad():
+        return getattr(owner, method)(*args).clone()
+
+
+@_cached_value.register_fake
+def _cached_value_fake(handle: int, inputs: list[Tensor], size: int, dtype: torch.dtype) -> Tensor:
+    return inputs[0].new_empty(size, dtype=dtype)
+
+
+def in_graph(owner: nn.Module, method: str, args: tuple, inputs: Sequence[Tensor | None], size: int,
+             dtype: torch.dtype) -> Tensor:
+    """Under ``torch.compile``: the ``(size,)`` ``dtype`` tensor ``owner.<method>(*args)`` returns in eager mode
+    (where it is cached), read at run time by an operator the compiler does not trace into.
+
+    ``inputs`` are the tensors the value depends on (the first one non-``None``): graph inputs of the operator,
+    so the compiler neither folds it into a constant nor moves it before their updates. ``method`` must return
+    a value that does not need autograd (it is called under ``torch.no_grad()``).
+    """
+    tensors = [t.detach() for t in inputs if t is not None]
+    return torch.ops.torchdora.cached_value(_handle(owner, method, args), tensors, size, dtype)

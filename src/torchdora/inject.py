@@ -176,9 +176,11 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 def clear_cache(model: nn.Module) -> None:
     """Forget every adapter layer's cached norms and DoRA factors; the next forward recomputes them.
 
-    Needed only after editing a *base* weight in place behind autograd (through ``.data`` or a raw pointer) in
-    a way that may touch none of the entries the cache samples (a few rows or columns): the caches compare
-    ``A``, ``B`` and ``m`` exactly and the base weight by identity and a sample (:mod:`torchdora.cache`).
+    The caches are checked from host-side facts only (storage, address, version counter, layout, optimizer
+    steps: :mod:`torchdora.cache`, ``docs/cache.md``), so call this after an edit those facts cannot see: an
+    in-place edit through ``.data`` (``p.data.add_(…)``, ``p.data.copy_(…)``), a write through shared memory
+    (``t.numpy()``, DLPack), or an update by code that is not a ``torch.optim.Optimizer`` and writes behind the
+    version counter.
     """
     for layer in all_adapter_layers(model).values():
         layer.clear_cache()

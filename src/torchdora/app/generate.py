@@ -44,6 +44,7 @@ class GenerateConfig:
         system: a system prompt, first turn of the chat template (implies ``chat``): query a model trained with a
             system prompt the way it was trained.
         batch_size: prompts of ``prompt_file`` generated together.
+        compile: run the model through ``torch.compile`` (a slower first token, faster ones after it).
     """
 
     prompt: str | None = None
@@ -60,6 +61,7 @@ class GenerateConfig:
     output: str | None = None
     top_p: float = 1.0
     batch_size: int = 8
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.prompt_file is None and (not isinstance(self.prompt, str) or not self.prompt):
@@ -144,6 +146,8 @@ def generate_text(config: GenerateConfig) -> str:
     from torchdora.app.sampling import generate_batch, prompt_ids
 
     model, tokenizer, _ = load_generation_model(config.model, config.adapter, config.base_dtype, config.quantize)
+    if config.compile:
+        model.compile()
     ids = prompt_ids(tokenizer, config.prompt, chat=config.chat or bool(config.system), system=config.system)
     torch.manual_seed(config.seed)
     return generate_batch(model, tokenizer, [ids], config.sampling)[0]
@@ -156,6 +160,8 @@ def generate_file(config: GenerateConfig) -> Path:
 
     prompts = read_prompt_file(config.prompt_file)  # before the model loads
     model, tokenizer, _ = load_generation_model(config.model, config.adapter, config.base_dtype, config.quantize)
+    if config.compile:
+        model.compile()
     chat = config.chat or bool(config.system)
     ids = [prompt_ids(tokenizer, p, chat=chat, system=config.system) for p in prompts]
     torch.manual_seed(config.seed)
@@ -191,6 +197,7 @@ def _parser() -> argparse.ArgumentParser:
     add_sampling_options(p)
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to the prompt")
     p.add_argument("--system", default=None, help="system prompt (implies --chat)")
+    p.add_argument("--compile", action="store_true", help="compile the model with torch.compile")
     add_base_options(p)
     return p
 

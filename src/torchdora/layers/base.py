@@ -22,17 +22,24 @@ import torch
 from torch import Tensor, nn
 
 from torchdora import functional as DF
-from torchdora.cache import CachedValue
+from torchdora.cache import CachedValue, in_graph
 from torchdora.config import check_adapter_name
 from torchdora.layers.adapter import (
     DEFAULT_ADAPTER, Adapter, PerAdapter, default_keys_in, default_keys_out, default_keys_reported,
     is_conv1d,
 )
 from torchdora.layers.merging import MergeMixin
+from torchdora.layers.mixed import MixedBatchMixin
 
 __all__ = ["AdapterLayer", "Adapter", "DEFAULT_ADAPTER", "is_conv1d"]
 
-class AdapterLayer(MergeMixin, nn.Module):
+
+def _norm_dtype(weight: Tensor) -> torch.dtype:
+    """The dtype the norms are accumulated and kept in: fp32, fp64 for an fp64 weight."""
+    return torch.promote_types(weight.dtype, torch.float32) if weight.is_floating_point() else torch.float32
+
+
+class AdapterLayer(MergeMixin, MixedBatchMixin, nn.Module):
     """Common DoRA/LoRA logic; subclasses say how the base weight maps to ``(out, in)`` rows.
 
     Forward (paper eq. 5, with the dropout form of §4.3), bias never scaled, ``factor = m / ||W + s·B·A||``:
@@ -281,9 +288,9 @@ class AdapterLayer(MergeMixin, nn.Module):
     def base_sq_norm(self) -> Tensor:
         """``||W||²`` per row, cached until the base weight changes (see :mod:`torchdora.cache`)."""
         weight = self.weight_2d()
-        if torch.compiler.is_compiling():  # the cache check is not traceable; recompute in graph
-            return DF.base_row_sq_norm(weight.detach())
-        return self._sq_norm_cache.get(lambda: DF.base_row_sq_norm(weight), sampled=(self._weight_storage(),))
+        if torch.compiler.is_compiling():  # the eager cache, read at run time: the base is frozen
+            return in_graph(self, "base_sq_norm", (), (weight,), weight.shape[0], _norm_dtype(weight))
+        return self._sq_norm_cache.get(lambda: DF.base_row_sq_norm(weight), (self._weight_storage(),))
 
     def _row_norm(self, detach: bool) -> Tensor:
         """``||W + s·B·A||`` per row, ``(out,)`` in fp32 (fp64 for fp64 weights)."""
@@ -298,59 +305,76 @@ class AdapterLayer(MergeMixin, nn.Module):
         return DF.factored_row_norm(weight, a, b, self.scaling, self.base_sq_norm())
 
     def _cache_inputs(self) -> dict:
-        """What the norm depends on, for :meth:`CachedValue.get`: ``A``, ``B`` exactly, ``W`` by a sample."""
-        return {"exact": (self.lora_A, self.lora_B), "sampled": (self._weight_storage(),),
-                "extra": (self.scaling, self.norm_method)}
+        """What the norm depends on, for :meth:`CachedValue.get`: ``A``, ``B``, the base weight, the settings."""
+        adapter = self.adapter  # once: each per-adapter attribute read looks the adapter up again
+        return {"tensors": (adapter.lora_A, adapter.lora_B, self._weight_storage()),
+                "extra": (adapter.scaling, self.norm_method)}
 
     def row_norm(self) -> Tensor:
         """``||W + s·B·A||`` per row as the forward uses it, ``(out,)``.
 
         Detached (paper §4.3) unless ``detach_norm=False`` and autograd is recording. The detached norm is
-        cached and reused while ``A``, ``B`` and the base weight hold what they held when it was computed
-        (:mod:`torchdora.cache` says how that is checked), so eval and gradient-accumulation micro-batches
-        compute it once.
+        cached and reused while ``A``, ``B`` and the base weight are unchanged (checked on the host, without a
+        device synchronisation: :mod:`torchdora.cache`; an edit through ``.data`` needs
+        :func:`torchdora.clear_cache`), so decoding and gradient-accumulation micro-batches compute it once.
+        Under ``torch.compile`` a training step (autograd recording) computes it in the graph; an eval forward
+        reads the cached one (:func:`torchdora.cache.in_graph`).
         """
         if not self.detach_norm and torch.is_grad_enabled():
             return self._row_norm(detach=False)
         if torch.compiler.is_compiling():
-            return self._row_norm(detach=True).detach()
+            if torch.is_grad_enabled():
+                return self._row_norm(detach=True).detach()
+            weight = self.weight_2d()
+            return in_graph(self, "_cached_row_norm", (self._current,), self._cache_inputs()["tensors"],
+                            weight.shape[0], _norm_dtype(weight))
         return self.adapter._norm_cache.get(lambda: self._row_norm(detach=True), **self._cache_inputs())
+
+    def _cached_row_norm(self, name: str) -> Tensor:
+        """Adapter ``name``'s cached detached norm, eagerly (what a compiled eval forward reads at run time)."""
+        with self.using(name):
+            return self.adapter._norm_cache.get(lambda: self._row_norm(detach=True), **self._cache_inputs())
 
     def dora_factor(self) -> Tensor:
         """``m / ||W + s·B·A||`` per output feature, ``(out,)``, ``0`` for a zero-norm row.
 
         Without autograd recording (inference) the factor is cached and reused while ``m``, ``A``, ``B`` and
-        the base weight are unchanged, so unmerged inference computes it once.
+        the base weight are unchanged, so unmerged inference computes it once (same rule as :meth:`row_norm`).
         """
-        if self.magnitude is None:
+        adapter = self.adapter
+        magnitude = adapter.magnitude
+        if magnitude is None:
             raise RuntimeError("dora_factor() needs a DoRA layer (use_dora=True)")
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             norm = self.row_norm()
-            return DF.dora_scale(self.magnitude.to(norm.dtype), norm)
+            return DF.dora_scale(magnitude.to(norm.dtype), norm)
         inputs = self._cache_inputs()
-        inputs["exact"] += (self.magnitude,)
+        inputs["tensors"] += (magnitude,)
 
         def factor() -> Tensor:
             norm = self.row_norm()
-            return DF.dora_scale(self.magnitude.to(norm.dtype), norm)
+            return DF.dora_scale(magnitude.to(norm.dtype), norm)
 
-        return self.adapter._factor_cache.get(factor, **inputs)
+        return adapter._factor_cache.get(factor, **inputs)
 
     def clear_cache(self) -> None:
         """Forget the cached norms and factor (:func:`torchdora.clear_cache` does it for a whole model).
 
-        Needed only after editing the *base weight* in place behind autograd (through ``.data`` or a raw
-        pointer) in a way that may miss the sampled entries (a few rows or columns): every other change is
-        seen (:mod:`torchdora.cache`).
+        Needed after an edit the cache cannot see from the host: an in-place edit through ``.data`` (which
+        leaves the parameter's version counter alone), a write through shared memory (``.numpy()``, DLPack), or
+        an update by something that is not a ``torch.optim.Optimizer`` and writes behind the version counter.
+        Every other change is seen (:mod:`torchdora.cache`).
         """
         self._sq_norm_cache.clear()
         for adapter in self.adapters.values():
             adapter.clear_cache()
 
     def _magnitude_has_zero(self) -> bool:
-        """Whether some ``m`` is exactly 0, cached per content of ``m`` (on CUDA the check is a host sync)."""
-        m = self.magnitude
-        return bool(self.adapter._zero_magnitude_cache.get(lambda: (m == 0).any(), exact=(m,)))
+        """Whether some ``m`` is exactly 0, cached as a Python bool while ``m`` is unchanged (on CUDA the first
+        check after a change reads the device once)."""
+        adapter = self.adapter
+        m = adapter.magnitude
+        return adapter._zero_magnitude_cache.get(lambda: bool((m == 0).any()), (m,))
 
     def _fast_forward(self, x: Tensor) -> Tensor | None:
         """The fused DoRA forward for this layer type, or ``None`` where there is none (the reference runs)."""
@@ -407,39 +431,6 @@ class AdapterLayer(MergeMixin, nn.Module):
             dropped_base = self._base_product(lora_in)
         lora_out = None if self.magnitude_only else self._lora_product(lora_in).to(base_out.dtype)
         return self._add_bias(DF.dora_combine(base_out, lora_out, factor, self.scaling, dropped_base))
-
-    def mixed_forward(self, x: Tensor, row_adapters: Sequence[str | None]) -> Tensor:
-        """Each row ``i`` of the batch (dim 0 of ``x``) through adapter ``row_adapters[i]`` (``None``: the base).
-
-        One base product for the whole batch, then per adapter ``g`` on its rows ``R_g`` only:
-        ``z[R_g] += s_g·(x[R_g] A_gᵀ) B_gᵀ`` and ``y[R_g] = f_g ⊙ z[R_g] + b`` with the cached DoRA factor
-        ``f_g = m_g / ||W + s_g·B_g·A_g||`` (``f = 1`` for LoRA adapters and base rows). The inference form:
-        dropout is not applied. Equals running each row alone through its adapter (to fp32 round-off).
-        """
-        if len(row_adapters) != x.shape[0]:
-            raise ValueError(
-                f"row_adapters has {len(row_adapters)} entries but the batch has {x.shape[0]} rows; give one "
-                "adapter name (or None for the base) per row"
-            )
-        unknown = sorted({n for n in row_adapters if n is not None and n not in self.adapters})
-        if unknown:
-            raise ValueError(f"no adapter named {unknown} in {type(self).__name__}; it has {list(self.adapters)}")
-        if self.merged_adapters:
-            raise RuntimeError("a mixed-adapter batch needs the unmerged base weight; call unmerge() first")
-        z = self._base_product(x)  # (B, ..., out) or (B, out, ...) for a conv
-        out_features = z.shape[self.feature_dim]
-        factors = torch.ones(x.shape[0], out_features, dtype=z.dtype, device=z.device)  # (B, out)
-        for name in dict.fromkeys(n for n in row_adapters if n is not None):
-            rows = torch.tensor([i for i, n in enumerate(row_adapters) if n == name], device=z.device)
-            with self.using(name):
-                if not self.magnitude_only:
-                    z = z.index_add(0, rows, self._lora_product(x.index_select(0, rows)).to(z.dtype),
-                                    alpha=self.scaling)
-                if self.use_dora:
-                    factors[rows] = self.dora_factor().to(z.dtype)
-        shape = [x.shape[0]] + [1] * (z.dim() - 1)
-        shape[self.feature_dim] = out_features
-        return self._add_bias(z * factors.view(shape))
 
     # Models read layers' weights (ViT's dtype, generation's lm_head device): answer with the base's, as PEFT does.
     @property

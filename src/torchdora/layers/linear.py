@@ -14,6 +14,8 @@ __all__ = ["LinearAdapter"]
 class LinearAdapter(AdapterLayer):
     """``nn.Linear`` (weight ``(out, in)``) or transformers ``Conv1D`` (weight ``(in, out)``, ``fan_in_fan_out``)."""
 
+    stacks_mixed_batch = True
+
     def __init__(self, base: nn.Module, **kwargs) -> None:
         self.fan_in_fan_out = is_conv1d(base)
         if not (isinstance(base, nn.Linear) or self.fan_in_fan_out):

@@ -44,11 +44,12 @@ class QuantizedLinearAdapter(AdapterLayer):
     analysis, not in a loop).
     """
 
+    stacks_mixed_batch = True
     #: dtype of the ``nn.Linear`` that :meth:`merge` swaps in (``None``: the base's compute dtype)
     merge_dtype: torch.dtype | None = None
 
     def __init__(self, base: nn.Module, **kwargs) -> None:
-        self._base_sq_cache = CachedValue()  # checked against the quantized weight's contents (torchdora.cache)
+        self._base_sq_cache = CachedValue()  # checked against the quantized weight's storage (torchdora.cache)
         if kwargs.get("dtype", torch.float32) is None:  # "the base's dtype": the storage itself is integer
             kwargs["dtype"] = self._compute_dtype_of(base)
         super().__init__(base, **kwargs)
@@ -116,7 +117,7 @@ class QuantizedLinearAdapter(AdapterLayer):
     def base_sq_norm(self) -> Tensor:
         """``||Ŵ||²`` per row, computed block by block once and cached while the stored weight is unchanged."""
         return self._base_sq_cache.get(lambda: DF.blockwise_row_sq_norm(self._row_blocks()),
-                                       sampled=(self._weight_storage(),))
+                                       (self._weight_storage(),))
 
     def _row_norm(self, detach: bool) -> Tensor:
         """``||Ŵ + s·B·A||`` per row, ``(out,)`` fp32, with ``Ŵ Aᵀ`` from bounded dequantized row blocks."""

@@ -78,7 +78,7 @@ class Int8LinearAdapter(QuantizedLinearAdapter):
         return base.weight.dtype  # the dtype the weight was quantized from, and the one its kernel returns
 
     def _weight_storage(self) -> Tensor:
-        """The int8 values (the cache keys sample them; torchao's tensor itself cannot even be viewed)."""
+        """The int8 values (what the cache keys check; torchao's tensor itself cannot even be viewed)."""
         return self.packed_base.weight.qdata
 
     def dequantize_rows(self, start: int = 0, stop: int | None = None) -> Tensor:

@@ -106,6 +106,7 @@ class VeraAdapter(LinearAdapter):
         self.reset_vera_parameters(self.d_initial)
 
     combinable = False  # d and b are the layer's, not a named adapter's
+    _plain_cache_inputs = False  # the norm depends on d, b and the shared pair
 
     def add_adapter(self, name: str, **kwargs):
         if len(self.adapters):  # d and b live on the layer, not in a named adapter: one adapter per layer
@@ -147,10 +148,9 @@ class VeraAdapter(LinearAdapter):
 
     def _cache_inputs(self) -> dict:
         inputs = super()._cache_inputs()
-        inputs["exact"] = (self.vera_lambda_d, self.vera_lambda_b)
-        if self.vera_projection is not None:
-            # frozen and shared by every layer: checked by identity and a sample, not copied into each layer's cache
-            inputs["sampled"] += (self.vera_projection.vera_A, self.vera_projection.vera_B)
+        inputs["tensors"] = (self._weight_storage(), self.vera_lambda_d, self.vera_lambda_b)
+        if self.vera_projection is not None:  # the frozen pair every layer shares
+            inputs["tensors"] += (self.vera_projection.vera_A, self.vera_projection.vera_B)
         return inputs
 
     def _lora_product(self, x: Tensor) -> Tensor:

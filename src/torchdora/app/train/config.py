@@ -78,6 +78,8 @@ class TrainConfig:
         sharding: ``"none"`` (every process holds the whole model, DDP averages gradients) or ``"fsdp"``
             (FSDP2 ``fully_shard`` per decoder block and the root; :mod:`torchdora.app.train.sharding`).
             Not a run field: a checkpoint resumes under either, on any number of processes.
+        compile: run the model through ``torch.compile`` (``nn.Module.compile``: state-dict keys unchanged); the
+            first steps take longer while it compiles. Not a run field.
         max_length: token budget per example (prompts are cut from the left, completions kept).
         dtype: ``"float32"`` or ``"bfloat16"`` (mixed precision through accelerate; weights stay fp32).
         base_dtype: dtype of the frozen base weights, ``"float32"``, ``"bfloat16"`` or ``"float16"`` (adapters stay
@@ -182,6 +184,7 @@ class TrainConfig:
     metric_for_best: str = "val_loss"
     sample_prompts: int = 3
     sample_max_new_tokens: int = 32
+    compile: bool = False
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -514,6 +517,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sharding", choices=SHARDINGS,
                    help="none (default): each process holds the whole model, DDP averages gradients; fsdp: FSDP2 "
                         "shards the model over the processes (one fully_shard per decoder block and the root)")
+    p.add_argument("--compile", action="store_const", const=True,
+                   help="compile the model with torch.compile (slower start, faster steps on a GPU)")
     p.add_argument("--eval-batch-size", dest="eval_batch_size", type=int, help="sequences per scoring pass (default 16)")
     p.add_argument("--val-examples", dest="val_examples", type=int,
                    help="validation examples per periodic evaluation (default 100)")

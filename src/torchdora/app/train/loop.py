@@ -100,6 +100,8 @@ def _train(config: TrainConfig, signals: StopSignals, held: contextlib.ExitStack
     items, lines = _tokenize_train(config, splits, tokenizer)
     recomputed = _choose_recompute(config, model, items)
     data = _setup_data(config, items, lines, model, tokenizer, accelerator, fsdp)
+    if config.compile:
+        model.compile()  # in place, after the recompute probe: the state-dict keys stay as they are
     run, steps_per_epoch = _setup_optimizer(config, accelerator, model, tokenizer, data, output_dir, fsdp,
                                             fingerprint)
     run.custom_metrics = custom_metrics

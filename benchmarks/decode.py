@@ -1,0 +1,246 @@
+"""Greedy decoding with unmerged adapters: does DoRA cost what LoRA costs per generated token (issue 28)?
+
+    OMP_NUM_THREADS=1 python benchmarks/decode.py                       # eager rows, the embedded SmolLM2-135M
+    OMP_NUM_THREADS=1 python benchmarks/decode.py --compile --compile-layers 4   # + torch.compile rows
+    python benchmarks/decode.py --device cuda --dtype bfloat16           # on a GPU (benchmarks/gpu_check.sh)
+
+Rows (adapters r 16 on q, k, v, up, down with trained-looking ``B``, greedy, a KV cache, ``--tokens`` new tokens
+after an 8-token prompt, time per generated token including that short prefill), each a median over repeats with
+the variants interleaved (``benchmarks/run.py``'s :func:`interleaved_medians`):
+
+1. batch 1: DoRA unmerged, LoRA unmerged, DoRA merged (the base model's speed);
+2. batch 8: a mixed batch of 8 DoRA adapters (row ``i`` through adapter ``i``, :func:`torchdora.mixed_batch`)
+   and the same 8 rows through one LoRA adapter;
+3. with ``--compile``: the training step (loss, backward) and batch-1 decoding of DoRA and LoRA, eager and
+   ``torch.compile``d, on the model cut to ``--compile-layers`` blocks (compiling all 30 takes too long on a CPU).
+
+Each row's greedy tokens are compared with its reference (DoRA merged for DoRA unmerged and compiled, eager for
+compiled): a benchmark of wrong outputs would be worthless. The targets (issue 28: DoRA / LoRA per token ≤ 1.10,
+mixed 8 / one LoRA ≤ 1.15) are judged at the end. A benchmark, not a test: it asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from run import interleaved_medians  # noqa: E402
+
+import torchdora  # noqa: E402
+from torchdora import DoraConfig, inject  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+PROMPT = 8
+
+
+def with_adapters(base: nn.Module, r: int, mixed: int) -> nn.Module:
+    """A copy of ``base`` holding adapters ``dora``, ``lora`` and ``mix0`` … ``mix{mixed-1}`` (DoRA), with
+    trained-looking ``B`` (an adapter at initialisation has ``B = 0`` and would make the comparison trivial)."""
+    model = copy.deepcopy(base)
+    inject(model, DoraConfig(target_modules=TARGETS, r=r, alpha=2.0 * r, dtype=None), adapter_name="dora")
+    torchdora.add_adapter(model, "lora", DoraConfig(target_modules=TARGETS, r=r, alpha=2.0 * r, dtype=None,
+                                                    use_dora=False))
+    for i in range(mixed):
+        torchdora.add_adapter(model, f"mix{i}", DoraConfig(target_modules=TARGETS, r=r, alpha=2.0 * r, dtype=None))
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.copy_(0.02 * torch.randn(p.shape, generator=gen).to(p.dtype))
+            elif name.endswith("magnitude"):
+                p.mul_(1.0 + 0.05 * torch.randn(p.shape, generator=gen).to(p.dtype))
+    return model.eval()
+
+
+def merged_copy(model: nn.Module, adapter: str) -> nn.Module:
+    merged = copy.deepcopy(model)
+    torchdora.set_adapter(merged, adapter)
+    return torchdora.merge_and_unload(merged).eval()
+
+
+def greedy(model: nn.Module, prompt: torch.Tensor, tokens: int, forward: Callable | None = None) -> torch.Tensor:
+    """``tokens`` greedy tokens after ``prompt`` ``(B, P)`` with a KV cache; returns them ``(B, tokens)``."""
+    from transformers import DynamicCache
+
+    forward = model if forward is None else forward
+    cache = DynamicCache()
+    ids, out = prompt, []
+    with torch.no_grad():
+        for _ in range(tokens):
+            logits = forward(input_ids=ids, past_key_values=cache, use_cache=True).logits
+            ids = logits[:, -1].argmax(-1, keepdim=True)
+            out.append(ids)
+    return torch.cat(out, 1)
+
+
+def active(model: nn.Module, adapter: str | list[str]) -> Callable[[], None]:
+    return lambda: torchdora.set_adapter(model, adapter)
+
+
+def decode_rows(base: nn.Module, args, device) -> tuple[dict[str, float], list[str]]:
+    model = with_adapters(base, args.r, 8)
+    merged = merged_copy(model, "dora")
+    gen = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    one = torch.randint(3, vocab, (1, PROMPT), generator=gen).to(device)
+    eight = torch.randint(3, vocab, (8, PROMPT), generator=gen).to(device)
+    rows_mixed = [f"mix{i}" for i in range(8)]
+
+    def run(adapter: str | None, prompt: torch.Tensor, target: nn.Module = model) -> Callable[[], torch.Tensor]:
+        def fn() -> torch.Tensor:
+            if adapter == "mixed":
+                with torchdora.mixed_batch(target, rows_mixed):
+                    return greedy(target, prompt, args.tokens)
+            if adapter is not None:
+                torchdora.set_adapter(target, adapter)
+            return greedy(target, prompt, args.tokens)
+        return fn
+
+    fns = {
+        "dora unmerged, batch 1": run("dora", one),
+        "lora unmerged, batch 1": run("lora", one),
+        "dora merged, batch 1": run(None, one, merged),
+        "8 dora adapters mixed, batch 8": run("mixed", eight),
+        "one lora adapter, batch 8": run("lora", eight),
+    }
+    checks = []
+    same = torch.equal(fns["dora unmerged, batch 1"](), fns["dora merged, batch 1"]())
+    checks.append(f"DoRA unmerged and merged generate the same {args.tokens} tokens: {same}")
+    mixed_out = fns["8 dora adapters mixed, batch 8"]()
+    alone = torch.cat([run(name, eight[i:i + 1])() for i, name in enumerate(rows_mixed)])
+    checks.append(f"mixed batch rows equal each adapter run alone: {torch.equal(mixed_out, alone)}")
+    return interleaved_medians(fns, args.repeats, 1, device), checks
+
+
+def compile_rows(base: nn.Module, args, device) -> tuple[dict[str, float], list[str], float]:
+    """Eager vs ``torch.compile`` on the model cut to ``--compile-layers`` blocks: a training step and decoding."""
+    cut = copy.deepcopy(base)
+    del cut.model.layers[args.compile_layers:]
+    cut.config.num_hidden_layers = args.compile_layers
+    fns, checks = {}, []
+    gen = torch.Generator().manual_seed(1)
+    batch = torch.randint(3, cut.config.vocab_size, (args.step_batch, args.step_seq), generator=gen).to(device)
+    one = torch.randint(3, cut.config.vocab_size, (1, PROMPT), generator=gen).to(device)
+    started = time.perf_counter()
+    for method in ("dora", "lora"):
+        model = with_adapters(cut, args.r, 0)
+        torchdora.set_adapter(model, method)
+        compiled = torch.compile(model, dynamic=True)  # the cache length varies: one graph for it, one prefill
+        want = greedy(model, one, args.tokens)
+        got = greedy(model, one, args.tokens, compiled)
+        checks.append(f"{method}: compiled decoding gives the eager tokens: {torch.equal(want, got)}")
+        fns[f"{method} decode, eager"] = lambda m=model: greedy(m, one, args.tokens)
+        fns[f"{method} decode, compiled"] = lambda m=model, c=compiled: greedy(m, one, args.tokens, c)
+
+        train = copy.deepcopy(model).train()
+        train_compiled = torch.compile(train)
+
+        def step(m: nn.Module, call: Callable) -> Callable[[], None]:
+            def fn() -> None:
+                m.zero_grad(set_to_none=True)
+                call(input_ids=batch, labels=batch, use_cache=False).loss.backward()
+            return fn
+
+        fns[f"{method} train step, eager"] = step(train, train)
+        fns[f"{method} train step, compiled"] = step(train, train_compiled)
+        step(train, train_compiled)()  # compile outside the timing
+    compile_s = time.perf_counter() - started
+    return interleaved_medians(fns, args.repeats, 1, device), checks, compile_s
+
+
+def ratio_line(name: str, times: dict[str, float], a: str, b: str, target: float | None = None) -> str:
+    r = times[a] / times[b]
+    verdict = "" if target is None else (" — met" if r <= target else f" — NOT met (target ≤ {target:.2f})")
+    return f"| {name} | {r:.3f}{verdict} |"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=32, help="generated tokens per timed run (default 32)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per row (default 5)")
+    parser.add_argument("--r", type=int, default=16)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--compile", action="store_true", help="also the torch.compile rows (slow to compile)")
+    parser.add_argument("--compile-layers", dest="compile_layers", type=int, default=4)
+    parser.add_argument("--step-batch", dest="step_batch", type=int, default=4)
+    parser.add_argument("--step-seq", dest="step_seq", type=int, default=64)
+    parser.add_argument("--random-init", dest="random_init", type=int, default=0, metavar="LAYERS",
+                        help="a random-init SmolLM2-shaped model of LAYERS blocks instead of the embedded one")
+    parser.add_argument("--output", default=None, help="also write the table to this Markdown file")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if args.random_init:
+        from run import smollm2_architecture
+
+        base = smollm2_architecture(args.random_init, device, dtype).eval()
+        source = f"random-init SmolLM2-135M shape, {args.random_init} blocks"
+    else:
+        from torchdora.app.assets import load_model_and_tokenizer
+
+        base, _ = load_model_and_tokenizer(None, dtype=dtype)
+        base = base.to(device).eval()
+        source = f"embedded SmolLM2-135M-Instruct, {base.config.num_hidden_layers} blocks"
+    load = os.getloadavg() if hasattr(os, "getloadavg") else ()
+    lines = [(f"{source}, {args.dtype} on {args.device}, torch {torch.__version__}, "
+              f"{torch.get_num_threads()} thread(s), load average before: {' '.join(f'{x:.2f}' for x in load)}"), ""]
+    times, checks = decode_rows(base, args, device)
+    lines += ["| row | ms per generation step | tokens/s |", "|---|---|---|"]
+    per_token = {k: v / args.tokens for k, v in times.items()}
+    lines += [f"| {k} | {1e3 * v:.2f} | {(8 if 'batch 8' in k else 1) / v:.1f} |" for k, v in per_token.items()]
+    lines += ["", "| ratio | value |", "|---|---|",
+              ratio_line("DoRA unmerged / LoRA unmerged, batch 1", times, "dora unmerged, batch 1",
+                         "lora unmerged, batch 1", 1.10),
+              ratio_line("DoRA unmerged / DoRA merged, batch 1", times, "dora unmerged, batch 1",
+                         "dora merged, batch 1"),
+              ratio_line("8 DoRA adapters mixed / one LoRA adapter, batch 8", times, "8 dora adapters mixed, batch 8",
+                         "one lora adapter, batch 8", 1.15)]
+    eager_lines = len(lines)
+    print("\n".join(lines), flush=True)  # the eager rows now: the compiled ones take long
+    if args.compile:
+        ctimes, cchecks, compile_s = compile_rows(base, args, device)
+        checks += cchecks + [f"compiling (both methods, decode and step, first calls): {compile_s:.0f} s"]
+        lines += ["", (f"torch.compile rows: the model cut to {args.compile_layers} blocks; step: batch "
+                       f"{args.step_batch} × {args.step_seq} tokens, loss + backward; decode: batch 1, ms per token"), "",
+                  "| row | ms |", "|---|---|"]
+        scale = {k: (args.tokens if "decode" in k else 1) for k in ctimes}
+        lines += [f"| {k} | {1e3 * v / scale[k]:.2f} |" for k, v in ctimes.items()]
+        lines += ["", "| ratio | value |", "|---|---|",
+                  ratio_line("DoRA / LoRA decode, compiled", ctimes, "dora decode, compiled", "lora decode, compiled",
+                             1.10),
+                  ratio_line("DoRA / LoRA decode, eager (cut model)", ctimes, "dora decode, eager",
+                             "lora decode, eager"),
+                  ratio_line("DoRA decode compiled / eager", ctimes, "dora decode, compiled", "dora decode, eager"),
+                  ratio_line("LoRA decode compiled / eager", ctimes, "lora decode, compiled", "lora decode, eager"),
+                  ratio_line("DoRA step compiled / eager", ctimes, "dora train step, compiled",
+                             "dora train step, eager"),
+                  ratio_line("LoRA step compiled / eager", ctimes, "lora train step, compiled",
+                             "lora train step, eager"),
+                  ratio_line("DoRA / LoRA step, compiled", ctimes, "dora train step, compiled",
+                             "lora train step, compiled")]
+    load = os.getloadavg() if hasattr(os, "getloadavg") else ()
+    lines += ["", *[f"- {c}" for c in checks], f"- load average after: {' '.join(f'{x:.2f}' for x in load)}"]
+    text = "\n".join(lines)
+    print(text[len("\n".join(lines[:eager_lines])):])
+    if args.output:
+        from torchdora.io import atomic_write_bytes
+
+        atomic_write_bytes(args.output, (text + "\n").encode())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
