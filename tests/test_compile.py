@@ -156,7 +156,7 @@ def test_inductor_matches_eager(perturb, monkeypatch):
 def test_cli_compile_flags():
     """``torchdora train --compile`` and ``torchdora generate --compile`` reach their configs (off by default)."""
     from torchdora.app import generate
-    from torchdora.app.train.config import config_from_args
+    from torchdora.app.train.options import config_from_args
 
     assert config_from_args(["--compile"]).compile is True
     assert config_from_args([]).compile is False

@@ -302,7 +302,7 @@ def test_config_and_injection_errors(make_mixed_net, make_tiny_llama, tmp_path):
 
 
 def test_train_config_builds_vera_and_dvora():
-    from torchdora.app.train.config import config_from_args
+    from torchdora.app.train.options import config_from_args
 
     for method, use_dora in (("vera", False), ("dvora", True)):
         train = config_from_args(["--method", method, "--rank", "64", "--d-initial", "0.05", "--projection-seed", "3"])

@@ -14,7 +14,8 @@ from test_train import one_thread, tiny, tiny_config  # noqa: F401 (fixtures: on
 from torchdora import DoraConfig, adapter_layers, inject, save_adapter
 from torchdora.app.assets import enable_gradient_checkpointing, load_model_and_tokenizer
 from torchdora.app.train import train
-from torchdora.app.train.config import TrainConfig, config_from_args
+from torchdora.app.train.config import TrainConfig
+from torchdora.app.train.options import config_from_args
 
 
 def _safetensors_dtypes(folder) -> set[str]:

@@ -24,7 +24,7 @@ from torchdora.app import cli
 from torchdora.app.data import IGNORE_INDEX, Example, load_dataset, load_file, render_chat, tokenize_example
 from torchdora.app.data.chat import tokenize_chat
 from torchdora.app.train import main as train_main
-from torchdora.app.train.config import load_config_file
+from torchdora.app.train.options import load_config_file
 
 SHORT_RUN = ["--steps", "1", "--batch-size", "4", "--rank", "4", "--eval-every", "0", "--checkpoint-every", "0",
              "--max-eval", "6", "--targets", "q_proj,v_proj"]

@@ -506,7 +506,7 @@ def test_a_missing_tracker_package_fails_before_the_model_loads(tiny, tmp_path, 
 
 
 def test_batch_size_per_device_or_over_all_processes(tmp_path):
-    from torchdora.app.train.config import config_from_args
+    from torchdora.app.train.options import config_from_args
 
     # per device: multiplied out by the process count, then cleared so a resumed run keeps the global size
     resolved = TrainConfig(per_device_batch_size=4).resolved(num_processes=2)

@@ -41,17 +41,8 @@ from __future__ import annotations
 
 import sys
 
-from torchdora.app.train.config import (
-    DEFAULT_STEPS,
-    RESUME_CHANGEABLE,
-    RUN_FIELDS,
-    TrainConfig,
-    command_from_args,
-    config_differences,
-    config_from_args,
-    config_to_yaml,
-    load_config_file,
-)
+from torchdora.app.train.config import DEFAULT_STEPS, RESUME_CHANGEABLE, RUN_FIELDS, TrainConfig, config_differences
+from torchdora.app.train.options import command_from_args, config_from_args, config_to_yaml, load_config_file
 from torchdora.app.train.loop import LossFn, train
 from torchdora.app.train.outputs import TrainResult
 from torchdora.app.train.run import (
