@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from torchdora.files import atomic_save_safetensors, atomic_write_json, file_sha256, replace_dir
+from torchdora.files import atomic_save_safetensors, atomic_write_json, file_sha256
 
 __all__ = [
     "CHECKPOINT_DIR",
