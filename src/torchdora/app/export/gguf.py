@@ -264,7 +264,7 @@ def write_gguf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path:
     """
     import gguf
 
-    from torchdora.io import default_mode
+    from torchdora.files import default_mode
 
     check_gguf_export(model.config, outtype)
     path = Path(path)

@@ -171,7 +171,7 @@ def export_lora(config: ExportLoraConfig, log=print) -> Path:
     """
     import torchdora
     from torchdora.app.assets import load_model_and_tokenizer, model_for_adapter, recorded_base_name
-    from torchdora.io import atomic_save_safetensors, atomic_write_json, replace_dir
+    from torchdora.files import atomic_save_safetensors, atomic_write_json, replace_dir
 
     output = Path(config.output)
     if output.exists() and not config.overwrite:
