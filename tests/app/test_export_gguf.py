@@ -117,7 +117,7 @@ def test_tokenizer_and_chat_template_travel_in_the_file(merged_run, tmp_path):
     out = tmp_path / "merged.gguf"
     assert cli.main(["merge", "--model", str(model_dir), "--adapter", str(adapter), "--output", str(out),
                      "--format", "gguf"]) == 0
-    from torchdora.io import default_mode
+    from torchdora.files import default_mode
 
     assert out.stat().st_mode & 0o777 == default_mode()  # not the temporary file's private 0600
     reader = gguf.GGUFReader(out)

@@ -24,7 +24,7 @@ from torchdora.analysis.sensitivity import (
     CurvePoint, SeedStatistic, leave_one_layer_out, log_rows, normalized_rows, run_curves, seed_statistics,
 )
 from torchdora.analysis.stats import Interval, Verdict, compare_to_null, decide, paired_difference
-from torchdora.io import atomic_write_bytes
+from torchdora.files import atomic_write_bytes
 
 __all__ = ["ResultSet", "read_set", "read_norms", "write_norms", "SetAnalysis", "analyse_set", "write_set_csvs",
            "VARIANTS", "VARIANT_NAMES", "control_reproduced", "sensitivity_lines", "seed_lines", "plot_curves",
