@@ -62,10 +62,12 @@ class MergeMixin:
     def _names_to_merge(self, adapter_names: Sequence[str] | None) -> list[str]:
         """The adapters a :meth:`merge` call writes, checked: known, not yet merged, and leaving no active adapter
         unmerged beside merged ones."""
-        names = [n for n in (self.active_adapters if adapter_names is None else adapter_names)
-                 if n not in self.merged_adapters or adapter_names is not None]
-        if adapter_names is None and self.merged and not names:
-            raise RuntimeError(f"{type(self).__name__} is already merged; call unmerge() first")
+        if adapter_names is None:
+            names = [n for n in self.active_adapters if n not in self.merged_adapters]
+            if self.merged and not names:
+                raise RuntimeError(f"{type(self).__name__} is already merged; call unmerge() first")
+        else:
+            names = list(adapter_names)
         for name in names:
             if name not in self.adapters:
                 raise ValueError(f"no adapter named {name!r} in {type(self).__name__}; it has {list(self.adapters)}")
