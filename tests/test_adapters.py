@@ -24,8 +24,8 @@ from torchdora.layers import LinearAdapter
 pytestmark = pytest.mark.usefixtures("single_thread")
 # one fp32 computation against another that sums in a different order (a row alone vs in a batch)
 FP32 = dict(rtol=1e-6, atol=1e-6)
-# a mixed batch without autograd multiplies stacked per-row adapters in batched products (bmm): another
-# summation order than one row alone, a few fp32 ulps through the two blocks (measured 2e-6)
+# a mixed batch without autograd groups the rows by adapter and multiplies them in batched products (bmm) with
+# s folded into B: another summation order than one row alone, a few fp32 ulps through the two blocks (2e-6)
 MIXED = dict(rtol=1e-5, atol=1e-5)
 CONFIG = DoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "up_proj"])
 
@@ -171,6 +171,38 @@ def test_mixed_batch_equals_each_row_alone(make_tiny_llama, perturb):
     for i in range(4):
         for j in range(i + 1, 4):
             assert not torch.allclose(out[i], out[j], atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [["a", "b", "c"], ["a", None, "b", "c", "a", None], ["b", "b", "b", "a"],
+                                  [None, None], ["c", "a", "c", "a", "c", "b", "a", "c"],
+                                  ["a", "a", None]])
+def test_row_layout_groups_each_row_with_its_adapter(rows):
+    """The grouped layout of a mixed batch against a plain reading of ``rows``: slot ``g`` holds exactly the rows
+    of adapter ``g`` in order (base rows last), padded with row 0; each row's place is its own slot position."""
+    from torchdora.layers.mixed import row_layout
+
+    names = tuple(dict.fromkeys(n for n in rows if n is not None))
+    layout = row_layout(rows, names, torch.device("cpu"))
+    order = list(names) + ([None] if None in rows else [])
+    members = [[i for i, n in enumerate(rows) if n == name] for name in order]
+    width = max(len(m) for m in members)
+    assert (layout.slots, layout.width) == (len(order), width)
+    want_gather = [m[j] if j < len(m) else 0 for m in members for j in range(width)]
+    gather = list(range(len(rows))) if layout.gather is None else layout.gather.tolist()
+    assert gather == want_gather
+    scatter = list(range(len(rows))) if layout.scatter is None else layout.scatter.tolist()
+    assert [gather[p] for p in scatter] == list(range(len(rows)))  # each row's place holds that row
+    assert layout.slot.tolist() == [order.index(n) for n in rows]
+
+
+def test_mixed_batch_refuses_an_adapter_deleted_inside_the_block(make_tiny_llama, perturb):
+    model = _three_adapters(make_tiny_llama, perturb)
+    ids = torch.randint(3, 64, (2, 5), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad(), torchdora.mixed_batch(model, ["a", "b"]):
+        model(ids)  # the layout of this assignment is kept per layer
+        torchdora.delete_adapter(model, "b")
+        with pytest.raises(ValueError, match=r"no adapter named \['b'\]"):
+            model(ids)
 
 
 def test_mixed_batch_on_every_layer_kind(make_mixed_net):

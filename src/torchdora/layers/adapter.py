@@ -91,7 +91,11 @@ class PerAdapter:
     def __get__(self, layer: nn.Module | None, owner: type | None = None) -> Any:
         if layer is None:
             return self
-        return getattr(layer.adapter, self.name)
+        adapter = layer.adapter
+        parameters = adapter._parameters  # a parameter's read through nn.Module.__getattr__ is the slow path
+        if self.name in parameters:
+            return parameters[self.name]
+        return getattr(adapter, self.name)
 
     def __set__(self, layer: nn.Module, value: Any) -> None:
         setattr(layer.adapter, self.name, value)

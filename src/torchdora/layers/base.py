@@ -140,9 +140,10 @@ class AdapterLayer(MergeMixin, MixedBatchMixin, nn.Module):
     @property
     def adapter(self) -> Adapter:
         """The adapter the per-adapter attributes (``lora_A``, ``scaling``, …) refer to right now."""
-        if self._current is None:
-            raise RuntimeError(f"{type(self).__name__} holds no adapter")
-        return self.adapters[self._current]
+        try:  # the dicts directly: this runs several times per layer per generated token
+            return self._modules["adapters"]._modules[self._current]
+        except KeyError:
+            raise RuntimeError(f"{type(self).__name__} holds no adapter") from None
 
     @property
     def current_adapter(self) -> str | None:
@@ -215,12 +216,13 @@ class AdapterLayer(MergeMixin, MixedBatchMixin, nn.Module):
     @contextlib.contextmanager
     def using(self, name: str | None) -> Iterator["AdapterLayer"]:
         """Within the block, the per-adapter attributes refer to adapter ``name``."""
-        previous = self._current
-        self._current = name
+        state = self.__dict__  # a plain attribute: nn.Module.__setattr__'s checks cost more than the forward's ops
+        previous = state["_current"]
+        state["_current"] = name
         try:
             yield self
         finally:
-            self._current = previous
+            state["_current"] = previous
 
     # ---- what subclasses define -------------------------------------------------------------------
     def _init_direction(self, r: int, init: str, factory: dict) -> None:

@@ -69,7 +69,8 @@ class LinearAdapter(AdapterLayer):
             return None
         # Backward recovers x Wᵀ + s·(x Aᵀ) Bᵀ from the output by dividing by m / n: exact unless m has a zero,
         # or a low-precision output holds a bias that the subtraction y − b would cancel against.
-        save_output = (bias is None or x.dtype in (torch.float32, torch.float64)) and not self._magnitude_has_zero()
+        save_output = (torch.is_grad_enabled() and (bias is None or x.dtype in (torch.float32, torch.float64))
+                       and not self._magnitude_has_zero())  # without autograd nothing is saved: no lookup
         return dora_linear(
             x, weight, bias, self.lora_A_2d(), self.lora_B_2d(), self.dora_factor(), self.scaling,
             self.dropout_p if dropout else 0.0, save_output=save_output, recompute=self.recompute_output,

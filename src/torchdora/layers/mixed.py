@@ -1,32 +1,71 @@
 """Mixed-adapter batches: each row of one batch through its own adapter (:func:`torchdora.mixed_batch`).
 
 One base product for the whole batch; each adapter's low-rank product and cached DoRA factor on its rows only, or,
-for linear kinds without autograd, two products against every adapter of the batch stacked together
-(:meth:`MixedBatchMixin._mixed_stacked`). :class:`MixedBatchMixin` holds that logic for
+for linear kinds without autograd, the rows grouped by adapter and two batched products over the adapters' stacked
+``A`` and ``s·B`` (:meth:`MixedBatchMixin._mixed_stacked`, the grouped form of multi-LoRA servers' kernels). :class:`MixedBatchMixin` holds that logic for
 :class:`torchdora.layers.base.AdapterLayer`.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
 from torchdora.cache import CachedValue
 
-__all__ = ["MixedBatchMixin", "MIXED_STACK_MAX"]
+__all__ = ["MixedBatchMixin", "MIXED_STACK_MAX", "RowLayout", "row_layout"]
 
-#: most adapters in a mixed batch multiplied all together (each token against every adapter's ``A`` and ``B``);
-#: more run one adapter at a time
+#: most adapters in a mixed batch run as one grouped product (their ``A``, ``s·B`` are copied into a cached
+#: stack); more run one adapter at a time
 MIXED_STACK_MAX = 8
+
+
+class RowLayout(NamedTuple):
+    """A mixed batch's rows laid out by adapter: ``slots`` groups of ``width`` rows each.
+
+    ``gather`` ``(slots·width,)``: the batch row in each place (padding places repeat row 0); ``scatter``
+    ``(B,)``: each row's place; both ``None`` when the batch already is the layout (no padding, rows in slot
+    order); ``slot`` ``(B,)``: each row's adapter slot (``len(names)`` for a base row).
+    """
+
+    slots: int
+    width: int
+    gather: Tensor | None
+    scatter: Tensor | None
+    slot: Tensor
+
+
+def row_layout(row_adapters: Sequence[str | None], names: Sequence[str], device: torch.device) -> RowLayout:
+    """The :class:`RowLayout` of rows ``row_adapters`` over adapters ``names`` (base rows last, slot ``G``)."""
+    index = {n: g for g, n in enumerate(names)}
+    slot = [index.get(n, len(names)) if n is not None else len(names) for n in row_adapters]
+    slots = len(names) + (len(names) in slot)
+    members: list[list[int]] = [[] for _ in range(slots)]
+    for row, g in enumerate(slot):
+        members[g].append(row)
+    width = max(len(m) for m in members)
+    gather = [m[j] if j < len(m) else 0 for m in members for j in range(width)]
+    scatter = [0] * len(slot)
+    for g, m in enumerate(members):
+        for j, row in enumerate(m):
+            scatter[row] = g * width + j
+    identity = list(range(len(slot)))
+
+    def tensor(values: list[int]) -> Tensor:
+        return torch.tensor(values, dtype=torch.int64, device=device)
+
+    same = gather == identity  # the batch is the layout: no padding, rows already in slot order
+    return RowLayout(slots, width, None if same else tensor(gather), None if same else tensor(scatter),
+                     tensor(slot))
 
 
 class MixedBatchMixin:
     """Mixed-adapter forward for an adapter layer (uses its ``adapters``, ``using``, ``_base_product``,
     ``_lora_product``, ``dora_factor``, ``_cache_inputs`` and ``_add_bias``)."""
 
-    #: a mixed-adapter batch runs as two batched products over per-row stacked ``A``, ``s·B`` (layers whose
+    #: a mixed-adapter batch runs as two batched products over the adapters' stacked ``A``, ``s·B`` (layers whose
     #: update is ``(x Aᵀ) Bᵀ`` on the last dim: linear kinds), rather than one small product per adapter
     stacks_mixed_batch: bool = False
     #: whether :meth:`_cache_inputs` is the base one (``A``, ``B``, the weight): the stacks' cache key is then
@@ -46,14 +85,11 @@ class MixedBatchMixin:
                 f"row_adapters has {len(row_adapters)} entries but the batch has {x.shape[0]} rows; give one "
                 "adapter name (or None for the base) per row"
             )
-        unknown = sorted({n for n in row_adapters if n is not None and n not in self.adapters})
-        if unknown:
-            raise ValueError(f"no adapter named {unknown} in {type(self).__name__}; it has {list(self.adapters)}")
         if self.merged_adapters:
             raise RuntimeError("a mixed-adapter batch needs the unmerged base weight; call unmerge() first")
-        if self.stacks_mixed_batch and not torch.is_grad_enabled() and (
-                0 < len(set(row_adapters) - {None}) <= MIXED_STACK_MAX):
-            return self._mixed_stacked(x, row_adapters)
+        names, layout = self._row_layout(row_adapters, x.device)
+        if self.stacks_mixed_batch and not torch.is_grad_enabled() and 0 < len(names) <= MIXED_STACK_MAX:
+            return self._mixed_stacked(x, names, layout)
         z = self._base_product(x)  # (B, ..., out) or (B, out, ...) for a conv
         out_features = z.shape[self.feature_dim]
         factors = torch.ones(x.shape[0], out_features, dtype=z.dtype, device=z.device)  # (B, out)
@@ -68,35 +104,40 @@ class MixedBatchMixin:
         shape[self.feature_dim] = out_features
         return self._add_bias(z * factors.view(shape))
 
-    def _mixed_stacked(self, x: Tensor, row_adapters: Sequence[str | None]) -> Tensor:
-        """:meth:`mixed_forward` for a linear kind without autograd, as two products against every adapter of the
-        batch at once: ``h = x [A_1; …; A_G]ᵀ`` ``(…, G·r)``, each row keeps its own adapter's block of ``h``
-        (scaled by its ``s``, the others zeroed), then ``h [B_1 … B_G]ᵀ``; no per-adapter loop and no per-row
-        copy of ``A``, ``B`` (``G ≤`` :data:`MIXED_STACK_MAX` keeps the extra products small)."""
-        names = tuple(dict.fromkeys(n for n in row_adapters if n is not None))
-        a_cat, b_cat, s_table, f_table = self._mixed_stacks(names)  # (G·r, in), (G·r, out), (G+1, G), (G+1, out)
-        idx = self._row_index(row_adapters, names, x.device)  # (B,) each row's adapter, len(names) for the base
+    def _mixed_stacked(self, x: Tensor, names: tuple[str, ...], layout: RowLayout) -> Tensor:
+        """:meth:`mixed_forward` for a linear kind without autograd, as one grouped product per factor: the rows
+        laid out by adapter ``(G, c, T, in)`` (``c`` the most rows any adapter has, shorter groups padded),
+        ``h_g = x_g A_gᵀ`` and ``x_g`` 's update ``h_g (s_g·B_g)ᵀ`` as two batched products over the stacked
+        adapters, and each row's update taken back from its slot. Each row meets only its own adapter, so the
+        products cost what one LoRA adapter's do on the whole batch (plus the padding); the rows are copied, the
+        adapters' tensors are not. Base rows (``None``) form a group with a zero update."""
+        a_stack, b_stack, f_table = self._mixed_stacks(names)  # (G+1, r, in), (G+1, r, out), (G+1, out)
         z = self._base_product(x)  # (B, ..., out)
-        rows, groups = x.shape[0], len(names)
-        xb = x.reshape(rows, -1, x.shape[-1]).to(a_cat.dtype)  # (B, T, in)
-        h = torch.matmul(xb, a_cat.T).view(rows, xb.shape[1], groups, -1)  # (B, T, G, r)
-        h = h * s_table.index_select(0, idx).view(rows, 1, groups, 1)  # s_g on the row's own block, 0 elsewhere
-        lora = torch.matmul(h.view(rows, xb.shape[1], -1), b_cat)  # (B, T, out)
+        rows = x.shape[0]
+        xb = x.reshape(rows, -1, x.shape[-1]).to(a_stack.dtype)  # (B, T, in)
+        if layout.gather is not None:
+            xb = xb.index_select(0, layout.gather)  # (S·c, T, in): slot by slot, padding rows repeat row 0
+        tokens = xb.shape[1]
+        h = torch.bmm(xb.reshape(layout.slots, -1, xb.shape[-1]), a_stack[:layout.slots].transpose(1, 2))
+        lora = torch.bmm(h, b_stack[:layout.slots]).view(-1, tokens, b_stack.shape[-1])  # (S·c, T, out)
+        if layout.scatter is not None:
+            lora = lora.index_select(0, layout.scatter)  # (B, T, out): each row's own slot
         z = z + lora.view(z.shape).to(z.dtype)
-        factor = f_table.index_select(0, idx).to(z.dtype)  # (B, out)
+        factor = f_table.index_select(0, layout.slot).to(z.dtype)  # (B, out)
         return self._add_bias(z * factor.view(rows, *([1] * (z.dim() - 2)), -1))
 
-    def _mixed_stacks(self, names: tuple[str, ...]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``[A_1; …; A_G]`` ``(G·r, in)`` and ``[B_1 … B_G]ᵀ`` ``(G·r, out)`` (zero-padded to the largest rank),
-        the scales as rows ``s_g·e_g`` ``(G+1, G)`` and the factors ``(G+1, out)`` (``1`` for LoRA) of adapters
-        ``names``, row ``G`` for base rows (no update, factor 1); cached while every adapter and the base weight
-        are unchanged (:mod:`torchdora.cache`)."""
-        if self._plain_cache_inputs:  # read straight from the adapters (per token)
+    def _mixed_stacks(self, names: tuple[str, ...]) -> tuple[Tensor, Tensor, Tensor]:
+        """``A_g`` ``(G+1, r, in)``, ``s_g·B_gᵀ`` ``(G+1, r, out)`` (zero-padded to the largest rank) and the
+        factors ``(G+1, out)`` (``1`` for LoRA) of adapters ``names``, slot ``G`` for base rows (no update,
+        factor 1); cached while every adapter and the base weight are unchanged (:mod:`torchdora.cache`)."""
+        if self._plain_cache_inputs:  # read straight from the adapters' dicts (per layer, per token)
             tensors: list = [self._weight_storage()]
             extra: list = [names, self.norm_method]
+            adapters = self.adapters._modules
             for name in names:
-                adapter = self.adapters[name]
-                tensors += [adapter.lora_A, adapter.lora_B, adapter.magnitude]
+                adapter = adapters[name]
+                parameters = adapter._parameters
+                tensors += [parameters["lora_A"], parameters["lora_B"], parameters["magnitude"]]
                 extra.append(adapter.scaling)
         else:  # a layer kind with inputs of its own (VeRA's vectors and shared pair)
             tensors, extra = [], [names]
@@ -110,7 +151,7 @@ class MixedBatchMixin:
             cache = self.__dict__["_mixed_cache"] = CachedValue()
         return cache.get(lambda: self._build_mixed_stacks(names), tensors, tuple(extra))
 
-    def _build_mixed_stacks(self, names: tuple[str, ...]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _build_mixed_stacks(self, names: tuple[str, ...]) -> tuple[Tensor, Tensor, Tensor]:
         pairs, factors = [], []
         for name in names:
             with self.using(name):
@@ -120,27 +161,31 @@ class MixedBatchMixin:
         weight = self._weight_storage()
         dtype = known[0].dtype if known else torch.float32
         rank, groups = max([a.shape[0] for a in known], default=1), len(names)
-        a_cat = weight.new_zeros(groups, rank, self.in_features, dtype=dtype)
-        b_cat = weight.new_zeros(groups, rank, self.out_features, dtype=dtype)
-        s_table = weight.new_zeros(groups + 1, groups, dtype=dtype)
+        a_stack = weight.new_zeros(groups + 1, rank, self.in_features, dtype=dtype)
+        b_stack = weight.new_zeros(groups + 1, rank, self.out_features, dtype=dtype)
         f_table = weight.new_ones(groups + 1, self.out_features, dtype=torch.float32)
         for g, ((a, b, scaling), factor) in enumerate(zip(pairs, factors)):
             if a is not None:  # a magnitude-only adapter has no direction update
-                a_cat[g, :a.shape[0]] = a
-                b_cat[g, :a.shape[0]] = b.T
-                s_table[g, g] = scaling
+                a_stack[g, :a.shape[0]] = a
+                b_stack[g, :a.shape[0]] = scaling * b.T
             if factor is not None:
                 f_table[g] = factor
-        return a_cat.view(groups * rank, -1), b_cat.view(groups * rank, -1), s_table, f_table
+        return a_stack, b_stack, f_table
 
-    def _row_index(self, row_adapters: Sequence[str | None], names: tuple[str, ...], device: torch.device) -> Tensor:
-        """The stack slot of each row (``len(names)`` for base rows) on ``device``, kept for the next call."""
-        key = (tuple(row_adapters), device)
-        kept = self.__dict__.get("_row_index_kept")
+    def _row_layout(self, row_adapters: Sequence[str | None],
+                    device: torch.device) -> tuple[tuple[str, ...], RowLayout]:
+        """The batch's adapters (each named once, in order) and where each row goes in the grouped products,
+        checked and built once for an assignment and kept for the next call with it (a generated token's):
+        building it copies index tensors to ``device``."""
+        key = (tuple(row_adapters), device, tuple(self.adapters._modules))  # an adapter added or deleted: anew
+        kept = self.__dict__.get("_row_layout_kept")
         if kept is None or kept[0] != key:
-            slot = {n: g for g, n in enumerate(names)}
-            index = torch.tensor([slot.get(n, len(names)) for n in row_adapters], device=device)
-            kept = self.__dict__["_row_index_kept"] = (key, index)
+            unknown = sorted({n for n in row_adapters if n is not None and n not in self.adapters})
+            if unknown:
+                raise ValueError(
+                    f"no adapter named {unknown} in {type(self).__name__}; it has {list(self.adapters)}")
+            names = tuple(dict.fromkeys(n for n in row_adapters if n is not None))
+            kept = self.__dict__["_row_layout_kept"] = (key, (names, row_layout(row_adapters, names, device)))
         return kept[1]
 
     def _row_groups(self, row_adapters: Sequence[str | None], device: torch.device) -> list[tuple[str, Tensor]]:
