@@ -56,7 +56,15 @@ class TrainConfig:
             ``A``/``B``, trained vectors ``d``, ``b``), ``"dvora"`` (VeRA's update with DoRA's magnitude, DoRA paper
             §5.4) or ``"full"`` (every parameter trains). VeRA/DVoRA have no scale: ``alpha`` does not apply.
         model: model name or local folder (:func:`torchdora.app.assets.resolve_model`); ``None``: SmolLM2-135M-Instruct.
-        data: dataset name or path (:func:`torchdora.app.data.load_dataset`); ``None``: Rotten Tomatoes.
+        data: dataset name or path (:func:`torchdora.app.data.load_dataset`); ``None``: Rotten Tomatoes. A list
+            of several (names or paths, or ``{path, weight}`` mappings in a config file) mixes them
+            (:mod:`torchdora.app.data.mixture`).
+        data_weights: with several ``data`` sources, the share of the training mixture each gives (positive
+            numbers, one per source, normalised to sum to 1); ``None``: every training example once.
+        val_size, test_size: the validation and test splits cut from the training data: a fraction of the rows in
+            (0, 1), a number of rows, or 0 for none (0.1 each by default: 80/10/10).
+        eval_data, test_data: a file (or name) whose rows are the validation / test split instead; then that split
+            is not cut from ``data``.
         targets: comma-separated module names/suffixes, or ``"all-linear"``.
         rank, alpha, dropout: the adapter's ``r``, ``alpha`` (scale ``alpha / r``) and input dropout (the paper
             uses 0.05; the default 0 keeps DoRA's single base product, which matters on a CPU).
@@ -129,7 +137,7 @@ class TrainConfig:
 
     method: str = "dora"
     model: str | None = None
-    data: str | None = None
+    data: str | list[Any] | None = None
     targets: str = DEFAULT_TARGETS
     rank: int = 16
     alpha: float = 32.0
@@ -174,10 +182,15 @@ class TrainConfig:
     sharding: str = "none"
     allow_data_change: bool = False
     early_stopping_patience: int = 0
-    metric_for_best: str = "val_loss"
+    metric_for_best: str | None = None
     sample_prompts: int = 3
     sample_max_new_tokens: int = 32
     compile: bool = False
+    data_weights: list[float] | None = None
+    val_size: float | int = 0.1
+    test_size: float | int = 0.1
+    eval_data: str | None = None
+    test_data: str | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -203,7 +216,8 @@ class TrainConfig:
                              "adapter and trains the base in its --base-dtype: drop --adapter-dtype")
         _choice("gradient_checkpointing", self.gradient_checkpointing, GRADIENT_CHECKPOINTING)
         _choice("sharding", self.sharding, SHARDINGS)
-        _choice("metric_for_best", self.metric_for_best, METRICS_FOR_BEST)
+        if self.metric_for_best is not None:
+            _choice("metric_for_best", self.metric_for_best, METRICS_FOR_BEST)
         for name in ("rank", "grad_accum", "max_length", "eval_batch_size", "val_examples", "log_every",
                      "sample_max_new_tokens"):
             set_(name, _integer(name, getattr(self, name), minimum=1))
@@ -254,7 +268,71 @@ class TrainConfig:
         if self.train_only and self.method != "full":
             raise ValueError(f"train_only={self.train_only!r} needs --method full; adapters train --targets")
         set_("model", None if self.model in (None, "") else str(self.model))
-        set_("data", None if self.data in (None, "") else str(self.data))
+        self._check_data()
+
+    def _check_data(self) -> None:
+        """``data`` as one name or a list of two or more, ``data_weights`` as positive floats, one per source."""
+        from torchdora.app.data.splits import check_size
+
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
+        data, weights = self.data, self.data_weights
+        if isinstance(weights, str):  # key=value: "0.7,0.3" or "0.7 0.3"
+            weights = weights.replace(",", " ").split()
+        if weights is not None and not isinstance(weights, (list, tuple)):
+            weights = [weights]
+        if isinstance(data, (list, tuple)):
+            paths, given = [], []
+            for entry in data:
+                if isinstance(entry, dict):
+                    unknown = sorted(set(entry) - {"path", "weight"})
+                    if unknown or "path" not in entry:
+                        raise ValueError(f"a data entry must be a path or a mapping {{path, weight}}, got {entry!r}")
+                    paths.append(str(entry["path"]))
+                    given.append(entry.get("weight"))
+                else:
+                    paths.append(str(entry))
+                    given.append(None)
+            if any(w is not None for w in given):
+                if weights is not None:
+                    raise ValueError("data weights are given twice (in the data list and as data_weights); keep one")
+                if any(w is None for w in given):
+                    raise ValueError(f"some data entries have a weight and some do not ({data!r}); give every "
+                                     "entry a weight, or none")
+                weights = given
+            data = paths if len(paths) > 1 else (paths[0] if paths else None)
+        else:
+            data = None if data in (None, "") else str(data)
+        if weights is not None:
+            sources = len(data) if isinstance(data, list) else 1
+            numbers = []
+            for w in weights:
+                try:
+                    numbers.append(_number("data_weights", w))
+                except ValueError:
+                    raise ValueError(f"--data-weights must be positive numbers, got {list(weights)!r}") from None
+            if any(w <= 0 for w in numbers):
+                raise ValueError(f"--data-weights must be positive numbers (a source's share of the training mixture), "
+                                 f"got {numbers}; drop a source from --data instead of giving it weight 0")
+            if len(numbers) != sources:
+                raise ValueError(f"--data-weights gives {len(numbers)} weight(s) for {sources} --data source(s); give "
+                                 "one weight per --data, in the same order")
+            weights = numbers
+        set_("data", data)
+        set_("data_weights", weights)
+        set_("val_size", check_size("val_size", self.val_size))
+        set_("test_size", check_size("test_size", self.test_size))
+        for name in ("eval_data", "test_data"):
+            set_(name, None if getattr(self, name) in (None, "") else str(getattr(self, name)))
+
+    @property
+    def best_metric(self) -> str:
+        """The metric that picks the best evaluation: ``metric_for_best``, else ``val_loss``."""
+        return self.metric_for_best or "val_loss"
+
+    @property
+    def data_sources(self) -> list[str]:
+        """The training data's sources (one name or path, or the several mixed)."""
+        return list(self.data) if isinstance(self.data, list) else [self.data or "rotten_tomatoes"]
 
     def _check_magnitude_optimizer(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
