@@ -207,3 +207,48 @@ def test_an_empty_eval_file_is_refused(tiny, tmp_path, capsys):
     assert train(tiny, tmp_path / "out", "--eval-data", str(tmp_path / "empty.jsonl"), "--steps", "2") == 2
     err = capsys.readouterr().err
     assert f"--eval-data {tmp_path / 'empty.jsonl'} has no rows" in err and "Traceback" not in err
+
+
+# ---- files read through datasets' builders ----------------------------------------------------------------------
+def _hf_cache_files() -> set[Path]:
+    import datasets
+
+    root = Path(datasets.config.HF_DATASETS_CACHE)
+    return set(root.rglob("*")) if root.exists() else set()
+
+
+def test_csv_and_parquet_go_through_the_builders_offline_and_leave_no_cache(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from torchdora.app.data.builders import builder_rows
+    from torchdora.app.data.readers import read_rows
+
+    path = tmp_path / "rows.csv"
+    path.write_text('prompt,completion,options\nQ 01,"a, b",\nQ 2,  02,"[""  02"", ""x""]"\n')
+    before = _hf_cache_files()
+    built = builder_rows(path)
+    # every cell as written: no 01 -> 1, no empty cell -> NaN, the quoted comma kept
+    assert built == [{"prompt": "Q 01", "completion": "a, b", "options": ""},
+                     {"prompt": "Q 2", "completion": "  02", "options": '["  02", "x"]'}]
+    assert read_rows(path) == [Example("Q 01", "a, b"), Example("Q 2", "  02", ("  02", "x"))]
+    pq.write_table(pa.table({"text": ["good", "bad"], "label": [1, 0]}), tmp_path / "rows.parquet")
+    assert builder_rows(tmp_path / "rows.parquet") == [{"text": "good", "label": 1}, {"text": "bad", "label": 0}]
+    assert _hf_cache_files() == before
+
+
+def test_when_the_builder_fails_the_error_names_the_line(tmp_path):
+    from torchdora.app.data.builders import builder_rows
+    from torchdora.app.data.readers import read_rows
+
+    path = tmp_path / "bad.csv"
+    path.write_text("prompt,completion\nq1,a1\nq2,a2,extra\n")
+    assert builder_rows(path) is None
+    with pytest.raises(ValueError, match=r"bad.csv:3: row has more cells than the header"):
+        read_rows(path)
+    path.write_text("prompt,completion\nq1,a1\nq2,\n")  # the builder reads it; the schema refuses row 2 (line 3)
+    with pytest.raises(ValueError, match=r"bad.csv:3: field 'completion' is empty"):
+        read_rows(path)
+    path.write_text("prompt,prompt\nq1,a1\n")
+    with pytest.raises(ValueError, match=r"bad.csv:1: the header names column 'prompt' twice"):
+        read_rows(path)
