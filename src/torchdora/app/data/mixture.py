@@ -20,16 +20,18 @@ or read from their own files, and each source's validation split kept apart so i
 from __future__ import annotations
 
 import random
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from torchdora.app.data.loaders import load_dataset
 from torchdora.app.data.readers import read_rows
 from torchdora.app.data.schema import DatasetSplits, Example, resolve_labels
 from torchdora.app.data.splits import TEST_FRACTION, VALIDATION_FRACTION, Size, check_limit
 
-__all__ = ["TrainingData", "source_names", "mix", "load_training_data"]
+__all__ = ["TrainingData", "check_sources", "source_names", "mix", "load_training_data"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,50 @@ class TrainingData:
     splits: DatasetSplits
     validation_by_source: dict[str, list[Example]] = field(default_factory=dict)
     lines: list[str] = field(default_factory=list)  # what to tell the user about the mixture
+
+
+def check_sources(data: Any, weights: Any) -> tuple[str | list[str] | None, list[float] | None]:
+    """``data`` (a name, or a list of names or ``{path, weight}`` mappings) and ``data_weights`` checked: one name
+    or a list of two or more, and positive weights, one per source (``ValueError`` in one line otherwise)."""
+    if isinstance(weights, str):  # key=value: "0.7,0.3" or "0.7 0.3"
+        weights = weights.replace(",", " ").split()
+    if weights is not None and not isinstance(weights, (list, tuple)):
+        weights = [weights]
+    if isinstance(data, (list, tuple)):
+        paths, given = [], []
+        for entry in data:
+            if isinstance(entry, dict):
+                if sorted(set(entry) - {"path", "weight"}) or "path" not in entry:
+                    raise ValueError(f"a data entry must be a path or a mapping {{path, weight}}, got {entry!r}")
+                paths.append(str(entry["path"]))
+                given.append(entry.get("weight"))
+            else:
+                paths.append(str(entry))
+                given.append(None)
+        if any(w is not None for w in given):
+            if weights is not None:
+                raise ValueError("data weights are given twice (in the data list and as data_weights); keep one")
+            if any(w is None for w in given):
+                raise ValueError(f"some data entries have a weight and some do not ({data!r}); give every entry a "
+                                 "weight, or none")
+            weights = given
+        data = paths if len(paths) > 1 else (paths[0] if paths else None)
+    else:
+        data = None if data in (None, "") else str(data)
+    if weights is None:
+        return data, None
+    sources = len(data) if isinstance(data, list) else 1
+    try:
+        numbers = [float(w) if not isinstance(w, bool) else math.nan for w in weights]
+    except (TypeError, ValueError):
+        numbers = [math.nan]
+    if not all(math.isfinite(w) and w > 0 for w in numbers):
+        raise ValueError(f"--data-weights must be positive numbers (each source's share of the training mixture), "
+                         f"got {list(weights)}; drop a source from --data rather than give it weight 0")
+    if len(numbers) != sources:
+        raise ValueError(f"--data-weights gives {len(numbers)} weight(s) for {sources} --data source(s); give one "
+                         "weight per --data, in the same order")
+    return data, numbers
 
 
 def source_names(sources: Sequence[str]) -> list[str]:

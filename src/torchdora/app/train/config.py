@@ -272,51 +272,11 @@ class TrainConfig:
 
     def _check_data(self) -> None:
         """``data`` as one name or a list of two or more, ``data_weights`` as positive floats, one per source."""
+        from torchdora.app.data.mixture import check_sources
         from torchdora.app.data.splits import check_size
 
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
-        data, weights = self.data, self.data_weights
-        if isinstance(weights, str):  # key=value: "0.7,0.3" or "0.7 0.3"
-            weights = weights.replace(",", " ").split()
-        if weights is not None and not isinstance(weights, (list, tuple)):
-            weights = [weights]
-        if isinstance(data, (list, tuple)):
-            paths, given = [], []
-            for entry in data:
-                if isinstance(entry, dict):
-                    unknown = sorted(set(entry) - {"path", "weight"})
-                    if unknown or "path" not in entry:
-                        raise ValueError(f"a data entry must be a path or a mapping {{path, weight}}, got {entry!r}")
-                    paths.append(str(entry["path"]))
-                    given.append(entry.get("weight"))
-                else:
-                    paths.append(str(entry))
-                    given.append(None)
-            if any(w is not None for w in given):
-                if weights is not None:
-                    raise ValueError("data weights are given twice (in the data list and as data_weights); keep one")
-                if any(w is None for w in given):
-                    raise ValueError(f"some data entries have a weight and some do not ({data!r}); give every "
-                                     "entry a weight, or none")
-                weights = given
-            data = paths if len(paths) > 1 else (paths[0] if paths else None)
-        else:
-            data = None if data in (None, "") else str(data)
-        if weights is not None:
-            sources = len(data) if isinstance(data, list) else 1
-            numbers = []
-            for w in weights:
-                try:
-                    numbers.append(_number("data_weights", w))
-                except ValueError:
-                    raise ValueError(f"--data-weights must be positive numbers, got {list(weights)!r}") from None
-            if any(w <= 0 for w in numbers):
-                raise ValueError(f"--data-weights must be positive numbers (a source's share of the training mixture), "
-                                 f"got {numbers}; drop a source from --data instead of giving it weight 0")
-            if len(numbers) != sources:
-                raise ValueError(f"--data-weights gives {len(numbers)} weight(s) for {sources} --data source(s); give "
-                                 "one weight per --data, in the same order")
-            weights = numbers
+        data, weights = check_sources(self.data, self.data_weights)
         set_("data", data)
         set_("data_weights", weights)
         set_("val_size", check_size("val_size", self.val_size))

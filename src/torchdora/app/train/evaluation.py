@@ -25,10 +25,11 @@ from torchdora.app.train.best import METRICS_FOR_BEST
 
 if TYPE_CHECKING:
     from torchdora.app.data import Example
+    from torchdora.app.evaluate import EvalResult
     from torchdora.app.train.run import Run
 
 __all__ = ["MetricFn", "check_custom_metrics", "check_metric_for_best",
-           "validation_loss", "sample_records", "log_samples_table", "validate"]
+           "validation_loss", "sample_records", "log_samples_table", "validate", "score_test"]
 
 #: keys a validation record already has (a custom metric may not take them)
 RESERVED = ("step", "split", "accuracy", "perplexity", "exact_match", "accuracy_note", "val_loss", "loss", "samples")
@@ -184,6 +185,40 @@ def validate(run: "Run", step: int, validation: list["Example"], progress: Any) 
         best.stopped_at = step
         progress.write(f"step {step}: early stopping, no {best.metric} improvement in "
                        f"{best.evals_without_improvement} evaluations (best {best.value:.4f} at step {best.step})")
+
+
+def score_test(run: "Run", test: list["Example"], step: int) -> tuple["EvalResult", str]:
+    """The test split scored after training, with the best adapter when the run kept one (``best-adapter/``, the
+    weights of the best evaluation on ``--metric-for-best``), else with the last weights; and which it was.
+
+    The last weights are put back afterwards: ``adapter/`` is the last step's, ``best-adapter/`` the best one's.
+    FSDP2-sharded runs and full fine-tuning (no best copy is kept) score the last weights.
+    """
+    from torchdora.app.evaluate import EvalResult
+    from torchdora.app.train.outputs import named_trainable
+    from torchdora.io import load_adapter
+
+    if not test:
+        return EvalResult(), "none"
+    best_folder = run.output_dir / "best-adapter"
+    use_best = run.best.step is not None and run.config.method != "full" and not run.sharded
+    if not use_best:
+        after = run.evaluate(test)
+        run.metrics.add({"step": step, "split": "test", "adapter": "last", **after.metrics()})
+        return after, "last"
+    run.accelerator.wait_for_everyone()  # best-adapter/ is complete on disk for every process
+    last = {name: param.detach().clone() for name, param in named_trainable(run.raw_model).items()}
+    load_adapter(run.raw_model, best_folder)
+    try:
+        after = run.evaluate(test)
+    finally:
+        with torch.no_grad():
+            for name, param in named_trainable(run.raw_model).items():
+                param.copy_(last[name])
+    run.say(f"test split scored with best-adapter/ (step {run.best.step}, best {run.best.metric})")
+    run.metrics.add({"step": step, "split": "test", "adapter": "best", "adapter_step": run.best.step,
+                     **after.metrics()})
+    return after, "best"
 
 
 def save_best_adapter(run: "Run", step: int) -> None:

@@ -19,7 +19,9 @@ from torch import Tensor, nn
 
 from torchdora.app.evaluate import EvalResult
 from torchdora.app.train.config import TrainConfig
-from torchdora.app.train.evaluation import MetricFn, check_custom_metrics, check_metric_for_best, validate
+from torchdora.app.train.evaluation import (
+    MetricFn, check_custom_metrics, check_metric_for_best, score_test, validate,
+)
 from torchdora.app.train.optim import param_groups
 from torchdora.app.train.outputs import (
     Metrics,
@@ -338,38 +340,6 @@ def _setup_run_state(run: Run, checkpoint_dir: Path | None, saved_state: Any,
         run.metrics.add({"step": 0, "split": "test", **before.metrics()})
         run.say(f"test split before training: {before.describe()}")
     return position, before
-
-
-def score_test(run: Run, test: list, step: int) -> tuple[EvalResult, str]:
-    """The test split scored after training, with the best adapter when the run kept one (``best-adapter/``, the
-    weights of the best evaluation on ``--metric-for-best``), else with the last weights; and which it was.
-
-    The last weights are put back afterwards: ``adapter/`` is the last step's, ``best-adapter/`` the best one's.
-    FSDP2-sharded runs and full fine-tuning (no best copy is kept) score the last weights.
-    """
-    if not test:
-        return EvalResult(), "none"
-    best_folder = run.output_dir / "best-adapter"
-    use_best = run.best.step is not None and run.config.method != "full" and not run.sharded
-    if not use_best:
-        after = run.evaluate(test)
-        run.metrics.add({"step": step, "split": "test", "adapter": "last", **after.metrics()})
-        return after, "last"
-    from torchdora.io import load_adapter
-
-    run.accelerator.wait_for_everyone()  # best-adapter/ is complete on disk for every process
-    last = {name: param.detach().clone() for name, param in named_trainable(run.raw_model).items()}
-    load_adapter(run.raw_model, best_folder)
-    try:
-        after = run.evaluate(test)
-    finally:
-        with torch.no_grad():
-            for name, param in named_trainable(run.raw_model).items():
-                param.copy_(last[name])
-    run.say(f"test split scored with best-adapter/ (step {run.best.step}, best {run.best.metric})")
-    run.metrics.add({"step": step, "split": "test", "adapter": "best", "adapter_step": run.best.step,
-                     **after.metrics()})
-    return after, "best"
 
 
 def _any_process(accelerator: Any, flag: bool) -> bool:
