@@ -104,7 +104,7 @@ def test_each_source_is_split_on_its_own(tmp_path):
     assert not held_out & {e.prompt for e in data.splits.train}
 
 
-def test_mixture_run_reports_each_sources_val_loss(tiny, tmp_path):
+def test_mixture_run_reports_each_sources_val_loss(tiny, tmp_path, capsys):
     first, second = write(tmp_path / "first.jsonl", rows(30, "f")), write(tmp_path / "second.jsonl", rows(20, "s"))
     code = train(tiny, tmp_path / "run", "--data", str(first), "--data", str(second), "--data-weights", "0.7", "0.3",
                  "--steps", "2", "--eval-every", "2")
@@ -116,6 +116,11 @@ def test_mixture_run_reports_each_sources_val_loss(tiny, tmp_path):
     # the overall loss pools the tokens of both: it lies between the two
     low, high = sorted((record["val_loss/first"], record["val_loss/second"]))
     assert low <= record["val_loss"] <= high
+    # torchdora eval on the run's adapter takes the run's data: the mixture's test split (3 + 2 rows)
+    capsys.readouterr()
+    assert cli.main(["eval", "--adapter", str(tmp_path / "run" / "adapter")]) == 0
+    out = capsys.readouterr()
+    assert "split=test examples=5 " in out.out, out
 
 
 def test_a_yaml_list_of_path_and_weight(tiny, tmp_path):
@@ -125,6 +130,10 @@ def test_a_yaml_list_of_path_and_weight(tiny, tmp_path):
     (tmp_path / "mix.yaml").write_text(f"data:\n  - {{path: {first}, weight: 2}}\n  - {{path: {second}, weight: 1}}\n")
     config = config_from_args(["--config", str(tmp_path / "mix.yaml")])
     assert config.data == [str(first), str(second)] and config.data_weights == [2.0, 1.0]
+    from torchdora.app.train.options import config_to_yaml
+
+    (tmp_path / "printed.yaml").write_text(config_to_yaml(config))  # --print-config reads back as the same config
+    assert config_from_args(["--config", str(tmp_path / "printed.yaml")]) == config
 
 
 # ---- separate files, train on everything ------------------------------------------------------------------------
