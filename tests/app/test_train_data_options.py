@@ -111,6 +111,8 @@ def test_mixture_run_reports_each_sources_val_loss(tiny, tmp_path, capsys):
     assert code == 0
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["data"] == [str(first), str(second)] and config["data_weights"] == [0.7, 0.3]
+    card = (tmp_path / "run" / "adapter" / "README.md").read_text()
+    assert "datasets:\n- first.jsonl\n- second.jsonl\n" in card
     record = next(r for r in read_metrics(tmp_path / "run") if r.get("split") == "validation")
     assert set(record) >= {"val_loss", "val_loss/first", "val_loss/second"}
     # the overall loss pools the tokens of both: it lies between the two

@@ -129,6 +129,8 @@ class TrainConfig:
             improvement (0: never); needs ``eval_every``.
         metric_for_best: ``"val_loss"`` (lower is better) or ``"val_accuracy"`` (higher; needs validation examples
             with options): the best evaluation keeps its adapter in ``best-adapter/`` and its step in ``summary.json``.
+            ``None`` (default): ``val_loss`` (:attr:`best_metric`), and no error when the data has no validation split
+            (given explicitly, a metric the data cannot produce is refused).
         sample_prompts, sample_max_new_tokens: greedy generations of the first N validation prompts (up to this many
             tokens) at every evaluation, in ``metrics.jsonl`` and the trackers' tables (0: none).
         allow_data_change: with ``resume``, continue although the data's fingerprint differs from the checkpoint's
