@@ -31,11 +31,11 @@ separate validation/test files) is put together by :func:`~torchdora.app.data.mi
 
 The modules, by concern: ``schema.py`` (:class:`Example`, :class:`DatasetSplits`, the row schemas), ``readers.py``
 (data files, errors naming file and line), ``builders.py`` (``.csv``/``.parquet``/``.arrow`` through ``datasets``'
-builders), ``mixture.py`` (several sources, weights, eval/test files), ``splits.py`` (group-aware splits), ``builtin.py`` (Rotten Tomatoes,
-BIG-bench), ``hub.py`` (Hugging Face datasets), ``loaders.py`` (:func:`load_dataset`, which picks the source),
-``tokenization.py`` (token ids, collation), ``cutting.py`` (long texts cut before tokenizing), ``chat.py``
-(chat-template rendering and the assistant-only label mask), ``packing.py`` (short examples packed into full
-rows, attention kept per example).
+builders), ``mixture.py`` (several sources, weights, eval/test files), ``splits.py`` (group-aware splits),
+``builtin.py`` (Rotten Tomatoes, BIG-bench), ``hub.py`` (Hugging Face datasets), ``loaders.py``
+(:func:`load_dataset`, which picks the source), ``tokenization.py`` (token ids, collation), ``cutting.py`` (long
+texts cut before tokenizing), ``chat.py`` (chat-template rendering and the assistant-only label mask),
+``packing.py`` (short examples packed into full rows, attention kept per example).
 """
 
 from torchdora.app.data.chat import render_chat, tokenize_chat

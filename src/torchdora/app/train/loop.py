@@ -126,7 +126,8 @@ def _train(config: TrainConfig, signals: StopSignals, held: contextlib.ExitStack
         raise TrainingInterrupted(signum, f"stopped by {signal.Signals(signum).name} before step {position.step + 1}; "
                                           "nothing new to save")
     train_start = time.perf_counter()
-    run.validation_by_source = {name: part[: config.val_examples] for name, part in data_in.validation_by_source.items()}
+    run.validation_by_source = {name: part[: config.val_examples]
+                                for name, part in data_in.validation_by_source.items()}
     validation = ([e for part in run.validation_by_source.values() for e in part] if run.validation_by_source
                   else splits.validation[: config.val_examples])
     train_loop(run, data.sampler, data.loader, position, before, validation, signals, loss)
