@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from test_train import make_tiny_model, one_thread, read_metrics, write_tiny_data  # noqa: F401
+from test_train import make_tiny_model, one_thread, read_metrics, tiny_config, write_tiny_data  # noqa: F401
 from torchdora.app import cli
 from torchdora.app.data import load_dataset
 from torchdora.app.data.mixture import load_training_data, mix
@@ -169,23 +169,33 @@ def test_changed_sizes_count_as_changed_data_for_resume(tiny, tmp_path, capsys):
 
 
 # ---- the best adapter scores the test split -----------------------------------------------------------------------
-def test_after_early_stopping_the_test_split_is_scored_with_best_adapter(tiny, tmp_path):
+def test_after_early_stopping_the_test_split_is_scored_with_best_adapter(tiny, tmp_path, capsys):
     import torchdora
     from torchdora.app.evaluate import evaluate_examples
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    # lr 10 diverges from the best (first) evaluation on: the last adapter is not the best one
-    code = train(tiny, tmp_path / "run", "--steps", "8", "--eval-every", "2", "--early-stopping-patience", "2",
-                 "--lr", "0.5", "--max-grad-norm", "0")
-    assert code == 0
+    from torchdora.app.train import train as train_api
+    from torchdora.app.train.run import compute_loss
+
+    def ascent(model, batch):  # gradient ascent: the validation loss rises after the first evaluation
+        loss, count = compute_loss(model, batch)
+        return -loss, count
+
+    train_api(tiny_config(tiny[0], tiny[1], tmp_path / "run", steps=8, eval_every=2, early_stopping_patience=2,
+                          sample_prompts=0, warmup_steps=0), loss=ascent)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["test_scored_with"] == "best-adapter" and summary["test_scored_step"] == summary["best_step"]
+    assert summary["early_stopped_at"] == summary["steps"] > summary["best_step"]  # the last adapter is not the best
+    assert f"scored after    with best-adapter/ (step {summary['best_step']};" in capsys.readouterr().out
     model = AutoModelForCausalLM.from_pretrained(tiny[0]).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny[0])
     torchdora.load_adapter(model, tmp_path / "run" / "best-adapter")
     test = load_dataset(tiny[1], max_eval=16).test
     expected = evaluate_examples(model, tokenizer, test, 96, 16)
     assert summary["perplexity_after"] == pytest.approx(expected.perplexity, rel=1e-5)
+    last = AutoModelForCausalLM.from_pretrained(tiny[0]).eval()
+    torchdora.load_adapter(last, tmp_path / "run" / "adapter")  # the last step's weights score differently
+    assert evaluate_examples(last, tokenizer, test, 96, 16).perplexity != pytest.approx(expected.perplexity, rel=1e-3)
     record = [r for r in read_metrics(tmp_path / "run") if r.get("split") == "test"][-1]
     assert record["adapter"] == "best" and record["adapter_step"] == summary["best_step"]
 

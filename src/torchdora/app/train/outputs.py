@@ -321,14 +321,14 @@ def print_summary(config: TrainConfig, result: TrainResult, after: EvalResult) -
                 if after.n_scored else "none")
     if after.accuracy_note is not None:
         accuracy += f"  (note: {after.accuracy_note})"
-    if result.test_adapter == "best":
-        accuracy += f"  (after: best-adapter/ of step {result.best['step']})"
     print(
         f"\n== torchdora train: {config.method}, {result.steps} steps ==\n"
         f"test accuracy   {accuracy}\n"
         f"perplexity      {result.perplexity_before:.3f} -> {result.perplexity_after:.3f}\n"
         + (f"exact match     {result.exact_match_before:.4f} -> {result.exact_match_after:.4f}  "
            f"({after.n_generated} short answers, greedy)\n" if after.n_generated else "") +
+        (f"scored after    with best-adapter/ (step {result.best['step']}; adapter/ is the last step's)\n"
+           if result.test_adapter == "best" else "") +
         f"final loss      {result.final_loss:.4f}\n"
         f"wall time       {result.wall_time_s:.1f} s (training {result.train_time_s:.1f} s)\n"
         f"peak RSS        {result.peak_rss_mb:.0f} MiB\n"
