@@ -52,12 +52,14 @@ def card_text(base_model: str, library_name: str, config: Mapping[str, Any], res
     method = str(config.get("method", "dora"))
     shown = {k: v for k, v in results.items() if v is not None and not (isinstance(v, float) and not math.isfinite(v))}
     metrics = sorted({RESULT_KEYS[k] for k in shown if RESULT_KEYS.get(k)})
+    data = config.get("data")
+    datasets = [_dataset_name(d) for d in data] if isinstance(data, (list, tuple)) else [_dataset_name(data)]
     header = {"base_model": base_model, "library_name": library_name, "pipeline_tag": "text-generation",
               "tags": ["torchdora", *METHOD_TAGS.get(method, [method])] + (["peft"] if library_name == "peft" else []),
-              "datasets": [_dataset_name(config.get("data"))], "metrics": metrics}
+              "datasets": datasets, "metrics": metrics}
     lines = ["---", yaml.safe_dump(header, sort_keys=False).rstrip(), "---", "", f"# {title}", "",
              f"{METHOD_NAMES.get(method, method)} fine-tuning of `{base_model}` on "
-             f"`{_dataset_name(config.get('data'))}` with torchdora "
+             f"{' + '.join(f'`{d}`' for d in datasets)} with torchdora "
              "(DoRA: Liu et al., ICML 2024, arXiv 2402.09353)." + (f" {note}" if note else ""), "",
              "## Usage", "", "```python", usage.strip(), "```", "", "## Results", ""]
     if results:

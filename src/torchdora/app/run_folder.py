@@ -13,7 +13,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["run_of_adapter", "eval_defaults"]
+__all__ = ["run_of_adapter", "eval_defaults", "run_data_settings"]
+
+#: the settings of a run's config that choose its splits, as :func:`torchdora.app.data.mixture.load_training_data`
+#: takes them (missing in configs written before they existed: their defaults)
+DATA_SETTINGS = ("data", "data_weights", "val_size", "test_size", "eval_data", "test_data")
 
 
 def run_of_adapter(adapter: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]] | None:
@@ -41,4 +45,13 @@ def eval_defaults(config: Any) -> tuple[Any, str | None]:
     seed = int(run.get("seed", 0)) if config.seed is None else config.seed
     note = (f"data: {run['data']} ({config.split} split, seed {seed}), from {Path(config.adapter).resolve().parent}"
             "/config.json; pass --data to evaluate on other data")
-    return dataclasses.replace(config, data=str(run["data"]), seed=seed), note
+    data = run["data"] if isinstance(run["data"], str) else ",".join(map(str, run["data"]))
+    return dataclasses.replace(config, data=data, seed=seed), note
+
+
+def run_data_settings(adapter: str | os.PathLike | None) -> dict[str, Any] | None:
+    """The data settings (:data:`DATA_SETTINGS`) of the run an adapter was trained in (``None``: not in a run)."""
+    found = run_of_adapter(adapter) if adapter is not None else None
+    if found is None or not found[0].get("data"):
+        return None
+    return {key: found[0][key] for key in DATA_SETTINGS if key in found[0]}

@@ -25,14 +25,17 @@ Sources understood by :func:`load_dataset`:
   needs network access).
 
 Every row is kept: rows that share a prompt go to the same split (:mod:`~torchdora.app.data.splits`), so no
-prompt is both trained on and tested.
+prompt is both trained on and tested. The validation and test sizes are 0.1 and 0.1 of the rows by default
+(``val_size``/``test_size``: a fraction, a count, or 0 for none). A run's data (several sources mixed with weights,
+separate validation/test files) is put together by :func:`~torchdora.app.data.mixture.load_training_data`.
 
 The modules, by concern: ``schema.py`` (:class:`Example`, :class:`DatasetSplits`, the row schemas), ``readers.py``
-(data files, errors naming file and line), ``splits.py`` (group-aware splits), ``builtin.py`` (Rotten Tomatoes,
-BIG-bench), ``hub.py`` (Hugging Face datasets), ``loaders.py`` (:func:`load_dataset`, which picks the source),
-``tokenization.py`` (token ids, collation), ``cutting.py`` (long texts cut before tokenizing), ``chat.py``
-(chat-template rendering and the assistant-only label mask), ``packing.py`` (short examples packed into full
-rows, attention kept per example).
+(data files, errors naming file and line), ``builders.py`` (``.csv``/``.parquet``/``.arrow`` through ``datasets``'
+builders), ``mixture.py`` (several sources, weights, eval/test files), ``splits.py`` (group-aware splits),
+``builtin.py`` (Rotten Tomatoes, BIG-bench), ``hub.py`` (Hugging Face datasets), ``loaders.py``
+(:func:`load_dataset`, which picks the source), ``tokenization.py`` (token ids, collation), ``cutting.py`` (long
+texts cut before tokenizing), ``chat.py`` (chat-template rendering and the assistant-only label mask),
+``packing.py`` (short examples packed into full rows, attention kept per example).
 """
 
 from torchdora.app.data.chat import render_chat, tokenize_chat

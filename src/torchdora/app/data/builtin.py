@@ -12,7 +12,7 @@ from pathlib import Path
 
 from torchdora.app.data.readers import load_file
 from torchdora.app.data.schema import DatasetSplits, Example
-from torchdora.app.data.splits import check_limit, finish, split
+from torchdora.app.data.splits import TEST_FRACTION, VALIDATION_FRACTION, Size, check_limit, finish, split
 
 __all__ = ["DEFAULT_DATASET", "SENTIMENT_OPTIONS", "load_rotten_tomatoes", "bigbench_dir", "load_bigbench_task"]
 
@@ -52,6 +52,8 @@ def load_rotten_tomatoes(
     balance: bool = True,
     max_train: int | None = None,
     max_eval: int | None = None,
+    val_size: Size = VALIDATION_FRACTION,
+    test_size: Size = TEST_FRACTION,
 ) -> DatasetSplits:
     """Rotten Tomatoes review snippets as positive/negative sentiment examples.
 
@@ -90,8 +92,8 @@ def load_rotten_tomatoes(
         rng = random.Random(seed)
         size = min(len(group) for group in groups)
         groups = [rng.sample(group, size) if len(group) > size else group for group in groups]
-    train, validation, test = split([e for group in groups for e in group], seed, str(path))
-    return finish(train, validation, test, str(path), max_train, max_eval)
+    train, validation, test = split([e for group in groups for e in group], seed, str(path), val_size, test_size)
+    return finish(train, validation, test, str(path), max_train, max_eval, val_size, test_size)
 
 
 def bigbench_dir() -> Path | None:
@@ -101,9 +103,10 @@ def bigbench_dir() -> Path | None:
 
 
 def load_bigbench_task(
-    task: str, seed: int = 0, max_train: int | None = None, max_eval: int | None = None
+    task: str, seed: int = 0, max_train: int | None = None, max_eval: int | None = None,
+    val_size: Size = VALIDATION_FRACTION, test_size: Size = TEST_FRACTION,
 ) -> DatasetSplits:
-    """A JSON task of the installed ``bigbench`` package, split 80/10/10.
+    """A JSON task of the installed ``bigbench`` package, split 80/10/10 (by default).
 
     ``task`` is the folder name under ``bigbench/benchmark_tasks`` (for
     subtasks ``"<task>/<subtask>"``).
@@ -121,4 +124,5 @@ def load_bigbench_task(
             f"BIG-bench has no JSON task {task!r} ({path} does not exist); task names are "
             f"the folder names under {tasks}"
         )
-    return finish(*split(load_file(path), seed, str(path)), str(path), max_train, max_eval)
+    return finish(*split(load_file(path), seed, str(path), val_size, test_size), str(path), max_train, max_eval,
+                  val_size, test_size)

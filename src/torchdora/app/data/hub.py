@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from torchdora.app.data.schema import DatasetSplits, parse_row, resolve_labels
-from torchdora.app.data.splits import SPLIT_STEMS, fill_missing_splits, finish, split
+from torchdora.app.data.splits import SPLIT_STEMS, Size, fill_missing_splits, finish, split
 
 __all__ = ["is_saved_dataset", "load_saved_dataset", "load_hub_dataset"]
 
@@ -28,7 +28,7 @@ def _hf_rows(split_rows: Iterable[Mapping[str, Any]], features: Any) -> Iterator
 
 
 def _hf_splits(loaded: Mapping[str, Any], where: str, seed: int, max_train: int | None,
-               max_eval: int | None) -> DatasetSplits:
+               max_eval: int | None, sizes: tuple[Size, Size] = (0.1, 0.1)) -> DatasetSplits:
     """The splits of a ``DatasetDict`` (hub or ``save_to_disk``); missing validation/test carved from train."""
     split_names = {name: next((s for s in stems if s in loaded), None) for name, stems in SPLIT_STEMS.items()}
     if split_names["train"] is None:
@@ -44,11 +44,12 @@ def _hf_splits(loaded: Mapping[str, Any], where: str, seed: int, max_train: int 
     parts = dict(zip(present, resolve_labels(rows), strict=True))
     if not parts["train"]:
         raise ValueError(f"The train split of {where} is empty.")
-    parts = fill_missing_splits(parts, seed, where)
-    return finish(parts["train"], parts["validation"], parts["test"], where, max_train, max_eval)
+    parts = fill_missing_splits(parts, seed, where, *sizes)
+    return finish(parts["train"], parts["validation"], parts["test"], where, max_train, max_eval, *sizes)
 
 
-def load_hub_dataset(name: str, seed: int, max_train: int | None, max_eval: int | None) -> DatasetSplits:
+def load_hub_dataset(name: str, seed: int, max_train: int | None, max_eval: int | None,
+                     sizes: tuple[Size, Size] = (0.1, 0.1)) -> DatasetSplits:
     """``datasets.load_dataset(name)``; a name that cannot be loaded (offline, unknown) is a ``ValueError``."""
     import datasets  # optional dependency
 
@@ -59,7 +60,7 @@ def load_hub_dataset(name: str, seed: int, max_train: int | None, max_eval: int 
             f"Hugging Face dataset {name!r} could not be loaded ({err}). Check the name, or without a network "
             "pass a local file or folder (.jsonl/.json/.csv/.parquet/.arrow, or a save_to_disk folder)"
         ) from None
-    return _hf_splits(loaded, f"Hugging Face dataset {name!r}", seed, max_train, max_eval)
+    return _hf_splits(loaded, f"Hugging Face dataset {name!r}", seed, max_train, max_eval, sizes)
 
 
 def is_saved_dataset(folder: Path) -> bool:
@@ -67,7 +68,8 @@ def is_saved_dataset(folder: Path) -> bool:
     return any((folder / name).is_file() for name in ("dataset_dict.json", "state.json", "dataset_info.json"))
 
 
-def load_saved_dataset(folder: Path, seed: int, max_train: int | None, max_eval: int | None) -> DatasetSplits:
+def load_saved_dataset(folder: Path, seed: int, max_train: int | None, max_eval: int | None,
+                       sizes: tuple[Size, Size] = (0.1, 0.1)) -> DatasetSplits:
     """A ``save_to_disk`` folder, read offline with ``datasets.load_from_disk``."""
     try:
         import datasets
@@ -79,6 +81,6 @@ def load_saved_dataset(folder: Path, seed: int, max_train: int | None, max_eval:
     loaded = datasets.load_from_disk(str(folder))
     where = f"saved dataset {folder}"
     if isinstance(loaded, datasets.DatasetDict):
-        return _hf_splits(loaded, where, seed, max_train, max_eval)
+        return _hf_splits(loaded, where, seed, max_train, max_eval, sizes)
     rows = [parse_row(row, f"{where} row {i}") for i, row in enumerate(_hf_rows(loaded, loaded.features), start=1)]
-    return finish(*split(resolve_labels([rows])[0], seed, where), where, max_train, max_eval)
+    return finish(*split(resolve_labels([rows])[0], seed, where, *sizes), where, max_train, max_eval, *sizes)

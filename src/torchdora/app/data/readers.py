@@ -6,8 +6,10 @@ Text files must be UTF-8 (a leading byte-order mark is dropped). A JSON object t
 that repeats a column, is refused rather than silently keeping the last value. Only regular files are opened: a
 FIFO or a device (``/dev/zero``) would block or never end.
 
-These readers stay ours rather than ``datasets``' json/csv builders: the builders report neither the line of a
-bad row nor repeated keys, and would make ``datasets`` a requirement of training from a JSON Lines file.
+``.csv``, ``.parquet`` and ``.arrow`` files are read by ``datasets``' builders (:mod:`~torchdora.app.data.builders`)
+when it is installed (the ``train`` extra has it); when a builder fails, or a row it read does not fit a schema, the
+file is read again here, and the error names the line. JSON and JSON Lines are read here: ``datasets``' ``json``
+builder (pyarrow) does not refuse a key repeated inside a nested object (see ``builders.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from torchdora.app.data.builders import BUILDERS, builder_rows
 from torchdora.app.data.schema import Example, Row, parse_row, resolve_labels
 
 __all__ = ["SUFFIXES", "DuplicateKeyError", "unique_keys", "check_regular_file", "read_text", "read_rows",
@@ -217,6 +220,13 @@ def read_rows(path: Path) -> list[Row]:
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise ValueError(f"Unsupported data file {path}: use .jsonl, .json, .csv, .parquet or .arrow")
+    if suffix in BUILDERS:
+        built = builder_rows(path)  # None: no datasets, or its builder failed; then the reading below says why
+        if built is not None:
+            try:
+                return [parse_row(row, f"{path} row {index}") for index, row in enumerate(built, start=1)]
+            except ValueError:
+                pass  # read again below, for a message that names the line
     if suffix in (".parquet", ".arrow"):
         items: Iterable[tuple[int, Any]] = enumerate(_arrow_rows(path), start=1)
     elif suffix == ".csv":

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None, loss: LossFn = compute_loss) -> int:
 
             print(config_to_yaml(config.resolved(world_size())), end="")
             return 0
-        missing = missing_assets(config.model, config.data)
+        missing = missing_assets(config.model, min(config.data_sources, key=lambda d: d != "rotten_tomatoes"))
         if missing is not None:
             print(f"torchdora train: {missing}", file=sys.stderr)
             return 2

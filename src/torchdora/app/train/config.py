@@ -56,7 +56,15 @@ class TrainConfig:
             ``A``/``B``, trained vectors ``d``, ``b``), ``"dvora"`` (VeRA's update with DoRA's magnitude, DoRA paper
             §5.4) or ``"full"`` (every parameter trains). VeRA/DVoRA have no scale: ``alpha`` does not apply.
         model: model name or local folder (:func:`torchdora.app.assets.resolve_model`); ``None``: SmolLM2-135M-Instruct.
-        data: dataset name or path (:func:`torchdora.app.data.load_dataset`); ``None``: Rotten Tomatoes.
+        data: dataset name or path (:func:`torchdora.app.data.load_dataset`); ``None``: Rotten Tomatoes. A list
+            of several (names or paths, or ``{path, weight}`` mappings in a config file) mixes them
+            (:mod:`torchdora.app.data.mixture`).
+        data_weights: with several ``data`` sources, the share of the training mixture each gives (positive
+            numbers, one per source, normalised to sum to 1); ``None``: every training example once.
+        val_size, test_size: the validation and test splits cut from the training data: a fraction of the rows in
+            (0, 1), a number of rows, or 0 for none (0.1 each by default: 80/10/10).
+        eval_data, test_data: a file (or name) whose rows are the validation / test split instead; then that split
+            is not cut from ``data``.
         targets: comma-separated module names/suffixes, or ``"all-linear"``.
         rank, alpha, dropout: the adapter's ``r``, ``alpha`` (scale ``alpha / r``) and input dropout (the paper
             uses 0.05; the default 0 keeps DoRA's single base product, which matters on a CPU).
@@ -121,6 +129,8 @@ class TrainConfig:
             improvement (0: never); needs ``eval_every``.
         metric_for_best: ``"val_loss"`` (lower is better) or ``"val_accuracy"`` (higher; needs validation examples
             with options): the best evaluation keeps its adapter in ``best-adapter/`` and its step in ``summary.json``.
+            ``None`` (default): ``val_loss`` (:attr:`best_metric`), and no error when the data has no validation split
+            (given explicitly, a metric the data cannot produce is refused).
         sample_prompts, sample_max_new_tokens: greedy generations of the first N validation prompts (up to this many
             tokens) at every evaluation, in ``metrics.jsonl`` and the trackers' tables (0: none).
         allow_data_change: with ``resume``, continue although the data's fingerprint differs from the checkpoint's
@@ -129,7 +139,7 @@ class TrainConfig:
 
     method: str = "dora"
     model: str | None = None
-    data: str | None = None
+    data: str | list[Any] | None = None
     targets: str = DEFAULT_TARGETS
     rank: int = 16
     alpha: float = 32.0
@@ -174,10 +184,15 @@ class TrainConfig:
     sharding: str = "none"
     allow_data_change: bool = False
     early_stopping_patience: int = 0
-    metric_for_best: str = "val_loss"
+    metric_for_best: str | None = None
     sample_prompts: int = 3
     sample_max_new_tokens: int = 32
     compile: bool = False
+    data_weights: list[float] | None = None
+    val_size: float | int = 0.1
+    test_size: float | int = 0.1
+    eval_data: str | None = None
+    test_data: str | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -203,7 +218,8 @@ class TrainConfig:
                              "adapter and trains the base in its --base-dtype: drop --adapter-dtype")
         _choice("gradient_checkpointing", self.gradient_checkpointing, GRADIENT_CHECKPOINTING)
         _choice("sharding", self.sharding, SHARDINGS)
-        _choice("metric_for_best", self.metric_for_best, METRICS_FOR_BEST)
+        if self.metric_for_best is not None:
+            _choice("metric_for_best", self.metric_for_best, METRICS_FOR_BEST)
         for name in ("rank", "grad_accum", "max_length", "eval_batch_size", "val_examples", "log_every",
                      "sample_max_new_tokens"):
             set_(name, _integer(name, getattr(self, name), minimum=1))
@@ -254,7 +270,31 @@ class TrainConfig:
         if self.train_only and self.method != "full":
             raise ValueError(f"train_only={self.train_only!r} needs --method full; adapters train --targets")
         set_("model", None if self.model in (None, "") else str(self.model))
-        set_("data", None if self.data in (None, "") else str(self.data))
+        self._check_data()
+
+    def _check_data(self) -> None:
+        """``data`` as one name or a list of two or more, ``data_weights`` as positive floats, one per source."""
+        from torchdora.app.data.mixture import check_sources
+        from torchdora.app.data.splits import check_size
+
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
+        data, weights = check_sources(self.data, self.data_weights)
+        set_("data", data)
+        set_("data_weights", weights)
+        set_("val_size", check_size("val_size", self.val_size))
+        set_("test_size", check_size("test_size", self.test_size))
+        for name in ("eval_data", "test_data"):
+            set_(name, None if getattr(self, name) in (None, "") else str(getattr(self, name)))
+
+    @property
+    def best_metric(self) -> str:
+        """The metric that picks the best evaluation: ``metric_for_best``, else ``val_loss``."""
+        return self.metric_for_best or "val_loss"
+
+    @property
+    def data_sources(self) -> list[str]:
+        """The training data's sources (one name or path, or the several mixed)."""
+        return list(self.data) if isinstance(self.data, list) else [self.data or "rotten_tomatoes"]
 
     def _check_magnitude_optimizer(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)

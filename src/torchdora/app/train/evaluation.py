@@ -25,10 +25,11 @@ from torchdora.app.train.best import METRICS_FOR_BEST
 
 if TYPE_CHECKING:
     from torchdora.app.data import Example
+    from torchdora.app.evaluate import EvalResult
     from torchdora.app.train.run import Run
 
 __all__ = ["MetricFn", "check_custom_metrics", "check_metric_for_best",
-           "validation_loss", "sample_records", "log_samples_table", "validate"]
+           "validation_loss", "sample_records", "log_samples_table", "validate", "score_test"]
 
 #: keys a validation record already has (a custom metric may not take them)
 RESERVED = ("step", "split", "accuracy", "perplexity", "exact_match", "accuracy_note", "val_loss", "loss", "samples")
@@ -48,14 +49,20 @@ def check_custom_metrics(metrics: Mapping[str, MetricFn] | None) -> dict[str, Me
     return checked
 
 
-def check_metric_for_best(metric: str, patience: int, eval_every: int, validation: Sequence["Example"]) -> None:
-    """Refuse, in one line, early stopping or a best checkpoint the data or settings cannot produce."""
+def check_metric_for_best(metric: str | None, patience: int, eval_every: int,
+                          validation: Sequence["Example"]) -> None:
+    """Refuse, in one line, early stopping or a best checkpoint the data or settings cannot produce (``metric``:
+    the ``--metric-for-best`` given, ``None`` for the default ``val_loss``, which data without a validation split
+    simply does without)."""
     if patience and not eval_every:
         raise ValueError(f"--early-stopping-patience {patience} needs evaluations: set --eval-every N (> 0)")
-    if (patience or eval_every) and not validation:
+    if not validation:
         if patience:
             raise ValueError("--early-stopping-patience needs validation examples, and the data has none; give "
-                             "data with a validation split or drop --early-stopping-patience")
+                             "--val-size (> 0) or --eval-data FILE, or drop --early-stopping-patience")
+        if metric is not None:
+            raise ValueError(f"--metric-for-best {metric} needs validation examples, and the data has none "
+                             "(--val-size 0?); give --val-size (> 0) or --eval-data FILE, or drop --metric-for-best")
         return
     if metric == "val_accuracy" and not any(len(e.options) > 1 for e in validation):
         raise ValueError("--metric-for-best val_accuracy needs validation examples with two or more options (multiple "
@@ -123,27 +130,44 @@ def log_samples_table(accelerator: Any, samples: list[dict[str, str]], step: int
             tracker.log({"validation_samples": "\n".join(lines)}, step=step)
 
 
+def _loss_sums(run: "Run", examples: list["Example"]) -> tuple[float, int]:
+    """:func:`validation_loss` over ``examples``, shared among the processes (FSDP: each scores all of them)."""
+    config, acc = run.config, run.accelerator
+    if run.sharded:  # FSDP: every forward is a collective, so every process scores every example
+        return validation_loss(run.raw_model, run.tokenizer, examples, config.max_length, config.eval_batch_size,
+                               acc.autocast)
+    shard = examples[acc.process_index :: acc.num_processes]
+    total, count = validation_loss(run.raw_model, run.tokenizer, shard, config.max_length, config.eval_batch_size,
+                                   acc.autocast)
+    if acc.num_processes > 1:
+        sums = acc.reduce(torch.tensor([total, count], dtype=torch.float64, device=acc.device), reduction="sum")
+        total, count = float(sums[0]), int(sums[1])
+    return total, count
+
+
 def validate(run: "Run", step: int, validation: list["Example"], progress: Any) -> None:
-    """One periodic evaluation after optimizer step ``step``: metrics, samples, best adapter, early stopping."""
+    """One periodic evaluation after optimizer step ``step``: metrics, samples, best adapter, early stopping.
+
+    With several training sources (``run.validation_by_source``, whose union is ``validation``) each source's loss
+    is recorded as ``val_loss/<name>`` too; ``val_loss`` pools their tokens, as for one validation split.
+    """
     config, acc = run.config, run.accelerator
     result = run.evaluate(validation)
-    if run.sharded:  # FSDP: every forward is a collective, so every process scores every example
-        total, count = validation_loss(run.raw_model, run.tokenizer, validation, config.max_length,
-                                       config.eval_batch_size, acc.autocast)
+    per_source = {}
+    if run.validation_by_source:
+        sums = {name: _loss_sums(run, part) for name, part in run.validation_by_source.items()}
+        total, count = sum(t for t, _ in sums.values()), sum(c for _, c in sums.values())
+        per_source = {f"val_loss/{name}": t / c if c else float("nan") for name, (t, c) in sums.items()}
     else:
-        shard = validation[acc.process_index :: acc.num_processes]
-        total, count = validation_loss(run.raw_model, run.tokenizer, shard, config.max_length,
-                                       config.eval_batch_size, acc.autocast)
-        if acc.num_processes > 1:
-            sums = acc.reduce(torch.tensor([total, count], dtype=torch.float64, device=acc.device), reduction="sum")
-            total, count = float(sums[0]), int(sums[1])
+        total, count = _loss_sums(run, validation)
     record = {"step": step, "split": "validation", "val_loss": total / count if count else float("nan"),
-              **result.metrics()}
+              **per_source, **result.metrics()}
     run.raw_model.eval()
     for name, fn in run.custom_metrics.items():
         record[name] = float(fn(run.raw_model, run.tokenizer, list(validation)))
     run.metrics.add(record)
     extra = "".join(f", {k} {record[k]:.4f}" for k in run.custom_metrics)
+    extra += "".join(f", {k} {v:.4f}" for k, v in per_source.items())
     progress.write(f"step {step}: validation val_loss {record['val_loss']:.4f}, {result.describe()}{extra}")
     if config.sample_prompts and not run.sharded:  # FSDP: generation lengths differ by process, no lockstep
         samples = sample_records(run.raw_model, run.tokenizer, validation[: config.sample_prompts],
@@ -161,6 +185,40 @@ def validate(run: "Run", step: int, validation: list["Example"], progress: Any) 
         best.stopped_at = step
         progress.write(f"step {step}: early stopping, no {best.metric} improvement in "
                        f"{best.evals_without_improvement} evaluations (best {best.value:.4f} at step {best.step})")
+
+
+def score_test(run: "Run", test: list["Example"], step: int) -> tuple["EvalResult", str]:
+    """The test split scored after training, with the best adapter when the run kept one (``best-adapter/``, the
+    weights of the best evaluation on ``--metric-for-best``), else with the last weights; and which it was.
+
+    The last weights are put back afterwards: ``adapter/`` is the last step's, ``best-adapter/`` the best one's.
+    FSDP2-sharded runs and full fine-tuning (no best copy is kept) score the last weights.
+    """
+    from torchdora.app.evaluate import EvalResult
+    from torchdora.app.train.outputs import named_trainable
+    from torchdora.io import load_adapter
+
+    if not test:
+        return EvalResult(), "none"
+    best_folder = run.output_dir / "best-adapter"
+    use_best = run.best.step is not None and run.config.method != "full" and not run.sharded
+    if not use_best:
+        after = run.evaluate(test)
+        run.metrics.add({"step": step, "split": "test", "adapter": "last", **after.metrics()})
+        return after, "last"
+    run.accelerator.wait_for_everyone()  # best-adapter/ is complete on disk for every process
+    last = {name: param.detach().clone() for name, param in named_trainable(run.raw_model).items()}
+    load_adapter(run.raw_model, best_folder)
+    try:
+        after = run.evaluate(test)
+    finally:
+        with torch.no_grad():
+            for name, param in named_trainable(run.raw_model).items():
+                param.copy_(last[name])
+    run.say(f"test split scored with best-adapter/ (step {run.best.step}, best {run.best.metric})")
+    run.metrics.add({"step": step, "split": "test", "adapter": "best", "adapter_step": run.best.step,
+                     **after.metrics()})
+    return after, "best"
 
 
 def save_best_adapter(run: "Run", step: int) -> None:

@@ -19,7 +19,9 @@ from torch import Tensor, nn
 
 from torchdora.app.evaluate import EvalResult
 from torchdora.app.train.config import TrainConfig
-from torchdora.app.train.evaluation import MetricFn, check_custom_metrics, check_metric_for_best, validate
+from torchdora.app.train.evaluation import (
+    MetricFn, check_custom_metrics, check_metric_for_best, score_test, validate,
+)
 from torchdora.app.train.optim import param_groups
 from torchdora.app.train.outputs import (
     Metrics,
@@ -94,10 +96,12 @@ class _Data:
 def _train(config: TrainConfig, signals: StopSignals, held: contextlib.ExitStack, loss: LossFn,
            custom_metrics: dict[str, MetricFn]) -> TrainResult:
     start_wall = time.perf_counter()
-    config, output_dir, (checkpoint_dir, saved_state), splits, source, fingerprint = _check_inputs(config, held)
+    config, output_dir, (checkpoint_dir, saved_state), data_in, source, fingerprint = _check_inputs(config, held)
+    splits = data_in.splits
     accelerator, fsdp = _setup_accelerator(config, output_dir)
     model, tokenizer, (trainable, total) = _setup_model(config, source, accelerator, fsdp)
     items, lines = _tokenize_train(config, splits, tokenizer)
+    lines[1:1] = data_in.lines
     recomputed = _choose_recompute(config, model, items)
     data = _setup_data(config, items, lines, model, tokenizer, accelerator, fsdp)
     if config.compile:
@@ -122,14 +126,16 @@ def _train(config: TrainConfig, signals: StopSignals, held: contextlib.ExitStack
         raise TrainingInterrupted(signum, f"stopped by {signal.Signals(signum).name} before step {position.step + 1}; "
                                           "nothing new to save")
     train_start = time.perf_counter()
-    train_loop(run, data.sampler, data.loader, position, before, splits.validation[: config.val_examples], signals,
-               loss)
+    run.validation_by_source = {name: part[: config.val_examples]
+                                for name, part in data_in.validation_by_source.items()}
+    validation = ([e for part in run.validation_by_source.values() for e in part] if run.validation_by_source
+                  else splits.validation[: config.val_examples])
+    train_loop(run, data.sampler, data.loader, position, before, validation, signals, loss)
     train_time = time.perf_counter() - train_start
     if _any_process(accelerator, signals.signum is not None):  # arrived after the last step's checkpoint
         raise interrupted(run, signals.signum or signal.SIGTERM, position.step)
 
-    after = run.evaluate(splits.test)
-    run.metrics.add({"step": position.step, "split": "test", **after.metrics()})
+    after, scored_with = score_test(run, splits.test, position.step)
     losses = [r["loss"] for r in run.metrics.records if "loss" in r]
     peaks = accelerator.gather(torch.tensor([peak_rss_mb()], dtype=torch.float64, device=accelerator.device))
     result = TrainResult(
@@ -139,6 +145,7 @@ def _train(config: TrainConfig, signals: StopSignals, held: contextlib.ExitStack
         final_loss=losses[-1] if losses else float("nan"), wall_time_s=time.perf_counter() - start_wall,
         train_time_s=train_time, peak_rss_mb=peak_rss_mb(), trainable_params=trainable, total_params=total,
         losses=losses, peak_rss_mb_per_process=[round(x, 1) for x in peaks.tolist()], best=run.best.to_dict(),
+        test_adapter=scored_with,
     )
     write_outputs(run.raw_model, tokenizer, config, result, run.metrics, after)  # collective; the main one writes
     if run.main_process:
@@ -156,7 +163,7 @@ def _check_inputs(config: TrainConfig, held: contextlib.ExitStack
     (locked for the run's life in ``held``), the checkpoint to resume (and its saved state), the data's splits
     (and their fingerprint, checked against the resumed run's) and the model's source."""
     from torchdora.app.assets import resolve_model
-    from torchdora.app.data import load_dataset
+    from torchdora.app.data.mixture import load_training_data
 
     processes = world_size()  # from torchrun's / accelerate's environment; the group starts below
     config = config.resolved(processes)  # a per-device batch size becomes the global one
@@ -166,14 +173,17 @@ def _check_inputs(config: TrainConfig, held: contextlib.ExitStack
     held.enter_context(RunFolderLock(output_dir, resume_run))
     check_output_dir(output_dir, resume_run)
     config = dataclasses.replace(config, output_dir=str(output_dir))
-    splits = load_dataset(config.data, seed=config.seed, max_train=config.max_train, max_eval=config.max_eval)
-    fingerprint = data_fingerprint(splits.items())
-    check_metric_for_best(config.metric_for_best, config.early_stopping_patience, config.eval_every, splits.validation)
+    data = load_training_data(config.data, seed=config.seed, max_train=config.max_train, max_eval=config.max_eval,
+                              val_size=config.val_size, test_size=config.test_size, eval_data=config.eval_data,
+                              test_data=config.test_data, data_weights=config.data_weights)
+    fingerprint = data_fingerprint(data.splits.items())
+    check_metric_for_best(config.metric_for_best, config.early_stopping_patience, config.eval_every,
+                          data.splits.validation)
     check_data_unchanged(config, saved_state, fingerprint)
     source = resolve_model(config.model)
     check_model_before_loading(source, config)
     prepare_trackers(config.trackers)
-    return config, output_dir, (checkpoint_dir, saved_state), splits, source, fingerprint
+    return config, output_dir, (checkpoint_dir, saved_state), data, source, fingerprint
 
 
 def _setup_accelerator(config: TrainConfig, output_dir: Path) -> tuple[Any, bool]:
@@ -323,6 +333,9 @@ def _setup_run_state(run: Run, checkpoint_dir: Path | None, saved_state: Any,
     position, before = Position(), None
     if checkpoint_dir is not None and saved_state is not None:
         position, before = run.restore(checkpoint_dir, saved_state)
+    if before is None and not test:
+        before = EvalResult()
+        run.say("no test split (--test-size 0): nothing is scored before or after training")
     if before is None:
         before = run.evaluate(test)
         run.metrics.add({"step": 0, "split": "test", **before.metrics()})
@@ -409,7 +422,7 @@ def train_loop(run: Run, sampler: EpochSampler, loader: Any, position: Position,
 def after_step(run: Run, position: Position, before: EvalResult, validation: list, progress: Any) -> bool:
     """Periodic validation, snapshot and checkpoint after optimizer step ``position.step``; whether it checkpointed."""
     config, step = run.config, position.step
-    if config.eval_every and step % config.eval_every == 0:
+    if config.eval_every and validation and step % config.eval_every == 0:
         validate(run, step, validation, progress)
     if config.save_every and step % config.save_every == 0:  # every process: gathering is a collective
         save_snapshot(run.raw_model, config, run.output_dir, step)

@@ -94,7 +94,21 @@ def _parser() -> argparse.ArgumentParser:
                    help="print the resolved config as YAML (a valid --config file) and exit")
     p.add_argument("--method", choices=METHODS, help="dora (default), lora, vera, dvora (VeRA + DoRA magnitude) or full")
     p.add_argument("--model", help="model name or local folder (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--data", help="dataset name, file or folder (default: rotten_tomatoes)")
+    p.add_argument("--data", action="append",
+                   help="dataset name, file or folder (default: rotten_tomatoes); repeat it to mix several")
+    p.add_argument("--data-weights", dest="data_weights", nargs="+", type=float, metavar="W",
+                   help="with several --data: each one's share of the training mixture, in order (e.g. 0.7 0.3; "
+                        "normalised to sum to 1). Default: every training example once")
+    p.add_argument("--val-size", dest="val_size",
+                   help="validation split cut from the data: a fraction in (0, 1), a number of rows, or 0 for none "
+                        "(default 0.1)")
+    p.add_argument("--test-size", dest="test_size",
+                   help="test split cut from the data: a fraction in (0, 1), a number of rows, or 0 for none "
+                        "(default 0.1); --val-size 0 --test-size 0 trains on everything")
+    p.add_argument("--eval-data", dest="eval_data",
+                   help="a file of validation rows (same formats as --data); then none is cut from --data")
+    p.add_argument("--test-data", dest="test_data",
+                   help="a file of test rows (same formats as --data); then none is cut from --data")
     p.add_argument("--targets", help=f"comma-separated module names, or all-linear (default: {DEFAULT_TARGETS})")
     p.add_argument("--rank", type=int, help="adapter rank r (default 16; VeRA/DVoRA usually take a larger r, e.g. 256)")
     p.add_argument("--alpha", type=float, help="adapter alpha, scale alpha/r (default 32)")
@@ -153,7 +167,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--early-stopping-patience", dest="early_stopping_patience", type=int,
                    help="stop after N evaluations in a row without a --metric-for-best improvement (default 0: never)")
     p.add_argument("--metric-for-best", dest="metric_for_best", choices=METRICS_FOR_BEST,
-                   help="val_loss (default, lower is better) or val_accuracy: picks best-adapter/ and early stopping")
+                   help="val_loss (the default when there is validation data; lower is better) or val_accuracy: "
+                        "picks best-adapter/ and early stopping")
     p.add_argument("--sample-prompts", dest="sample_prompts", type=int,
                    help="greedy generations of the first N validation prompts at every evaluation (default 3, 0: off)")
     p.add_argument("--sample-max-new-tokens", dest="sample_max_new_tokens", type=int,

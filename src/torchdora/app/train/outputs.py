@@ -44,6 +44,7 @@ class TrainResult:
     exact_match_after: float = float("nan")
     peak_rss_mb_per_process: list[float] = field(default_factory=list)  # by rank; peak_rss_mb is this process's
     best: dict[str, Any] = field(default_factory=dict)  # train.best.Best.to_dict(): the best evaluation's step
+    test_adapter: str = "last"  # the weights the test split was scored with after training: best, last or none
 
 
 # ---- small helpers ------------------------------------------------------------------------------------------
@@ -274,11 +275,21 @@ def write_outputs(model: nn.Module, tokenizer: Any, config: TrainConfig, result:
         "trainable_params": result.trainable_params,
         "total_params": result.total_params,
         **best_summary(result.best),
+        **test_adapter_summary(result),
     }
     atomic_write_json(output_dir / "summary.json", json_ready(summary))
     write_cards(config, summary, output_dir)
     plot_training(metrics.records, output_dir / "training.png",
                   title=f"{config.method} on {Path(str(config.model)).name} / {Path(str(config.data)).name}")
+
+
+def test_adapter_summary(result: TrainResult) -> dict[str, Any]:
+    """Which weights the ``*_after`` test numbers come from: ``best-adapter/`` (with its step) or the last step's."""
+    if result.test_adapter == "none":
+        return {"test_scored_with": None}
+    if result.test_adapter == "best":
+        return {"test_scored_with": "best-adapter", "test_scored_step": result.best["step"]}
+    return {"test_scored_with": "last", "test_scored_step": result.steps}
 
 
 def best_summary(best: dict[str, Any]) -> dict[str, Any]:
@@ -316,6 +327,8 @@ def print_summary(config: TrainConfig, result: TrainResult, after: EvalResult) -
         f"perplexity      {result.perplexity_before:.3f} -> {result.perplexity_after:.3f}\n"
         + (f"exact match     {result.exact_match_before:.4f} -> {result.exact_match_after:.4f}  "
            f"({after.n_generated} short answers, greedy)\n" if after.n_generated else "") +
+        (f"scored after    with best-adapter/ (step {result.best['step']}; adapter/ is the last step's)\n"
+           if result.test_adapter == "best" else "") +
         f"final loss      {result.final_loss:.4f}\n"
         f"wall time       {result.wall_time_s:.1f} s (training {result.train_time_s:.1f} s)\n"
         f"peak RSS        {result.peak_rss_mb:.0f} MiB\n"

@@ -285,11 +285,12 @@ class Run:
     history: list[dict[str, Any]] = field(default_factory=list)  # resume-time setting changes, oldest first
     data_fingerprint: dict[str, str] = field(default_factory=dict)  # SHA-256 per split (preflight.data_fingerprint)
     custom_metrics: dict[str, Any] = field(default_factory=dict)  # name -> fn(model, tokenizer, examples) -> float
+    validation_by_source: dict[str, list] = field(default_factory=dict)  # several --data: each one's validation
     best: Best = None  # type: ignore[assignment]  # the best evaluation so far (set in __post_init__)
 
     def __post_init__(self) -> None:
         if self.best is None:
-            self.best = Best(self.config.metric_for_best)
+            self.best = Best(self.config.best_metric)
 
     @property
     def main_process(self) -> bool:
@@ -400,7 +401,7 @@ class Run:
             self.say(f"resuming on changed data ({', '.join(data_changed)} split(s) differ; recorded in the "
                      "checkpoint's history)")
         self.metrics.reset([r for r in saved.get("metrics", []) if r.get("step", 0) <= position.step])
-        if saved.get("best") and saved["best"]["metric"] == self.config.metric_for_best:
+        if saved.get("best") and saved["best"]["metric"] == self.config.best_metric:
             self.best = Best(**saved["best"])
         before = EvalResult(**saved["before"]) if saved.get("before") is not None else None
         self.say(f"resumed from {checkpoint_dir} at step {position.step}")
