@@ -397,23 +397,13 @@ class EvalConfig:
 def run_eval(config: EvalConfig) -> EvalResult:
     """Load data, model and adapter (cheap checks first), then evaluate one split."""
     from torchdora.app.assets import load_model_and_tokenizer, model_for_adapter, resolve_model
-    from torchdora.app.data import load_dataset
-    from torchdora.app.data.mixture import load_training_data
-    from torchdora.app.run_folder import eval_defaults, run_data_settings
+    from torchdora.app.run_folder import eval_defaults, eval_examples
     from torchdora.io import load_adapter, read_adapter
 
     config, note = eval_defaults(config)  # no --data: the adapter's run's data and seed
     if note is not None:
         print(note, file=sys.stderr)
-    settings = run_data_settings(config.adapter) if note is not None else None
-    if settings is not None:  # the run's own splits: its sizes, eval/test files and mixture
-        examples = getattr(load_training_data(**settings, seed=config.seed, max_eval=config.max_eval).splits,
-                           config.split)
-    else:
-        examples = getattr(load_dataset(config.data, seed=config.seed, max_eval=config.max_eval), config.split)
-    if not examples:
-        raise ValueError(f"the {config.split} split of {config.data} is empty (the run cut none: --val-size or "
-                         "--test-size 0); pass --split with another split or --data")
+    examples = eval_examples(config, from_run=note is not None)
     if config.adapter is not None:
         read_adapter(config.adapter)  # a missing or corrupt adapter fails before the model loads
     base = model_for_adapter(config.model, config.adapter)  # no --model: the base the adapter records

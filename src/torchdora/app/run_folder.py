@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["run_of_adapter", "eval_defaults", "run_data_settings"]
+__all__ = ["run_of_adapter", "eval_defaults", "run_data_settings", "eval_examples"]
 
 #: the settings of a run's config that choose its splits, as :func:`torchdora.app.data.mixture.load_training_data`
 #: takes them (missing in configs written before they existed: their defaults)
@@ -55,3 +55,21 @@ def run_data_settings(adapter: str | os.PathLike | None) -> dict[str, Any] | Non
     if found is None or not found[0].get("data"):
         return None
     return {key: found[0][key] for key in DATA_SETTINGS if key in found[0]}
+
+
+def eval_examples(config: Any, from_run: bool) -> list:
+    """The examples ``torchdora eval`` scores: split ``config.split`` of the adapter's run's own splits (its sizes,
+    eval/test files and mixture) when ``from_run`` (the data came from the run), else of ``config.data``."""
+    from torchdora.app.data import load_dataset
+    from torchdora.app.data.mixture import load_training_data
+
+    settings = run_data_settings(config.adapter) if from_run else None
+    if settings is not None:
+        splits = load_training_data(**settings, seed=config.seed, max_eval=config.max_eval).splits
+    else:
+        splits = load_dataset(config.data, seed=config.seed, max_eval=config.max_eval)
+    examples = getattr(splits, config.split)
+    if not examples:
+        raise ValueError(f"the {config.split} split of {config.data} is empty (the run cut none: --val-size or "
+                         "--test-size 0); pass --split with another split or --data")
+    return examples
