@@ -6,7 +6,8 @@
 
 Rows (adapters r 16 on q, k, v, up, down with trained-looking ``B``, greedy, a KV cache, ``--tokens`` new tokens
 after an 8-token prompt, time per generated token including that short prefill), each a median over repeats with
-the variants interleaved (``benchmarks/run.py``'s :func:`interleaved_medians`):
+the variants interleaved (``benchmarks/run.py``'s :func:`interleaved_times`); each ratio is taken repeat by repeat
+(the two rows ran side by side) and given as its median with a 95 % interval:
 
 1. batch 1: DoRA unmerged, LoRA unmerged, DoRA merged (the base model's speed);
 2. batch 8: a mixed batch of 8 DoRA adapters (row ``i`` through adapter ``i``, :func:`torchdora.mixed_batch`)
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,7 +36,7 @@ from torch import nn
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run import interleaved_medians  # noqa: E402
+from run import interleaved_times, median_interval  # noqa: E402
 
 import torchdora  # noqa: E402
 from torchdora import DoraConfig, inject  # noqa: E402
@@ -119,7 +121,7 @@ def decode_rows(base: nn.Module, args, device) -> tuple[dict[str, float], list[s
     mixed_out = fns["8 dora adapters mixed, batch 8"]()
     alone = torch.cat([run(name, eight[i:i + 1])() for i, name in enumerate(rows_mixed)])
     checks.append(f"mixed batch rows equal each adapter run alone: {torch.equal(mixed_out, alone)}")
-    return interleaved_medians(fns, args.repeats, 1, device), checks
+    return interleaved_times(fns, args.repeats, 1, device), checks
 
 
 def compile_rows(base: nn.Module, args, device) -> tuple[dict[str, float], list[str], float]:
@@ -155,13 +157,18 @@ def compile_rows(base: nn.Module, args, device) -> tuple[dict[str, float], list[
         fns[f"{method} train step, compiled"] = step(train, train_compiled)
         step(train, train_compiled)()  # compile outside the timing
     compile_s = time.perf_counter() - started
-    return interleaved_medians(fns, args.repeats, 1, device), checks, compile_s
+    return interleaved_times(fns, args.repeats, 1, device), checks, compile_s
 
 
-def ratio_line(name: str, times: dict[str, float], a: str, b: str, target: float | None = None) -> str:
-    r = times[a] / times[b]
-    verdict = "" if target is None else (" — met" if r <= target else f" — NOT met (target ≤ {target:.2f})")
-    return f"| {name} | {r:.3f}{verdict} |"
+def ratio_line(name: str, times: dict[str, list[float]], a: str, b: str, target: float | None = None) -> str:
+    """Row ``a`` / row ``b`` repeat by repeat (the two ran side by side), as the median ratio and its 95 %
+    interval; against ``target``: met (the interval below it), NOT met (above), or not distinguishable."""
+    median, low, high = median_interval([x / y for x, y in zip(times[a], times[b])])
+    verdict = ""
+    if target is not None:
+        verdict = (" — met" if high <= target else f" — NOT met (target ≤ {target:.2f})" if low > target
+                   else f" — not distinguishable from the target {target:.2f}")
+    return f"| {name} | {median:.3f} [{low:.3f}, {high:.3f}]{verdict} |"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,10 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     lines = [(f"{source}, {args.dtype} on {args.device}, torch {torch.__version__}, "
               f"{torch.get_num_threads()} thread(s), load average before: {' '.join(f'{x:.2f}' for x in load)}"), ""]
     times, checks = decode_rows(base, args, device)
-    lines += ["| row | ms per generation step | tokens/s |", "|---|---|---|"]
-    per_token = {k: v / args.tokens for k, v in times.items()}
+    lines += ["| row | ms per generation step (median) | tokens/s |", "|---|---|---|"]
+    per_token = {k: statistics.median(v) / args.tokens for k, v in times.items()}
     lines += [f"| {k} | {1e3 * v:.2f} | {(8 if 'batch 8' in k else 1) / v:.1f} |" for k, v in per_token.items()]
-    lines += ["", "| ratio | value |", "|---|---|",
+    lines += ["", f"| ratio (per repeat, {args.repeats} repeats) | median [95 % interval] |", "|---|---|",
               ratio_line("DoRA unmerged / LoRA unmerged, batch 1", times, "dora unmerged, batch 1",
                          "lora unmerged, batch 1", 1.10),
               ratio_line("DoRA unmerged / DoRA merged, batch 1", times, "dora unmerged, batch 1",
@@ -217,8 +224,8 @@ def main(argv: list[str] | None = None) -> int:
                        f"{args.step_batch} × {args.step_seq} tokens, loss + backward; decode: batch 1, ms per token"), "",
                   "| row | ms |", "|---|---|"]
         scale = {k: (args.tokens if "decode" in k else 1) for k in ctimes}
-        lines += [f"| {k} | {1e3 * v / scale[k]:.2f} |" for k, v in ctimes.items()]
-        lines += ["", "| ratio | value |", "|---|---|",
+        lines += [f"| {k} | {1e3 * statistics.median(v) / scale[k]:.2f} |" for k, v in ctimes.items()]
+        lines += ["", "| ratio (per repeat) | median [95 % interval] |", "|---|---|",
                   ratio_line("DoRA / LoRA decode, compiled", ctimes, "dora decode, compiled", "lora decode, compiled",
                              1.10),
                   ratio_line("DoRA / LoRA decode, eager (cut model)", ctimes, "dora decode, eager",

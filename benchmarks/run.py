@@ -25,6 +25,7 @@ import argparse
 import copy
 import dataclasses
 import gc
+import math
 import platform
 import statistics
 import sys
@@ -69,6 +70,26 @@ def interleaved_medians(fns: dict[str, Callable[[], None]], repeats: int, warmup
 
     With ``budget_s``, cheap rows get more repeats (up to 5× ``repeats``) until about that much time is spent.
     """
+    times = interleaved_times(fns, repeats, warmup, device, budget_s)
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """The median of ``values`` and a distribution-free ``level`` interval for it (order statistics: the
+    ranks ``j < k`` with ``P(j ≤ Binomial(n, ½) < k) ≥ level``; the whole range when ``n`` is too small)."""
+    xs, n = sorted(values), len(values)
+    cdf, total, j = [], 0.0, 0
+    for i in range(n + 1):
+        total += math.comb(n, i) / 2 ** n
+        cdf.append(total)
+    while j + 1 < n - j - 2 and cdf[n - j - 2] - cdf[j + 1] >= level:
+        j += 1  # narrow symmetrically while the coverage holds: [x_(j+1), x_(n-j)] (1-based)
+    return statistics.median(xs), xs[j], xs[n - 1 - j]
+
+
+def interleaved_times(fns: dict[str, Callable[[], None]], repeats: int, warmup: int,
+                      device: torch.device, budget_s: float = 0.0) -> dict[str, list[float]]:
+    """:func:`interleaved_medians`' wall times, every repeat's (repeat ``i`` of each row ran side by side)."""
     names = list(fns)
     times: dict[str, list[float]] = {n: [] for n in names}
     i = 0
@@ -88,7 +109,7 @@ def interleaved_medians(fns: dict[str, Callable[[], None]], repeats: int, warmup
             if i >= warmup:
                 times[name].append(time.perf_counter() - start)
         i += 1
-    return {n: statistics.median(t) for n, t in times.items()}
+    return times
 
 
 def peak_bytes(fn: Callable[[], None], device: torch.device) -> int:
