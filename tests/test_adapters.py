@@ -150,9 +150,10 @@ def test_named_adapter_errors(make_tiny_llama, perturb):
 
 
 # ---- mixed batches -------------------------------------------------------------------------------------------
-def test_mixed_batch_equals_each_row_alone(make_tiny_llama, perturb):
+@pytest.mark.parametrize("rows", [["a", None, "b", "c", "a", None],  # padded groups, base rows
+                                  ["a", "b", "c", None]])  # the batch is the layout: the update added in place
+def test_mixed_batch_equals_each_row_alone(make_tiny_llama, perturb, rows):
     model = _three_adapters(make_tiny_llama, perturb)
-    rows = ["a", None, "b", "c", "a", None]
     ids = torch.randint(3, 64, (len(rows), 7), generator=torch.Generator().manual_seed(9))
     with torchdora.mixed_batch(model, rows):
         got = _logits(model, ids)

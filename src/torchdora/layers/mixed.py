@@ -119,12 +119,17 @@ class MixedBatchMixin:
             xb = xb.index_select(0, layout.gather)  # (S·c, T, in): slot by slot, padding rows repeat row 0
         tokens = xb.shape[1]
         h = torch.bmm(xb.reshape(layout.slots, -1, xb.shape[-1]), a_stack[:layout.slots].transpose(1, 2))
-        lora = torch.bmm(h, b_stack[:layout.slots]).view(-1, tokens, b_stack.shape[-1])  # (S·c, T, out)
-        if layout.scatter is not None:
-            lora = lora.index_select(0, layout.scatter)  # (B, T, out): each row's own slot
-        z = z + lora.view(z.shape).to(z.dtype)
-        factor = f_table.index_select(0, layout.slot).to(z.dtype)  # (B, out)
-        return self._add_bias(z * factor.view(rows, *([1] * (z.dim() - 2)), -1))
+        if layout.scatter is None and z.dtype == b_stack.dtype and z.is_contiguous():
+            # the batch is the layout: the update lands in the base product's accumulate (z is this call's own)
+            z.view(layout.slots, -1, z.shape[-1]).baddbmm_(h, b_stack[:layout.slots])
+        else:
+            lora = torch.bmm(h, b_stack[:layout.slots]).view(-1, tokens, b_stack.shape[-1])  # (S·c, T, out)
+            if layout.scatter is not None:
+                lora = lora.index_select(0, layout.scatter)  # (B, T, out): each row's own slot
+            z = z + lora.view(z.shape).to(z.dtype)
+        factor = f_table.index_select(0, layout.slot).to(z.dtype).view(rows, *([1] * (z.dim() - 2)), -1)
+        bias = self._bias()
+        return z.mul_(factor) if bias is None else torch.addcmul(bias, z, factor, out=z)  # f ⊙ z + b, in place
 
     def _mixed_stacks(self, names: tuple[str, ...]) -> tuple[Tensor, Tensor, Tensor]:
         """``A_g`` ``(G+1, r, in)``, ``s_g·B_gᵀ`` ``(G+1, r, out)`` (zero-padded to the largest rank) and the
