@@ -2,8 +2,8 @@
 
 One base product for the whole batch; each adapter's low-rank product and cached DoRA factor on its rows only, or,
 for linear kinds without autograd, the rows grouped by adapter and two batched products over the adapters' stacked
-``A`` and ``s·B`` (:meth:`MixedBatchMixin._mixed_stacked`, the grouped form of multi-LoRA servers' kernels). :class:`MixedBatchMixin` holds that logic for
-:class:`torchdora.layers.base.AdapterLayer`.
+``A`` and ``s·B`` (:meth:`MixedBatchMixin._mixed_stacked`, the grouped form of multi-LoRA servers' kernels).
+:class:`MixedBatchMixin` holds that logic for :class:`torchdora.layers.base.AdapterLayer`.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class RowLayout(NamedTuple):
 def row_layout(row_adapters: Sequence[str | None], names: Sequence[str], device: torch.device) -> RowLayout:
     """The :class:`RowLayout` of rows ``row_adapters`` over adapters ``names`` (base rows last, slot ``G``)."""
     index = {n: g for g, n in enumerate(names)}
-    slot = [index.get(n, len(names)) if n is not None else len(names) for n in row_adapters]
+    slot = [index.get(n, len(names)) for n in row_adapters]  # None (a base row): the last slot
     slots = len(names) + (len(names) in slot)
     members: list[list[int]] = [[] for _ in range(slots)]
     for row, g in enumerate(slot):
