@@ -180,7 +180,10 @@ def wait_until(condition, what: str, limit_s: float = 120.0) -> None:
 def test_a_second_signal_stops_at_once_without_a_checkpoint(tiny, tmp_path, monkeypatch, capsys):
     """The second SIGINT is sent only once the handler has recorded the first (POSIX does not queue a second
     pending signal of the same kind, so two back-to-back kills sometimes arrive as one and the run saved step 3),
-    and the step then waits for the handler's KeyboardInterrupt, so no step can end in between."""
+    and the step then waits for the handler's KeyboardInterrupt, so no step can end in between. The handler
+    calls Python's own SIGINT handler directly rather than re-sending the signal, so that KeyboardInterrupt is
+    raised inside the handler, not on some later delivery (a re-sent signal once left this test waiting 120 s)."""
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # what the second SIGINT hands over to
     model_dir, data = tiny
     out = tmp_path / "run"
     handlers = []

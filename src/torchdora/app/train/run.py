@@ -62,8 +62,9 @@ class TrainingInterrupted(RuntimeError):
 class StopSignals:
     """While active, SIGINT/SIGTERM only set :attr:`signum`; the loop saves and stops at the next step boundary.
 
-    A second signal restores the previous handlers and re-raises itself: the process stops at once (a
-    checkpoint write it cuts short is never taken for complete). Handlers can only be set from the main
+    A second signal restores the previous handlers and calls the previous one directly (Python's raises
+    ``KeyboardInterrupt`` there and then; the default action ends the process): it stops at once, and a
+    checkpoint write it cuts short is never taken for complete. Handlers can only be set from the main
     thread; elsewhere (a notebook's worker thread) signals keep their usual effect.
     """
 
@@ -90,10 +91,13 @@ class StopSignals:
     def _handle(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
         if self.signum is not None:
-            print(f"\ntorchdora train: second {name}: stopping now, without a checkpoint", file=sys.stderr,
-                  flush=True)
+            print(f"\ntorchdora train: second {name}: stopping now, without a checkpoint", file=sys.stderr, flush=True)
+            previous = self._previous.get(signum, signal.SIG_DFL)
             self.restore()
-            signal.raise_signal(signum)
+            if callable(previous):  # not re-sent: a re-sent signal waits on its next delivery
+                previous(signum, frame)
+            elif previous == signal.SIG_DFL:
+                signal.raise_signal(signum)
             return
         self.signum = signum
         print(f"\ntorchdora train: {name} received: stopping after the current step, with a checkpoint of it "
