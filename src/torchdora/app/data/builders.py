@@ -23,20 +23,24 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BUILDERS", "builder_rows", "csv_header"]
+__all__ = ["BUILDERS", "builder_rows", "check_header", "csv_header"]
 
 #: file suffix -> ``datasets`` packaged builder
 BUILDERS = {".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 
 
-def csv_header(path: Path) -> list[str]:
-    """The column names of a CSV file (its first record); a ``ValueError`` naming a column given twice."""
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        header = next(csv.reader(handle), [])
+def check_header(path: Path, header: list[str]) -> list[str]:
+    """``header`` (a CSV file's column names), or a ``ValueError`` naming a column given twice."""
     repeated = sorted({name for name in header if header.count(name) > 1})
     if repeated:
         raise ValueError(f"{path}:1: the header names column {repeated[0]!r} twice; keep one")
     return header
+
+
+def csv_header(path: Path) -> list[str]:
+    """The column names of a CSV file (its first record), checked by :func:`check_header`."""
+    with open(path, encoding="utf-8-sig", newline="") as handle:
+        return check_header(path, next(csv.reader(handle), []))
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from torchdora.app.data.builders import BUILDERS, builder_rows
+from torchdora.app.data.builders import BUILDERS, builder_rows, check_header
 from torchdora.app.data.schema import Example, Row, parse_row, resolve_labels
 
 __all__ = ["SUFFIXES", "DuplicateKeyError", "unique_keys", "check_regular_file", "read_text", "read_rows",
@@ -128,10 +128,7 @@ def _json_lines(text: str, path: Path) -> Iterator[tuple[int, Any]]:
 
 def _csv_rows(path: Path) -> Iterator[tuple[int, Any]]:
     reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
-    header = reader.fieldnames or []
-    repeated = sorted({name for name in header if header.count(name) > 1})
-    if repeated:
-        raise ValueError(f"{path}:1: the header names column {repeated[0]!r} twice; keep one")
+    check_header(path, list(reader.fieldnames or []))
     for row in reader:
         if None in row:  # more cells than header columns
             raise ValueError(f"{path}:{reader.line_num}: row has more cells than the header {reader.fieldnames}")
