@@ -272,6 +272,60 @@ def test_inference_forward_matches_training_forward():
     assert_close(fast_nograd, reference_layer(layer)(x).detach(), **FP32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("magnitude_only", [False, True])
+def test_eval_plan_forward_matches_float64_reference(dtype, bias, magnitude_only):
+    """``dora_linear_eval`` (the scale and factor folded into ``B``, the bias in the last product) against the
+    weight-space formula in float64, for a 3-D input as a decoder passes it."""
+    from torchdora.fast import dora_linear_eval, eval_plan
+
+    layer = make_layer(24, 10, 4, bias=bias, dtype=dtype, magnitude_only=magnitude_only)
+    x = torch.randn(2, 3, 24).to(dtype)
+    a, b = layer.lora_A_2d(), layer.lora_B_2d()
+    with torch.no_grad():
+        plan = eval_plan(layer.base.bias, a, b, layer.dora_factor(), layer.scaling, dtype)
+        got = dora_linear_eval(x, layer.weight_2d(), plan)
+    zero_a = torch.zeros(4, 24, dtype=torch.float64)
+    want = weight_space_reference(
+        layer, x.double(), zero_a if a is None else a.detach().double(),
+        torch.zeros(10, 4, dtype=torch.float64) if b is None else b.detach().double(), layer.magnitude.detach().double(),
+    )
+    assert got.dtype == dtype and got.shape == (2, 3, 10)
+    if dtype == torch.float32:
+        assert_close(got.double(), want, **FP32)
+    else:
+        assert_rel(got.double(), want, BF16_REL)
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_inference_forward_runs_the_plan_and_sees_edits(conv1d, monkeypatch):
+    """Without autograd the layer runs ``dora_linear_eval`` from its cached plan, equal to the reference path,
+    and an edit of any tensor in the plan (``A``, ``B``, ``m``, the weight, the bias) is seen at the next call."""
+    from torchdora.layers import linear
+
+    calls = [0]
+    original = linear.dora_linear_eval
+
+    def counted(*args):
+        calls[0] += 1
+        return original(*args)
+
+    monkeypatch.setattr(linear, "dora_linear_eval", counted)
+    layer = make_layer(20, 12, 4, conv1d=conv1d).eval()
+    x = torch.randn(1, 5, 20)
+    edits = [lambda: layer.lora_A.mul_(-1.5), lambda: layer.lora_B.add_(0.3), lambda: layer.magnitude.mul_(0.5),
+             lambda: layer.base.weight.mul_(1.2), lambda: layer.base.bias.add_(1.0)]
+    with torch.no_grad():
+        before = layer(x)
+        for edit in [lambda: None] + edits:
+            edit()
+            got = layer(x)
+            assert_close(got, reference_layer(layer)(x), **FP32)
+        assert not torch.allclose(got, before, **FP32)
+    assert calls[0] == 1 + len(edits) + 1
+
+
 def test_custom_dropout_module_takes_the_reference_path():
     """A user-replaced dropout module is honoured (the fast path only fuses nn.Dropout)."""
     layer = make_layer(8, 5, 2, dropout=0.5).train()

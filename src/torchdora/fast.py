@@ -33,7 +33,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-__all__ = ["DoraLinearFunction", "dora_linear", "dora_linear_forward"]
+__all__ = ["DoraLinearFunction", "EvalPlan", "dora_linear", "dora_linear_eval", "dora_linear_forward", "eval_plan"]
 
 _FULL_PRECISION = (torch.float32, torch.float64)
 
@@ -117,6 +117,40 @@ def dora_linear_forward(
         h = None if a is None else torch.mm(x2, a.T)
         y = _combine_(torch.mm(x2, weight.T), h, b, f, bias, scaling)
     return y.view(*x.shape[:-1], out_features)
+
+
+#: what :func:`dora_linear_eval` reads besides ``x`` and ``W``: ``A``, ``f ⊙ s·B``, ``f`` and ``b`` in the input dtype
+EvalPlan = tuple[Tensor | None, Tensor | None, Tensor, Tensor | None]
+
+
+def eval_plan(bias: Tensor | None, lora_A: Tensor | None, lora_B: Tensor | None, factor: Tensor, scaling: float,
+              dtype: torch.dtype) -> EvalPlan:
+    """The adapter's tensors as :func:`dora_linear_eval` applies them, built once per adapter state (a layer
+    caches it): ``A`` ``(r, in)``, ``f ⊙ s·B`` ``(out, r)`` (the scale and the factor folded into ``B``'s rows,
+    computed in the factor's precision), ``f`` ``(out,)`` and ``b``, all in ``dtype``."""
+    f = factor.to(dtype)
+    b = None if bias is None else bias.to(dtype)
+    if lora_A is None or lora_B is None:
+        return None, None, f, b
+    scaled_B = (lora_B.to(factor.dtype) * (scaling * factor).unsqueeze(1)).to(dtype)
+    return lora_A.to(dtype), scaled_B, f, b
+
+
+def dora_linear_eval(x: Tensor, weight: Tensor, plan: EvalPlan) -> Tensor:
+    """The DoRA linear forward for inference from a prepared :func:`eval_plan`, in four operations:
+
+        y = f ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + b = (x Aᵀ)(f ⊙ s·B)ᵀ + b + f ⊙ (x Wᵀ),
+
+    the bias added by the last product and ``f ⊙ x Wᵀ`` accumulated into it, as many operations as LoRA's own
+    forward (``x Wᵀ + b``, two rank-``r`` products, the scaled add). ``x`` ``(..., in)`` in the plan's dtype,
+    ``weight`` ``(out, in)``; returns ``(..., out)``.
+    """
+    lora_A, scaled_B, f, bias = plan
+    z = torch.nn.functional.linear(x, weight)
+    if lora_A is None:  # a magnitude-only layer
+        return z.mul_(f) if bias is None else torch.addcmul(bias, z, f)
+    y = torch.nn.functional.linear(torch.nn.functional.linear(x, lora_A), scaled_B, bias)
+    return y.addcmul_(z, f)
 
 
 class DoraLinearFunction(torch.autograd.Function):

@@ -66,6 +66,8 @@ class Adapter(nn.Module):
         self._norm_cache = CachedValue()
         self._factor_cache = CachedValue()
         self._zero_magnitude_cache = CachedValue()
+        #: the inference forward's tensors (torchdora.fast.eval_plan) of the linear layers
+        self._eval_cache = CachedValue()
 
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         """The trainable tensors under fixed names (``lora_A``, ``lora_B``, ``magnitude``), present ones only."""
@@ -73,7 +75,7 @@ class Adapter(nn.Module):
         return {k: v for k, v in named.items() if v is not None}
 
     def clear_cache(self) -> None:
-        for cache in (self._norm_cache, self._factor_cache, self._zero_magnitude_cache):
+        for cache in (self._norm_cache, self._factor_cache, self._zero_magnitude_cache, self._eval_cache):
             cache.clear()
 
     def extra_repr(self) -> str:

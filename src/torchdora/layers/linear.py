@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from torchdora.fast import dora_linear, dora_linear_eval, eval_plan
 from torchdora.layers.base import AdapterLayer, is_conv1d
 
 __all__ = ["LinearAdapter"]
@@ -55,8 +56,10 @@ class LinearAdapter(AdapterLayer):
         return F.linear(F.linear(x.to(a.dtype), a), self.lora_B).to(x.dtype)
 
     def _fast_forward(self, x: Tensor) -> Tensor | None:
-        from torchdora.fast import dora_linear
-
+        if not torch.is_grad_enabled():
+            out = self._eval_forward(x)
+            if out is not None:
+                return out
         weight, bias = self.weight_2d(), self._bias()
         dropout = self._dropout_active() and not self.magnitude_only
         if (
@@ -75,3 +78,21 @@ class LinearAdapter(AdapterLayer):
             x, weight, bias, self.lora_A_2d(), self.lora_B_2d(), self.dora_factor(), self.scaling,
             self.dropout_p if dropout else 0.0, save_output=save_output, recompute=self.recompute_output,
         )
+
+    def _eval_forward(self, x: Tensor) -> Tensor | None:
+        """Inference (no autograd): :func:`torchdora.fast.dora_linear_eval` from the adapter's plan, cached with
+        the factor's rule (:mod:`torchdora.cache`), so decoding runs as many operations per layer as LoRA's
+        forward. ``None`` where the general path must run (dropout in training mode, a dtype cast, autocast)."""
+        adapter = self.adapter
+        weight = self.weight_2d()
+        if (x.dtype != weight.dtype or (self.training and adapter.dropout_p > 0)
+                or torch.is_autocast_enabled(x.device.type)):
+            return None
+        bias = self._bias()
+        inputs = self._cache_inputs()  # what the factor depends on (a layer kind may add tensors: VeRA's d, b)
+        plan = adapter._eval_cache.get(
+            lambda: eval_plan(bias, self.lora_A_2d(), self.lora_B_2d(), self.dora_factor(), adapter.scaling,
+                              x.dtype),
+            inputs["tensors"] + (adapter._parameters["magnitude"], bias), inputs["extra"] + (x.dtype,),
+        )
+        return dora_linear_eval(x, weight, plan)
