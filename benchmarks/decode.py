@@ -36,7 +36,7 @@ from torch import nn
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run import interleaved_times, median_interval  # noqa: E402
+from run import interleaved_clocks, ratio_summary  # noqa: E402
 
 import torchdora  # noqa: E402
 from torchdora import DoraConfig, inject  # noqa: E402
@@ -121,7 +121,7 @@ def decode_rows(base: nn.Module, args, device) -> tuple[dict[str, float], list[s
     mixed_out = fns["8 dora adapters mixed, batch 8"]()
     alone = torch.cat([run(name, eight[i:i + 1])() for i, name in enumerate(rows_mixed)])
     checks.append(f"mixed batch rows equal each adapter run alone: {torch.equal(mixed_out, alone)}")
-    return interleaved_times(fns, args.repeats, 1, device), checks
+    return interleaved_clocks(fns, args.repeats, 1, device), checks
 
 
 def compile_rows(base: nn.Module, args, device) -> tuple[dict[str, float], list[str], float]:
@@ -157,18 +157,22 @@ def compile_rows(base: nn.Module, args, device) -> tuple[dict[str, float], list[
         fns[f"{method} train step, compiled"] = step(train, train_compiled)
         step(train, train_compiled)()  # compile outside the timing
     compile_s = time.perf_counter() - started
-    return interleaved_times(fns, args.repeats, 1, device), checks, compile_s
+    return interleaved_clocks(fns, args.repeats, 1, device), checks, compile_s
 
 
-def ratio_line(name: str, times: dict[str, list[float]], a: str, b: str, target: float | None = None) -> str:
-    """Row ``a`` / row ``b`` repeat by repeat (the two ran side by side), as the median ratio and its 95 %
-    interval; against ``target``: met (the interval below it), NOT met (above), or not distinguishable."""
-    median, low, high = median_interval([x / y for x, y in zip(times[a], times[b])])
-    verdict = ""
-    if target is not None:
-        verdict = (" — met" if high <= target else f" — NOT met (target ≤ {target:.2f})" if low > target
-                   else f" — not distinguishable from the target {target:.2f}")
-    return f"| {name} | {median:.3f} [{low:.3f}, {high:.3f}]{verdict} |"
+def ratio_cell(times: dict[str, list[float]], a: str, b: str, target: float | None = None) -> str:
+    """Row ``a`` / row ``b`` repeat by repeat (the two ran side by side): :func:`run.ratio_summary`."""
+    return ratio_summary([x / y for x, y in zip(times[a], times[b])], target, digits=3)
+
+
+def ratio_lines(clocks: dict[str, dict[str, list[float]]], specs: list[tuple], repeats: int) -> list[str]:
+    """A table of ratios ``(name, row a, row b, target)``, by wall time and by this process's CPU time."""
+    lines = [f"| ratio (per repeat, {repeats} repeats) | wall time: median [95 % interval] | "
+             "CPU time: median [95 % interval] |", "|---|---|---|"]
+    for name, a, b, target in specs:
+        lines.append(f"| {name} | {ratio_cell(clocks['wall'], a, b, target)} | "
+                     f"{ratio_cell(clocks['cpu'], a, b, target)} |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,46 +208,44 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg() if hasattr(os, "getloadavg") else ()
     lines = [(f"{source}, {args.dtype} on {args.device}, torch {torch.__version__}, "
               f"{torch.get_num_threads()} thread(s), load average before: {' '.join(f'{x:.2f}' for x in load)}"), ""]
-    times, checks = decode_rows(base, args, device)
-    lines += ["| row | ms per generation step (median) | tokens/s |", "|---|---|---|"]
+    clocks, checks = decode_rows(base, args, device)
+    times = clocks["wall"]
+    lines += ["| row | ms per generation step (median) | tokens/s | CPU ms per step (median) |", "|---|---|---|---|"]
     per_token = {k: statistics.median(v) / args.tokens for k, v in times.items()}
-    lines += [f"| {k} | {1e3 * v:.2f} | {(8 if 'batch 8' in k else 1) / v:.1f} |" for k, v in per_token.items()]
-    lines += ["", f"| ratio (per repeat, {args.repeats} repeats) | median [95 % interval] |", "|---|---|",
-              ratio_line("DoRA unmerged / LoRA unmerged, batch 1", times, "dora unmerged, batch 1",
-                         "lora unmerged, batch 1", 1.10),
-              ratio_line("DoRA unmerged / DoRA merged, batch 1", times, "dora unmerged, batch 1",
-                         "dora merged, batch 1"),
-              ratio_line("8 DoRA adapters mixed / one LoRA adapter, batch 8", times, "8 dora adapters mixed, batch 8",
-                         "one lora adapter, batch 8", 1.15)]
+    lines += [f"| {k} | {1e3 * v:.2f} | {(8 if 'batch 8' in k else 1) / v:.1f} | "
+              f"{1e3 * statistics.median(clocks['cpu'][k]) / args.tokens:.2f} |" for k, v in per_token.items()]
+    lines += [""] + ratio_lines(clocks, [
+        ("DoRA unmerged / LoRA unmerged, batch 1", "dora unmerged, batch 1", "lora unmerged, batch 1", 1.10),
+        ("DoRA unmerged / DoRA merged, batch 1", "dora unmerged, batch 1", "dora merged, batch 1", None),
+        ("8 DoRA adapters mixed / one LoRA adapter, batch 8", "8 dora adapters mixed, batch 8",
+         "one lora adapter, batch 8", 1.15),
+    ], args.repeats)
     eager_lines = len(lines)
     print("\n".join(lines), flush=True)  # the eager rows now: the compiled ones take long
     if args.compile:
-        ctimes, cchecks, compile_s = compile_rows(base, args, device)
+        cclocks, cchecks, compile_s = compile_rows(base, args, device)
+        ctimes = cclocks["wall"]
         checks += cchecks + [f"compiling (both methods, decode and step, first calls): {compile_s:.0f} s"]
         lines += ["", (f"torch.compile rows: the model cut to {args.compile_layers} blocks; step: batch "
                        f"{args.step_batch} × {args.step_seq} tokens, loss + backward; decode: batch 1, ms per token"), "",
                   "| row | ms |", "|---|---|"]
         scale = {k: (args.tokens if "decode" in k else 1) for k in ctimes}
         lines += [f"| {k} | {1e3 * statistics.median(v) / scale[k]:.2f} |" for k, v in ctimes.items()]
-        lines += ["", "| ratio (per repeat) | median [95 % interval] |", "|---|---|",
-                  ratio_line("DoRA / LoRA decode, compiled", ctimes, "dora decode, compiled", "lora decode, compiled",
-                             1.10),
-                  ratio_line("DoRA / LoRA decode, eager (cut model)", ctimes, "dora decode, eager",
-                             "lora decode, eager"),
-                  ratio_line("DoRA decode compiled / eager", ctimes, "dora decode, compiled", "dora decode, eager"),
-                  ratio_line("LoRA decode compiled / eager", ctimes, "lora decode, compiled", "lora decode, eager"),
-                  ratio_line("DoRA step compiled / eager", ctimes, "dora train step, compiled",
-                             "dora train step, eager"),
-                  ratio_line("LoRA step compiled / eager", ctimes, "lora train step, compiled",
-                             "lora train step, eager"),
-                  ratio_line("DoRA / LoRA step, compiled", ctimes, "dora train step, compiled",
-                             "lora train step, compiled")]
+        lines += [""] + ratio_lines(cclocks, [
+            ("DoRA / LoRA decode, compiled", "dora decode, compiled", "lora decode, compiled", 1.10),
+            ("DoRA / LoRA decode, eager (cut model)", "dora decode, eager", "lora decode, eager", 1.10),
+            ("DoRA decode compiled / eager", "dora decode, compiled", "dora decode, eager", None),
+            ("LoRA decode compiled / eager", "lora decode, compiled", "lora decode, eager", None),
+            ("DoRA step compiled / eager", "dora train step, compiled", "dora train step, eager", None),
+            ("LoRA step compiled / eager", "lora train step, compiled", "lora train step, eager", None),
+            ("DoRA / LoRA step, compiled", "dora train step, compiled", "lora train step, compiled", None),
+        ], args.repeats)
     load = os.getloadavg() if hasattr(os, "getloadavg") else ()
     lines += ["", *[f"- {c}" for c in checks], f"- load average after: {' '.join(f'{x:.2f}' for x in load)}"]
     text = "\n".join(lines)
     print(text[len("\n".join(lines[:eager_lines])):])
     if args.output:
-        from torchdora.io import atomic_write_bytes
+        from torchdora.files import atomic_write_bytes
 
         atomic_write_bytes(args.output, (text + "\n").encode())
     return 0

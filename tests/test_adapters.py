@@ -151,7 +151,8 @@ def test_named_adapter_errors(make_tiny_llama, perturb):
 
 # ---- mixed batches -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("rows", [["a", None, "b", "c", "a", None],  # padded groups, base rows
-                                  ["a", "b", "c", None]])  # the batch is the layout: the update added in place
+                                  ["a", "b", "c", None],  # the batch is the layout: the update added in place
+                                  ["a", "a", "b", "b", None, None]])  # the layout, two rows per adapter
 def test_mixed_batch_equals_each_row_alone(make_tiny_llama, perturb, rows):
     model = _three_adapters(make_tiny_llama, perturb)
     ids = torch.randint(3, 64, (len(rows), 7), generator=torch.Generator().manual_seed(9))

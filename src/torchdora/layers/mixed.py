@@ -127,9 +127,16 @@ class MixedBatchMixin:
             if layout.scatter is not None:
                 lora = lora.index_select(0, layout.scatter)  # (B, T, out): each row's own slot
             z = z + lora.view(z.shape).to(z.dtype)
-        factor = f_table.index_select(0, layout.slot).to(z.dtype).view(rows, *([1] * (z.dim() - 2)), -1)
-        bias = self._bias()
-        return z.mul_(factor) if bias is None else torch.addcmul(bias, z, factor, out=z)  # f ⊙ z + b, in place
+        if layout.scatter is None:  # the batch is the layout: slot g's factor broadcasts over its rows, no gather
+            z_slots, factor = z.view(layout.slots, -1, z.shape[-1]), f_table[:layout.slots].unsqueeze(1)
+        else:
+            z_slots, factor = z, f_table.index_select(0, layout.slot).view(rows, *([1] * (z.dim() - 2)), -1)
+        factor, bias = factor.to(z.dtype), self._bias()
+        if bias is None:
+            z_slots.mul_(factor)
+        else:
+            torch.addcmul(bias, z_slots, factor, out=z_slots)  # f ⊙ z + b, in place
+        return z
 
     def _mixed_stacks(self, names: tuple[str, ...]) -> tuple[Tensor, Tensor, Tensor]:
         """``A_g`` ``(G+1, r, in)``, ``s_g·B_gᵀ`` ``(G+1, r, out)`` (zero-padded to the largest rank) and the
