@@ -6,12 +6,13 @@
 
 Rows (adapters r 16 on q, k, v, up, down with trained-looking ``B``, greedy, a KV cache, ``--tokens`` new tokens
 after an 8-token prompt, time per generated token including that short prefill), each a median over repeats with
-the variants interleaved (``benchmarks/run.py``'s :func:`interleaved_times`); each ratio is taken repeat by repeat
-(the two rows ran side by side) and given as its median with a 95 % interval:
+the variants interleaved (``benchmarks/run.py``'s :func:`interleaved_clocks`, by wall and by CPU time); each ratio is
+taken repeat by repeat (the two rows ran side by side) and given as its median with a 95 % interval:
 
 1. batch 1: DoRA unmerged, LoRA unmerged, DoRA merged (the base model's speed);
-2. batch 8: a mixed batch of 8 DoRA adapters (row ``i`` through adapter ``i``, :func:`torchdora.mixed_batch`)
-   and the same 8 rows through one LoRA adapter;
+2. batch 8: a mixed batch of 8 DoRA adapters (row ``i`` through adapter ``i``, :func:`torchdora.mixed_batch`),
+   the same with 8 LoRA adapters (what reading 8 adapters per token costs, whatever the method), and the same 8
+   rows through one LoRA adapter;
 3. with ``--compile``: the training step (loss, backward) and batch-1 decoding of DoRA and LoRA, eager and
    ``torch.compile``d, on the model cut to ``--compile-layers`` blocks (compiling all 30 takes too long on a CPU).
 
@@ -46,7 +47,8 @@ PROMPT = 8
 
 
 def with_adapters(base: nn.Module, r: int, mixed: int) -> nn.Module:
-    """A copy of ``base`` holding adapters ``dora``, ``lora`` and ``mix0`` … ``mix{mixed-1}`` (DoRA), with
+    """A copy of ``base`` holding adapters ``dora``, ``lora``, ``mix0`` … ``mix{mixed-1}`` (DoRA) and ``lmix0`` …
+    ``lmix{mixed-1}`` (LoRA), with
     trained-looking ``B`` (an adapter at initialisation has ``B = 0`` and would make the comparison trivial)."""
     model = copy.deepcopy(base)
     inject(model, DoraConfig(target_modules=TARGETS, r=r, alpha=2.0 * r, dtype=None), adapter_name="dora")
@@ -54,6 +56,8 @@ def with_adapters(base: nn.Module, r: int, mixed: int) -> nn.Module:
                                                     use_dora=False))
     for i in range(mixed):
         torchdora.add_adapter(model, f"mix{i}", DoraConfig(target_modules=TARGETS, r=r, alpha=2.0 * r, dtype=None))
+        torchdora.add_adapter(model, f"lmix{i}", DoraConfig(target_modules=TARGETS, r=r, alpha=2.0 * r, dtype=None,
+                                                            use_dora=False))
     gen = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -97,11 +101,12 @@ def decode_rows(base: nn.Module, args, device) -> tuple[dict[str, float], list[s
     one = torch.randint(3, vocab, (1, PROMPT), generator=gen).to(device)
     eight = torch.randint(3, vocab, (8, PROMPT), generator=gen).to(device)
     rows_mixed = [f"mix{i}" for i in range(8)]
+    rows_lora_mixed = [f"lmix{i}" for i in range(8)]
 
     def run(adapter: str | None, prompt: torch.Tensor, target: nn.Module = model) -> Callable[[], torch.Tensor]:
         def fn() -> torch.Tensor:
-            if adapter == "mixed":
-                with torchdora.mixed_batch(target, rows_mixed):
+            if adapter in ("mixed", "lora mixed"):
+                with torchdora.mixed_batch(target, rows_mixed if adapter == "mixed" else rows_lora_mixed):
                     return greedy(target, prompt, args.tokens)
             if adapter is not None:
                 torchdora.set_adapter(target, adapter)
@@ -113,14 +118,16 @@ def decode_rows(base: nn.Module, args, device) -> tuple[dict[str, float], list[s
         "lora unmerged, batch 1": run("lora", one),
         "dora merged, batch 1": run(None, one, merged),
         "8 dora adapters mixed, batch 8": run("mixed", eight),
+        "8 lora adapters mixed, batch 8": run("lora mixed", eight),
         "one lora adapter, batch 8": run("lora", eight),
     }
     checks = []
     same = torch.equal(fns["dora unmerged, batch 1"](), fns["dora merged, batch 1"]())
     checks.append(f"DoRA unmerged and merged generate the same {args.tokens} tokens: {same}")
-    mixed_out = fns["8 dora adapters mixed, batch 8"]()
-    alone = torch.cat([run(name, eight[i:i + 1])() for i, name in enumerate(rows_mixed)])
-    checks.append(f"mixed batch rows equal each adapter run alone: {torch.equal(mixed_out, alone)}")
+    for method, names in (("dora", rows_mixed), ("lora", rows_lora_mixed)):
+        mixed_out = fns[f"8 {method} adapters mixed, batch 8"]()
+        alone = torch.cat([run(name, eight[i:i + 1])() for i, name in enumerate(names)])
+        checks.append(f"{method} mixed batch rows equal each adapter run alone: {torch.equal(mixed_out, alone)}")
     return interleaved_clocks(fns, args.repeats, 1, device), checks
 
 
@@ -219,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
         ("DoRA unmerged / DoRA merged, batch 1", "dora unmerged, batch 1", "dora merged, batch 1", None),
         ("8 DoRA adapters mixed / one LoRA adapter, batch 8", "8 dora adapters mixed, batch 8",
          "one lora adapter, batch 8", 1.15),
+        ("8 DoRA adapters mixed / 8 LoRA adapters mixed, batch 8: DoRA's own cost", "8 dora adapters mixed, batch 8",
+         "8 lora adapters mixed, batch 8", 1.10),
+        ("8 LoRA adapters mixed / one LoRA adapter, batch 8: reading 8 adapters", "8 lora adapters mixed, batch 8",
+         "one lora adapter, batch 8", None),
     ], args.repeats)
     eager_lines = len(lines)
     print("\n".join(lines), flush=True)  # the eager rows now: the compiled ones take long
