@@ -58,6 +58,8 @@ class Row:
     total_peak: dict[str, int] | None = None
     #: every repeat's times by clock (``"wall"``, ``"cpu"``: :func:`interleaved_clocks`), for ratio intervals
     clocks: dict[str, dict[str, list[float]]] | None = None
+    #: a variant in ``clocks`` that runs the same computation as this row's DoRA: their ratio is a null baseline
+    same_as: str | None = None
 
 
 # ---- measuring ---------------------------------------------------------------------------------------------------
@@ -347,8 +349,9 @@ def bench_model(shape: str, layers: int, batch: int, seq: int, r: int, repeats: 
         return [*({**v, "dora": v[variant]} for v in (seconds, peak, total)),
                 {c: {**t, "dora": t[variant]} for c, t in clocks.items()}]
 
+    same = "dora-recompute" if "dora-recompute" in models and recomputing(models["dora"]) == sorted(RECOMPUTE) else None
     rows = [Row(f"{what}, DoRA as `torchdora train` runs it (recompute auto: {','.join(recomputing(models['dora']))})",
-                seconds, peak, total, clocks),
+                seconds, peak, total, clocks, same),
             Row(f"{what}, DoRA keeping every output", *as_dora("dora-keep"))]
     if "dora-recompute" in models:
         rows.append(Row(f"{what}, DoRA with recompute_modules={','.join(RECOMPUTE)}", *as_dora("dora-recompute")))
@@ -402,6 +405,11 @@ def verdicts(layer_rows: list[tuple[tuple[int, int, int, int], Row]], model_rows
         for train, label in ((default, "DoRA as `torchdora train` runs it"), (keep, "DoRA keeping every output")):
             m = train.total_peak["dora"] / train.total_peak["lora"]
             ma = train.peak["dora"] / train.peak["lora"]
+            if train.same_as and train.clocks:
+                null = [d / v for d, v in zip(train.clocks["wall"]["dora"], train.clocks["wall"][train.same_as])]
+                lines.append(f"- {shape} null baseline: DoRA as `torchdora train` runs it / DoRA with recompute_modules="
+                             f"{','.join(RECOMPUTE)}, the same computation: wall {ratio_summary(null)} (the spread "
+                             "of a ratio of equals in this run)")
             lines.append(f"- {shape} training step ({label}) DoRA/LoRA time ≤ 1.10: {judged_time(train, 1.10)}; "
                          f"peak memory ≤ 1.05: {m:.3f} including weights and optimizer state → "
                          f"{verdict(m <= 1.05)}, {ma:.3f} counting only what the step allocates → {verdict(ma <= 1.05)}")

@@ -179,7 +179,12 @@ def _handle(owner: nn.Module, method: str, args: tuple) -> int:
     return handle
 
 
-@torch.library.custom_op("torchdora::cached_value", mutates_args=())
+# Defined through torch.library.Library rather than the custom_op decorator: a call then costs about 4 µs of
+# dispatch instead of about 17 µs (measured on CPU, torch 2.13), paid per adapted layer per compiled eval forward.
+_LIBRARY = torch.library.Library("torchdora", "DEF")
+_LIBRARY.define("cached_value(int handle, Tensor[] inputs, int size, ScalarType dtype) -> Tensor")
+
+
 def _cached_value(handle: int, inputs: list[Tensor], size: int, dtype: torch.dtype) -> Tensor:
     """At run time: ``owner.<method>(*args)`` eagerly (a cache lookup), copied: the compiled graph may reuse
     an operator's output buffer, and the cache's own tensor must stay as it is."""
@@ -192,7 +197,10 @@ def _cached_value(handle: int, inputs: list[Tensor], size: int, dtype: torch.dty
         return getattr(owner, method)(*args).clone()
 
 
-@_cached_value.register_fake
+_LIBRARY.impl("cached_value", _cached_value, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("torchdora::cached_value", lib=_LIBRARY)
 def _cached_value_fake(handle: int, inputs: list[Tensor], size: int, dtype: torch.dtype) -> Tensor:
     return inputs[0].new_empty(size, dtype=dtype)
 
