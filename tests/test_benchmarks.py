@@ -30,7 +30,10 @@ def test_quick_benchmark_writes_layer_model_and_target_rows(tmp_path):
     assert f"DoRA with recompute_modules={','.join(bench.RECOMPUTE)} |" in text
     assert "| smollm2-135m, 1 layers, unmerged eval forward" in text
     verdicts = [line for line in text.splitlines() if line.startswith("- ") and "→ **" in line]
-    assert len(verdicts) == 4  # whole model ×2, per layer, eval (no 4096-wide model, layer rows in --quick)
+    assert len(verdicts) == 3  # whole model ×2 (their memory), per layer (no 4096-wide model in --quick)
+    # one repeat per whole-model row: its time ratios get no interval and no verdict
+    eval_line = next(line for line in text.splitlines() if line.startswith("- smollm2-135m unmerged eval forward"))
+    assert "too few repeats for a 95 % interval, no verdict" in eval_line and "→" not in eval_line
 
 
 def test_whole_model_rows_of_the_wide_shape_and_the_cli_recompute_choice(tmp_path, monkeypatch):
@@ -63,3 +66,15 @@ def test_gpu_benchmark_runs_at_tiny_sizes_on_cpu(tmp_path):
         assert f"| {method} | " in text
     targets = [line for line in text.splitlines() if line.startswith("- ") and "→ **" in line]
     assert len(targets) == 4 + 4  # whole-model checks + one per layer row
+
+
+def test_ratio_summary_judges_from_the_interval():
+    """Met only when the whole 95 % interval is below the target, not met when it is all above, else not
+    distinguishable; fewer than 6 repeats give no verdict (their range covers the median with < 95 %)."""
+    bench = _load_benchmark()
+    assert "**met**" in bench.ratio_summary([0.9, 0.95, 1.0, 1.02, 1.05, 1.08], 1.10)
+    assert "**not met**" in bench.ratio_summary([1.2, 1.25, 1.3, 1.22, 1.21, 1.28], 1.10)
+    assert "not distinguishable" in bench.ratio_summary([1.0, 1.05, 1.08, 1.12, 1.15, 1.2], 1.10)
+    assert "no verdict" in bench.ratio_summary([0.5, 0.6, 0.7, 0.8, 0.9], 1.10)
+    median, low, high = bench.median_interval([float(i) for i in range(1, 16)])
+    assert (median, low, high) == (8.0, 4.0, 12.0)  # n = 15: ranks 4 and 12 (P = 0.965 ≥ 0.95)
