@@ -89,10 +89,6 @@ def greedy(model: nn.Module, prompt: torch.Tensor, tokens: int, forward: Callabl
     return torch.cat(out, 1)
 
 
-def active(model: nn.Module, adapter: str | list[str]) -> Callable[[], None]:
-    return lambda: torchdora.set_adapter(model, adapter)
-
-
 def decode_rows(base: nn.Module, args, device) -> tuple[dict[str, float], list[str]]:
     model = with_adapters(base, args.r, 8)
     merged = merged_copy(model, "dora")
@@ -106,10 +102,12 @@ def decode_rows(base: nn.Module, args, device) -> tuple[dict[str, float], list[s
     rows_mixed = [f"mix{i}" for i in range(8)]
     rows_lora_mixed = [f"lmix{i}" for i in range(8)]
 
-    def run(adapter: str | None, prompt: torch.Tensor, target: nn.Module = model) -> Callable[[], torch.Tensor]:
+    def run(adapter: str | list[str] | None, prompt: torch.Tensor,
+            target: nn.Module = model) -> Callable[[], torch.Tensor]:
+        """Greedy decoding through ``adapter``: one name, a list (row ``i`` through ``adapter[i]``) or the model."""
         def fn() -> torch.Tensor:
-            if adapter in ("mixed", "lora mixed"):
-                with torchdora.mixed_batch(target, rows_mixed if adapter == "mixed" else rows_lora_mixed):
+            if isinstance(adapter, list):
+                with torchdora.mixed_batch(target, adapter):
                     return greedy(target, prompt, args.tokens)
             if adapter is not None:
                 torchdora.set_adapter(target, adapter)
@@ -120,8 +118,8 @@ def decode_rows(base: nn.Module, args, device) -> tuple[dict[str, float], list[s
         "dora unmerged, batch 1": run("dora", one),
         "lora unmerged, batch 1": run("lora", one),
         "dora merged, batch 1": run(None, one, merged),
-        "8 dora adapters mixed, batch 8": run("mixed", eight),
-        "8 lora adapters mixed, batch 8": run("lora mixed", eight, lora_mixed_model),
+        "8 dora adapters mixed, batch 8": run(rows_mixed, eight),
+        "8 lora adapters mixed, batch 8": run(rows_lora_mixed, eight, lora_mixed_model),
         "one lora adapter, batch 8": run("lora", eight),
     }
     checks = []

@@ -74,7 +74,7 @@ def interleaved_medians(fns: dict[str, Callable[[], None]], repeats: int, warmup
 
     With ``budget_s``, cheap rows get more repeats (up to 5× ``repeats``) until about that much time is spent.
     """
-    times = interleaved_times(fns, repeats, warmup, device, budget_s)
+    times = interleaved_clocks(fns, repeats, warmup, device, budget_s)["wall"]
     return {n: statistics.median(t) for n, t in times.items()}
 
 
@@ -89,12 +89,6 @@ def median_interval(values: list[float], level: float = 0.95) -> tuple[float, fl
     while j + 1 < n - j - 2 and cdf[n - j - 2] - cdf[j + 1] >= level:
         j += 1  # narrow symmetrically while the coverage holds: [x_(j+1), x_(n-j)] (1-based)
     return statistics.median(xs), xs[j], xs[n - 1 - j]
-
-
-def interleaved_times(fns: dict[str, Callable[[], None]], repeats: int, warmup: int,
-                      device: torch.device, budget_s: float = 0.0) -> dict[str, list[float]]:
-    """:func:`interleaved_medians`' wall times, every repeat's (repeat ``i`` of each row ran side by side)."""
-    return interleaved_clocks(fns, repeats, warmup, device, budget_s)["wall"]
 
 
 def interleaved_clocks(fns: dict[str, Callable[[], None]], repeats: int, warmup: int,
@@ -432,11 +426,8 @@ def verdicts(layer_rows: list[tuple[tuple[int, int, int, int], Row]], model_rows
 
 
 def judged_time(row: Row, target: float) -> str:
-    """A row's DoRA/LoRA time ratio against ``target``, repeat by repeat, by wall and by CPU time
-    (:func:`ratio_summary`); a row without repeats is judged on its medians."""
-    if row.clocks is None:
-        t = row.seconds["dora"] / row.seconds["lora"]
-        return f"{t:.2f} (medians) → {'**met**' if t <= target else '**not met**'}"
+    """A whole-model row's DoRA/LoRA time ratio against ``target``, repeat by repeat, by wall and by CPU time
+    (:func:`ratio_summary`)."""
     ratios = {c: [d / l for d, l in zip(t["dora"], t["lora"])] for c, t in row.clocks.items()}
     return f"wall {ratio_summary(ratios['wall'], target)}; CPU time {ratio_summary(ratios['cpu'], target)}"
 

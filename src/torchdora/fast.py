@@ -148,7 +148,7 @@ def dora_linear_eval(x: Tensor, weight: Tensor, plan: EvalPlan) -> Tensor:
     lora_A, scaled_B, f, bias = plan
     z = torch.nn.functional.linear(x, weight)
     if lora_A is None:  # a magnitude-only layer
-        return z.mul_(f) if bias is None else torch.addcmul(bias, z, f)
+        return z.mul_(f) if bias is None else torch.addcmul(bias, z, f, out=z)
     y = torch.nn.functional.linear(torch.nn.functional.linear(x, lora_A), scaled_B, bias)
     return y.addcmul_(z, f)
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torchdora.fast import dora_linear, dora_linear_eval, eval_plan
+from torchdora.fast import EvalPlan, dora_linear, dora_linear_eval, eval_plan
 from torchdora.layers.base import AdapterLayer, is_conv1d
 
 __all__ = ["LinearAdapter"]
@@ -56,16 +56,15 @@ class LinearAdapter(AdapterLayer):
         return F.linear(F.linear(x.to(a.dtype), a), self.lora_B).to(x.dtype)
 
     def _fast_forward(self, x: Tensor) -> Tensor | None:
-        if not torch.is_grad_enabled():
-            out = self._eval_forward(x)
-            if out is not None:
-                return out
         weight, bias = self.weight_2d(), self._bias()
+        # a dtype cast is the reference path's; autocast would recast the fused matmuls mid-way
+        if x.dtype != weight.dtype or torch.is_autocast_enabled(x.device.type):
+            return None
         dropout = self._dropout_active() and not self.magnitude_only
+        if not torch.is_grad_enabled() and not dropout:
+            return dora_linear_eval(x, weight, self._eval_plan(bias, x.dtype))
         if (
-            x.dtype != weight.dtype
-            or torch.is_autocast_enabled(x.device.type)  # autocast would recast the fused matmuls mid-way
-            or weight.requires_grad
+            weight.requires_grad
             or (bias is not None and bias.requires_grad)
             or (dropout and type(self.lora_dropout) is not nn.Dropout)  # a custom dropout module: reference path
         ):
@@ -79,20 +78,12 @@ class LinearAdapter(AdapterLayer):
             self.dropout_p if dropout else 0.0, save_output=save_output, recompute=self.recompute_output,
         )
 
-    def _eval_forward(self, x: Tensor) -> Tensor | None:
-        """Inference (no autograd): :func:`torchdora.fast.dora_linear_eval` from the adapter's plan, cached with
-        the factor's rule (:mod:`torchdora.cache`), so decoding runs as many operations per layer as LoRA's
-        forward. ``None`` where the general path must run (dropout in training mode, a dtype cast, autocast)."""
+    def _eval_plan(self, bias: Tensor | None, dtype: torch.dtype) -> EvalPlan:
+        """The current adapter's :func:`torchdora.fast.eval_plan` for inputs of ``dtype``, cached with the factor's
+        rule (:mod:`torchdora.cache`): inference then runs as many operations per layer as LoRA's forward."""
         adapter = self.adapter
-        weight = self.weight_2d()
-        if (x.dtype != weight.dtype or (self.training and adapter.dropout_p > 0)
-                or torch.is_autocast_enabled(x.device.type)):
-            return None
-        bias = self._bias()
         inputs = self._cache_inputs()  # what the factor depends on (a layer kind may add tensors: VeRA's d, b)
-        plan = adapter._eval_cache.get(
-            lambda: eval_plan(bias, self.lora_A_2d(), self.lora_B_2d(), self.dora_factor(), adapter.scaling,
-                              x.dtype),
-            inputs["tensors"] + (adapter._parameters["magnitude"], bias), inputs["extra"] + (x.dtype,),
+        return adapter._eval_cache.get(
+            lambda: eval_plan(bias, self.lora_A_2d(), self.lora_B_2d(), self.dora_factor(), adapter.scaling, dtype),
+            inputs["tensors"] + (adapter._parameters["magnitude"], bias), inputs["extra"] + (dtype,),
         )
-        return dora_linear_eval(x, weight, plan)
