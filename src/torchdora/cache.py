@@ -162,7 +162,7 @@ class CachedValue:
 
 
 # ---- under torch.compile ------------------------------------------------------------------------------------
-_owners: dict[int, tuple[weakref.ref, str, tuple]] = {}
+_owners: dict[int, tuple[weakref.WeakMethod, tuple]] = {}
 _handles: dict[tuple[int, str, tuple], int] = {}
 _next_handle = itertools.count()
 
@@ -172,10 +172,11 @@ def _handle(owner: nn.Module, method: str, args: tuple) -> int:
     """A number naming ``owner.<method>(*args)``, baked into the compiled graph; run once, while tracing."""
     key = (id(owner), method, args)
     handle = _handles.get(key)
-    if handle is None or _owners[handle][0]() is not owner:  # new, or a dead owner's id reused
+    bound = None if handle is None else _owners[handle][0]()
+    if bound is None or bound.__self__ is not owner:  # new, or a dead owner's id reused
         handle = next(_next_handle)
         _handles[key] = handle
-        _owners[handle] = (weakref.ref(owner), method, args)
+        _owners[handle] = (weakref.WeakMethod(getattr(owner, method)), args)
     return handle
 
 
@@ -187,14 +188,14 @@ _LIBRARY.define("cached_value(int handle, Tensor[] inputs, int size, ScalarType 
 
 def _cached_value(handle: int, inputs: list[Tensor], size: int, dtype: torch.dtype) -> Tensor:
     """At run time: ``owner.<method>(*args)`` eagerly (a cache lookup), copied: the compiled graph may reuse
-    an operator's output buffer, and the cache's own tensor must stay as it is."""
-    ref, method, args = _owners[handle]
-    owner = ref()
-    if owner is None:
+    an operator's output buffer, and the cache's own tensor must stay as it is. The lean path of every
+    compiled eval forward (once per adapted layer): a bound method and a copy, nothing else."""
+    method, args = _owners[handle]
+    read = method()
+    if read is None:
         raise RuntimeError("torchdora: the module this compiled graph reads a cached norm from no longer exists; "
                            "compile the model again")
-    with torch.no_grad():
-        return getattr(owner, method)(*args).clone()
+    return read(*args).clone()
 
 
 _LIBRARY.impl("cached_value", _cached_value, "CompositeExplicitAutograd")
@@ -212,7 +213,7 @@ def in_graph(owner: nn.Module, method: str, args: tuple, inputs: Sequence[Tensor
 
     ``inputs`` are the tensors the value depends on (the first one non-``None``): graph inputs of the operator,
     so the compiler neither folds it into a constant nor moves it before their updates. ``method`` must return
-    a value that does not need autograd (it is called under ``torch.no_grad()``).
+    a value that does not need autograd (computed under ``torch.no_grad()``, as :meth:`CachedValue.get` does).
     """
     tensors = [t.detach() for t in inputs if t is not None]
     return torch.ops.torchdora.cached_value(_handle(owner, method, args), tensors, size, dtype)
