@@ -68,6 +68,19 @@ def with_adapters(base: nn.Module, r: int, mixed: int) -> nn.Module:
     return model.eval()
 
 
+def weight_bytes(model: nn.Module, adapters: list[str]) -> int:
+    """Bytes of weights one decoding step reads: every base parameter once (a tied embedding once: the output
+    head reads it whole) and the tensors of each adapter in ``adapters`` (a mixed batch reads all of its rows').
+
+    At batch 8 a CPU (and a GPU) decoding step is bound by memory bandwidth, so the ratio of two rows' bytes is a
+    floor under their time ratio that no implementation can go below without reading fewer bytes."""
+    layers = torchdora.adapter_layers(model).values()
+    adapter_ids = {id(p) for layer in layers for adapter in layer.adapters.values() for p in adapter.parameters()}
+    base = sum(p.nbytes for p in model.parameters() if id(p) not in adapter_ids)
+    return base + sum(p.nbytes for layer in layers for name in set(adapters) if name in layer.adapters
+                      for p in layer.adapters[name].parameters())
+
+
 def merged_copy(model: nn.Module, adapter: str) -> nn.Module:
     merged = copy.deepcopy(model)
     torchdora.set_adapter(merged, adapter)
@@ -129,6 +142,10 @@ def decode_rows(base: nn.Module, args, device) -> tuple[dict[str, float], list[s
         mixed_out = fns[f"8 {method} adapters mixed, batch 8"]()
         alone = torch.cat([run(name, eight[i:i + 1])() for i, name in enumerate(names)])  # on `model`
         checks.append(f"{method} mixed batch rows equal each adapter run alone: {torch.equal(mixed_out, alone)}")
+    one_lora, mixed = weight_bytes(model, ["lora"]), weight_bytes(model, rows_mixed)
+    checks.append(f"weights read per decoding step: {one_lora / 1e6:.1f} MB through one LoRA adapter, "
+                  f"{mixed / 1e6:.1f} MB through the 8 mixed adapters: a bandwidth floor of "
+                  f"{mixed / one_lora:.3f} under the mixed / one-adapter time ratio")
     return interleaved_clocks(fns, args.repeats, 1, device), checks
 
 
@@ -142,15 +159,23 @@ def compile_rows(base: nn.Module, args, device) -> tuple[dict[str, float], list[
     batch = torch.randint(3, cut.config.vocab_size, (args.step_batch, args.step_seq), generator=gen).to(device)
     one = torch.randint(3, cut.config.vocab_size, (1, PROMPT), generator=gen).to(device)
     started = time.perf_counter()
-    for method in ("dora", "lora"):
+    # each model compiles its own graphs (prefill, decoding, a training step): past dynamo's default limit of 8 per
+    # function it would fall back to eager without a word, and the compiled rows would time eager code
+    torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    # "lora copy": LoRA compiled again on a second copy of the model, the null baseline of the compiled ratio
+    # (two identical variants differ by where their weights landed in memory, and by compiling twice)
+    for method in ("dora", "lora", "lora copy"):
         model = with_adapters(cut, args.r, 0)
-        torchdora.set_adapter(model, method)
+        torchdora.set_adapter(model, method.split()[0])
         compiled = torch.compile(model, dynamic=True)  # the cache length varies: one graph for it, one prefill
         want = greedy(model, one, args.tokens)
         got = greedy(model, one, args.tokens, compiled)
         checks.append(f"{method}: compiled decoding gives the eager tokens: {torch.equal(want, got)}")
-        fns[f"{method} decode, eager"] = lambda m=model: greedy(m, one, args.tokens)
         fns[f"{method} decode, compiled"] = lambda m=model, c=compiled: greedy(m, one, args.tokens, c)
+        if method == "lora copy":
+            continue
+        fns[f"{method} decode, eager"] = lambda m=model: greedy(m, one, args.tokens)
 
         train = copy.deepcopy(model).train()
         train_compiled = torch.compile(train)
@@ -245,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         lines += [f"| {k} | {1e3 * statistics.median(v) / scale[k]:.2f} |" for k, v in ctimes.items()]
         lines += [""] + ratio_lines(cclocks, [
             ("DoRA / LoRA decode, compiled", "dora decode, compiled", "lora decode, compiled", 1.10),
+            ("LoRA / LoRA on a second copy, decode, compiled: null baseline", "lora copy decode, compiled",
+             "lora decode, compiled", None),
             ("DoRA / LoRA decode, eager (cut model)", "dora decode, eager", "lora decode, eager", 1.10),
             ("DoRA decode compiled / eager", "dora decode, compiled", "dora decode, eager", None),
             ("LoRA decode compiled / eager", "lora decode, compiled", "lora decode, eager", None),

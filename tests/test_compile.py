@@ -122,6 +122,27 @@ def test_eval_reads_the_cached_norm(make_tiny_llama, perturb, input_ids, monkeyp
     assert_close(got, want, **TOL)
 
 
+def test_cached_value_operator_names_one_live_owner():
+    """The operator a compiled graph calls reads ``owner.<method>(*args)`` by a handle: the same handle for the
+    same owner and call, another for another owner, a copy of the cached tensor (the graph may write into its
+    output), and a clear error once the owner is gone."""
+    from torchdora import cache
+
+    layers = [torchdora.LinearAdapter(torch.nn.Linear(6, 5), r=2) for _ in range(2)]
+    first = cache._handle(layers[0], "_cached_row_norm", ("default",))
+    assert cache._handle(layers[0], "_cached_row_norm", ("default",)) == first
+    assert cache._handle(layers[1], "_cached_row_norm", ("default",)) != first
+    with torch.no_grad():
+        read = torch.ops.torchdora.cached_value(first, [layers[0].lora_A], 5, torch.float32)
+        with layers[0].using("default"):
+            want = layers[0].row_norm()
+    assert_close(read, want, rtol=0, atol=0)
+    assert read.data_ptr() != want.data_ptr()  # a copy: the cache's tensor stays as it is
+    del layers[0], want
+    with pytest.raises(RuntimeError, match="compile the model again"):
+        torch.ops.torchdora.cached_value(first, [read], 5, torch.float32)
+
+
 def test_inductor_matches_eager(perturb, monkeypatch):
     """Through Inductor (generated code), on a two-layer MLP to keep the compile short: eval with two active
     adapters reads the cached norms; a training step's outputs and gradients match eager."""
