@@ -12,9 +12,11 @@ taken repeat by repeat (the two rows ran side by side) and given as its median w
 1. batch 1: DoRA unmerged, LoRA unmerged, DoRA merged (the base model's speed);
 2. batch 8: a mixed batch of 8 DoRA adapters (row ``i`` through adapter ``i``, :func:`torchdora.mixed_batch`),
    the same with 8 LoRA adapters (what reading 8 adapters per token costs, whatever the method), and the same 8
-   rows through one LoRA adapter;
+   rows through one LoRA adapter; and the bandwidth floor under the mixed / one-adapter ratio, the bytes of
+   weights each step reads (:func:`weight_bytes`);
 3. with ``--compile``: the training step (loss, backward) and batch-1 decoding of DoRA and LoRA, eager and
-   ``torch.compile``d, on the model cut to ``--compile-layers`` blocks (compiling all 30 takes too long on a CPU).
+   ``torch.compile``d, on the model cut to ``--compile-layers`` blocks (compiling all 30 takes too long on a CPU),
+   and LoRA compiled again on a second copy of the model: the null baseline of the compiled ratio.
 
 Each row's greedy tokens are compared with its reference (DoRA merged for DoRA unmerged and compiled, eager for
 compiled): a benchmark of wrong outputs would be worthless. The targets (issue 28: DoRA / LoRA per token ≤ 1.10,

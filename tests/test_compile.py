@@ -129,18 +129,39 @@ def test_cached_value_operator_names_one_live_owner():
     from torchdora import cache
 
     layers = [torchdora.LinearAdapter(torch.nn.Linear(6, 5), r=2) for _ in range(2)]
-    first = cache._handle(layers[0], "_cached_row_norm", ("default",))
-    assert cache._handle(layers[0], "_cached_row_norm", ("default",)) == first
-    assert cache._handle(layers[1], "_cached_row_norm", ("default",)) != first
+    first = cache._handle(layers[0], "_cached_row_norm", ("default",), ("factored",))
+    assert cache._handle(layers[0], "_cached_row_norm", ("default",), ("factored",)) == first
+    assert cache._handle(layers[0], "_cached_row_norm", ("default",), ("dense",)) != first  # other settings
+    assert cache._handle(layers[1], "_cached_row_norm", ("default",), ("factored",)) != first
     with torch.no_grad():
-        read = torch.ops.torchdora.cached_value(first, [layers[0].lora_A], 5, torch.float32)
+        read = torch.ops.torchdora.cached_value(first, [layers[0].lora_A], [2.0], 5, torch.float32)
         with layers[0].using("default"):
             want = layers[0].row_norm()
     assert_close(read, want, rtol=0, atol=0)
     assert read.data_ptr() != want.data_ptr()  # a copy: the cache's tensor stays as it is
     del layers[0], want
     with pytest.raises(RuntimeError, match="compile the model again"):
-        torch.ops.torchdora.cached_value(first, [read], 5, torch.float32)
+        torch.ops.torchdora.cached_value(first, [read], [2.0], 5, torch.float32)
+
+
+def test_compiled_eval_follows_clear_cache_and_settings(make_tiny_llama, perturb, input_ids):
+    """The graph's own copy of a cached norm follows the cache's rule: an edit through ``.data`` (invisible to
+    the host-side facts) is seen after ``clear_cache``, and a new scaling (a graph constant) after recompiling."""
+    model = _model(make_tiny_llama, perturb, "dora")
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    layer = model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        stale = compiled(input_ids, use_cache=False).logits  # fills the graph's copies
+        layer.lora_B.data.add_(0.5)
+        torchdora.clear_cache(model)
+        got = compiled(input_ids, use_cache=False).logits
+        assert_close(got, copy.deepcopy(model)(input_ids, use_cache=False).logits, **TOL)
+        assert (got - stale).abs().max() > 1e-3  # guard: the edit moved the logits
+        before = got
+        layer.adapter.scaling *= 3.0
+        got = compiled(input_ids, use_cache=False).logits
+        assert_close(got, copy.deepcopy(model)(input_ids, use_cache=False).logits, **TOL)
+        assert (got - before).abs().max() > 1e-3  # guard: the new scaling moved the logits
 
 
 def test_inductor_matches_eager(perturb, monkeypatch):

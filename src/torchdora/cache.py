@@ -97,6 +97,10 @@ def _watch_optimizers() -> None:
 
 
 # ---- host-side facts ------------------------------------------------------------------------------------------
+#: how many times some :meth:`CachedValue.clear` ran (a compiled graph's copies are read again after one)
+_clears = 0
+
+
 def _fact(t: Tensor, storage: Any) -> tuple:
     return storage.data_ptr(), t._version, t.storage_offset(), t.shape, t.stride(), t.dtype
 
@@ -110,7 +114,7 @@ class CachedValue:
 
     def __init__(self) -> None:
         _watch_optimizers()
-        self.clear()
+        self._reset()
 
     def _holds(self, tensors: Sequence[Tensor | None], extra: tuple) -> bool:
         kept = self._kept
@@ -148,6 +152,13 @@ class CachedValue:
         return value
 
     def clear(self) -> None:
+        """Forget the value (:func:`torchdora.clear_cache`); every compiled graph's copy of a cached value
+        (:func:`in_graph`) is read again too."""
+        global _clears
+        _clears += 1
+        self._reset()
+
+    def _reset(self) -> None:
         self._kept: list | None = None
         self._extra: tuple = ()
         self._steps = -1
@@ -163,57 +174,80 @@ class CachedValue:
 
 # ---- under torch.compile ------------------------------------------------------------------------------------
 _owners: dict[int, tuple[weakref.WeakMethod, tuple]] = {}
-_handles: dict[tuple[int, str, tuple], int] = {}
+_copies: dict[int, CachedValue] = {}
+_handles: dict[tuple[int, str, tuple, tuple], int] = {}
 _next_handle = itertools.count()
 
 
 @torch.compiler.assume_constant_result
-def _handle(owner: nn.Module, method: str, args: tuple) -> int:
-    """A number naming ``owner.<method>(*args)``, baked into the compiled graph; run once, while tracing."""
-    key = (id(owner), method, args)
+def _handle(owner: nn.Module, method: str, args: tuple, settings: tuple) -> int:
+    """A number naming ``owner.<method>(*args)`` under ``settings``, baked into the compiled graph; run once,
+    while tracing (Dynamo guards the graph on ``owner``'s identity and on ``settings``)."""
+    key = (id(owner), method, args, settings)
     handle = _handles.get(key)
     bound = None if handle is None else _owners[handle][0]()
     if bound is None or bound.__self__ is not owner:  # new, or a dead owner's id reused
         handle = next(_next_handle)
         _handles[key] = handle
         _owners[handle] = (weakref.WeakMethod(getattr(owner, method)), args)
+        _copies[handle] = CachedValue()
     return handle
 
 
 # Defined through torch.library.Library rather than the custom_op decorator: a call then costs about 4 µs of
 # dispatch instead of about 17 µs (measured on CPU, torch 2.13), paid per adapted layer per compiled eval forward.
 _LIBRARY = torch.library.Library("torchdora", "DEF")
-_LIBRARY.define("cached_value(int handle, Tensor[] inputs, int size, ScalarType dtype) -> Tensor")
+_LIBRARY.define("cached_value(int handle, Tensor[] inputs, float[] numbers, int size, ScalarType dtype) -> Tensor")
 
 
-def _cached_value(handle: int, inputs: list[Tensor], size: int, dtype: torch.dtype) -> Tensor:
-    """At run time: ``owner.<method>(*args)`` eagerly (a cache lookup), copied: the compiled graph may reuse
-    an operator's output buffer, and the cache's own tensor must stay as it is. The lean path of every
-    compiled eval forward (once per adapted layer): a bound method and a copy, nothing else."""
+def _read(handle: int) -> Tensor:
     method, args = _owners[handle]
     read = method()
     if read is None:
         raise RuntimeError("torchdora: the module this compiled graph reads a cached norm from no longer exists; "
                            "compile the model again")
-    return read(*args).clone()
+    return read(*args)
+
+
+def _cached_value(handle: int, inputs: list[Tensor], numbers: list[float], size: int, dtype: torch.dtype) -> Tensor:
+    """At run time: ``owner.<method>(*args)`` (an eager cache lookup), copied: the compiled graph may reuse an
+    operator's output buffer, and the cache's own tensor must stay as it is.
+
+    This runs once per adapted layer per compiled eval forward, between products that evict the interpreter's
+    data from the CPU caches, so every Python step costs several times what it costs in a loop (about 50 µs per
+    call for the owner's own lookup, measured during decoding). The graph therefore keeps its own copy of the
+    value, checked against the operator's ``inputs`` (the tensors the value depends on) by the same host-side
+    facts, and against the settings the graph passes: ``numbers`` at run time (Dynamo may trace a scaling that
+    changed as a variable), the others baked into the handle. The copy is also dropped at any
+    :meth:`CachedValue.clear` (``clear_cache``) and any optimizer step (a fused one writes without bumping
+    version counters, and the inputs arrive detached)."""
+    return _copies[handle].get(lambda: _read(handle), inputs, (_clears, _steps, *numbers)).clone()
 
 
 _LIBRARY.impl("cached_value", _cached_value, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("torchdora::cached_value", lib=_LIBRARY)
-def _cached_value_fake(handle: int, inputs: list[Tensor], size: int, dtype: torch.dtype) -> Tensor:
+def _cached_value_fake(handle: int, inputs: list[Tensor], numbers: list[float], size: int,
+                       dtype: torch.dtype) -> Tensor:
     return inputs[0].new_empty(size, dtype=dtype)
 
 
 def in_graph(owner: nn.Module, method: str, args: tuple, inputs: Sequence[Tensor | None], size: int,
-             dtype: torch.dtype) -> Tensor:
+             dtype: torch.dtype, settings: tuple = ()) -> Tensor:
     """Under ``torch.compile``: the ``(size,)`` ``dtype`` tensor ``owner.<method>(*args)`` returns in eager mode
     (where it is cached), read at run time by an operator the compiler does not trace into.
 
     ``inputs`` are the tensors the value depends on (the first one non-``None``): graph inputs of the operator,
     so the compiler neither folds it into a constant nor moves it before their updates. ``method`` must return
     a value that does not need autograd (computed under ``torch.no_grad()``, as :meth:`CachedValue.get` does).
+    ``settings`` are the values besides ``inputs`` that it depends on (the cache's ``extra``): numbers are passed
+    at run time, anything else (a method name) is a constant of the graph, which Dynamo guards.
     """
     tensors = [t.detach() for t in inputs if t is not None]
-    return torch.ops.torchdora.cached_value(_handle(owner, method, args), tensors, size, dtype)
+    numbers, constants = [], []
+    for v in settings:
+        is_number = isinstance(v, (int, float, torch.SymInt, torch.SymFloat)) and not isinstance(v, bool)
+        (numbers if is_number else constants).append(v)
+    handle = _handle(owner, method, args, tuple(constants))
+    return torch.ops.torchdora.cached_value(handle, tensors, numbers, size, dtype)

@@ -327,9 +327,9 @@ class AdapterLayer(MergeMixin, MixedBatchMixin, nn.Module):
         if torch.compiler.is_compiling():
             if torch.is_grad_enabled():
                 return self._row_norm(detach=True).detach()
-            weight = self.weight_2d()
-            return in_graph(self, "_cached_row_norm", (self._current,), self._cache_inputs()["tensors"],
-                            weight.shape[0], _norm_dtype(weight))
+            weight, inputs = self.weight_2d(), self._cache_inputs()
+            return in_graph(self, "_cached_row_norm", (self._current,), inputs["tensors"], weight.shape[0],
+                            _norm_dtype(weight), inputs["extra"])
         return self.adapter._norm_cache.get(self._detached_row_norm, **self._cache_inputs())
 
     def _cached_row_norm(self, name: str) -> Tensor:
