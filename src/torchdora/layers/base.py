@@ -330,21 +330,12 @@ class AdapterLayer(MergeMixin, MixedBatchMixin, nn.Module):
             weight, inputs = self.weight_2d(), self._cache_inputs()
             return in_graph(self, "_cached_row_norm", (self._current,), inputs["tensors"], weight.shape[0],
                             _norm_dtype(weight), inputs["extra"])
-        return self.adapter._norm_cache.get(self._detached_row_norm, **self._cache_inputs())
+        return self.adapter._norm_cache.get(lambda: self._row_norm(detach=True), **self._cache_inputs())
 
     def _cached_row_norm(self, name: str) -> Tensor:
-        """Adapter ``name``'s cached detached norm, eagerly (what a compiled eval forward reads at run time, once
-        per layer per forward: :meth:`using`'s effect without its context manager)."""
-        state = self.__dict__
-        previous = state["_current"]
-        state["_current"] = name
-        try:
-            return self.adapter._norm_cache.get(self._detached_row_norm, **self._cache_inputs())
-        finally:
-            state["_current"] = previous
-
-    def _detached_row_norm(self) -> Tensor:
-        return self._row_norm(detach=True)
+        """Adapter ``name``'s cached detached norm, eagerly (what a compiled eval forward reads at run time)."""
+        with self.using(name):
+            return self.adapter._norm_cache.get(lambda: self._row_norm(detach=True), **self._cache_inputs())
 
     def dora_factor(self) -> Tensor:
         """``m / ||W + s·B·A||`` per output feature, ``(out,)``, ``0`` for a zero-norm row.
