@@ -195,6 +195,27 @@ def compile_rows(base: nn.Module, args, device) -> tuple[dict[str, float], list[
     return interleaved_clocks(fns, args.repeats, 1, device), checks, compile_s
 
 
+def eager_lines_of(base: nn.Module, args, device, checks: list[str]) -> list[str]:
+    """The eager rows' tables (:func:`decode_rows`), their checks appended to ``checks``."""
+    clocks, found = decode_rows(base, args, device)
+    checks += found
+    times = clocks["wall"]
+    lines = ["| row | ms per generation step (median) | tokens/s | CPU ms per step (median) |", "|---|---|---|---|"]
+    per_token = {k: statistics.median(v) / args.tokens for k, v in times.items()}
+    lines += [f"| {k} | {1e3 * v:.2f} | {(8 if 'batch 8' in k else 1) / v:.1f} | "
+              f"{1e3 * statistics.median(clocks['cpu'][k]) / args.tokens:.2f} |" for k, v in per_token.items()]
+    return lines + [""] + ratio_lines(clocks, [
+        ("DoRA unmerged / LoRA unmerged, batch 1", "dora unmerged, batch 1", "lora unmerged, batch 1", 1.10),
+        ("DoRA unmerged / DoRA merged, batch 1", "dora unmerged, batch 1", "dora merged, batch 1", None),
+        ("8 DoRA adapters mixed / one LoRA adapter, batch 8", "8 dora adapters mixed, batch 8",
+         "one lora adapter, batch 8", 1.15),
+        ("8 DoRA adapters mixed / 8 LoRA adapters mixed, batch 8: DoRA's own cost", "8 dora adapters mixed, batch 8",
+         "8 lora adapters mixed, batch 8", 1.10),
+        ("8 LoRA adapters mixed / one LoRA adapter, batch 8: reading 8 adapters", "8 lora adapters mixed, batch 8",
+         "one lora adapter, batch 8", None),
+    ], args.repeats)
+
+
 def ratio_cell(times: dict[str, list[float]], a: str, b: str, target: float | None = None) -> str:
     """Row ``a`` / row ``b`` repeat by repeat (the two ran side by side): :func:`run.ratio_summary`."""
     return ratio_summary([x / y for x, y in zip(times[a], times[b])], target, digits=3)
@@ -220,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--compile", action="store_true", help="also the torch.compile rows (slow to compile)")
     parser.add_argument("--compile-layers", dest="compile_layers", type=int, default=4)
+    parser.add_argument("--compile-only", dest="compile_only", action="store_true",
+                        help="only the torch.compile rows (implies --compile): more repeats for their ratios")
     parser.add_argument("--step-batch", dest="step_batch", type=int, default=4)
     parser.add_argument("--step-seq", dest="step_seq", type=int, default=64)
     parser.add_argument("--random-init", dest="random_init", type=int, default=0, metavar="LAYERS",
@@ -243,25 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg() if hasattr(os, "getloadavg") else ()
     lines = [(f"{source}, {args.dtype} on {args.device}, torch {torch.__version__}, "
               f"{torch.get_num_threads()} thread(s), load average before: {' '.join(f'{x:.2f}' for x in load)}"), ""]
-    clocks, checks = decode_rows(base, args, device)
-    times = clocks["wall"]
-    lines += ["| row | ms per generation step (median) | tokens/s | CPU ms per step (median) |", "|---|---|---|---|"]
-    per_token = {k: statistics.median(v) / args.tokens for k, v in times.items()}
-    lines += [f"| {k} | {1e3 * v:.2f} | {(8 if 'batch 8' in k else 1) / v:.1f} | "
-              f"{1e3 * statistics.median(clocks['cpu'][k]) / args.tokens:.2f} |" for k, v in per_token.items()]
-    lines += [""] + ratio_lines(clocks, [
-        ("DoRA unmerged / LoRA unmerged, batch 1", "dora unmerged, batch 1", "lora unmerged, batch 1", 1.10),
-        ("DoRA unmerged / DoRA merged, batch 1", "dora unmerged, batch 1", "dora merged, batch 1", None),
-        ("8 DoRA adapters mixed / one LoRA adapter, batch 8", "8 dora adapters mixed, batch 8",
-         "one lora adapter, batch 8", 1.15),
-        ("8 DoRA adapters mixed / 8 LoRA adapters mixed, batch 8: DoRA's own cost", "8 dora adapters mixed, batch 8",
-         "8 lora adapters mixed, batch 8", 1.10),
-        ("8 LoRA adapters mixed / one LoRA adapter, batch 8: reading 8 adapters", "8 lora adapters mixed, batch 8",
-         "one lora adapter, batch 8", None),
-    ], args.repeats)
+    checks = []
+    if not args.compile_only:
+        lines += eager_lines_of(base, args, device, checks)
     eager_lines = len(lines)
     print("\n".join(lines), flush=True)  # the eager rows now: the compiled ones take long
-    if args.compile:
+    if args.compile or args.compile_only:
         cclocks, cchecks, compile_s = compile_rows(base, args, device)
         ctimes = cclocks["wall"]
         checks += cchecks + [f"compiling (both methods, decode and step, first calls): {compile_s:.0f} s"]
