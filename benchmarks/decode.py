@@ -167,9 +167,9 @@ def compile_rows(base: nn.Module, args, device) -> tuple[dict[str, float], list[
     torch._dynamo.config.fail_on_recompile_limit_hit = True
     # "lora copy": LoRA compiled again on a second copy of the model, the null baseline of the compiled ratio
     # (two identical variants differ by where their weights landed in memory, and by compiling twice)
-    for method in ("dora", "lora", "lora copy"):
+    for method, adapter in (("dora", "dora"), ("lora", "lora"), ("lora copy", "lora")):
         model = with_adapters(cut, args.r, 0)
-        torchdora.set_adapter(model, method.split()[0])
+        torchdora.set_adapter(model, adapter)
         compiled = torch.compile(model, dynamic=True)  # the cache length varies: one graph for it, one prefill
         want = greedy(model, one, args.tokens)
         got = greedy(model, one, args.tokens, compiled)
@@ -195,10 +195,9 @@ def compile_rows(base: nn.Module, args, device) -> tuple[dict[str, float], list[
     return interleaved_clocks(fns, args.repeats, 1, device), checks, compile_s
 
 
-def eager_lines_of(base: nn.Module, args, device, checks: list[str]) -> list[str]:
-    """The eager rows' tables (:func:`decode_rows`), their checks appended to ``checks``."""
-    clocks, found = decode_rows(base, args, device)
-    checks += found
+def eager_tables(base: nn.Module, args, device) -> tuple[list[str], list[str]]:
+    """The eager rows' tables and checks (:func:`decode_rows`)."""
+    clocks, checks = decode_rows(base, args, device)
     times = clocks["wall"]
     lines = ["| row | ms per generation step (median) | tokens/s | CPU ms per step (median) |", "|---|---|---|---|"]
     per_token = {k: statistics.median(v) / args.tokens for k, v in times.items()}
@@ -213,7 +212,7 @@ def eager_lines_of(base: nn.Module, args, device, checks: list[str]) -> list[str
          "8 lora adapters mixed, batch 8", 1.10),
         ("8 LoRA adapters mixed / one LoRA adapter, batch 8: reading 8 adapters", "8 lora adapters mixed, batch 8",
          "one lora adapter, batch 8", None),
-    ], args.repeats)
+    ], args.repeats), checks
 
 
 def ratio_cell(times: dict[str, list[float]], a: str, b: str, target: float | None = None) -> str:
@@ -266,15 +265,16 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg() if hasattr(os, "getloadavg") else ()
     lines = [(f"{source}, {args.dtype} on {args.device}, torch {torch.__version__}, "
               f"{torch.get_num_threads()} thread(s), load average before: {' '.join(f'{x:.2f}' for x in load)}"), ""]
-    checks = []
+    checks: list[str] = []
     if not args.compile_only:
-        lines += eager_lines_of(base, args, device, checks)
+        table, checks = eager_tables(base, args, device)
+        lines += table
     eager_lines = len(lines)
     print("\n".join(lines), flush=True)  # the eager rows now: the compiled ones take long
     if args.compile or args.compile_only:
         cclocks, cchecks, compile_s = compile_rows(base, args, device)
         ctimes = cclocks["wall"]
-        checks += cchecks + [f"compiling (both methods, decode and step, first calls): {compile_s:.0f} s"]
+        checks += cchecks + [f"compiling (every model, decode and step, first calls): {compile_s:.0f} s"]
         lines += ["", (f"torch.compile rows: the model cut to {args.compile_layers} blocks; step: batch "
                        f"{args.step_batch} × {args.step_seq} tokens, loss + backward; decode: batch 1, ms per token"), "",
                   "| row | ms |", "|---|---|"]

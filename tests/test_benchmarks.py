@@ -78,3 +78,32 @@ def test_ratio_summary_judges_from_the_interval():
     assert "no verdict" in bench.ratio_summary([0.5, 0.6, 0.7, 0.8, 0.9], 1.10)
     median, low, high = bench.median_interval([float(i) for i in range(1, 16)])
     assert (median, low, high) == (8.0, 4.0, 12.0)  # n = 15: ranks 4 and 12 (P = 0.965 ≥ 0.95)
+
+
+def _load_decode():
+    spec = importlib.util.spec_from_file_location("torchdora_benchmark_decode", REPO / "benchmarks" / "decode.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_decode_benchmark_runs_and_checks_its_tokens(tmp_path):
+    """One repeat of the eager decoding rows on a one-block random model: every token check holds, and the
+    bandwidth floor is the bytes the parameters' names say a step reads (the base once, each adapter read)."""
+    decode = _load_decode()
+    out = tmp_path / "decode.md"
+    assert decode.main(["--random-init", "1", "--repeats", "1", "--tokens", "2", "--output", str(out)]) == 0
+    text = out.read_text()
+    checks = [line for line in text.splitlines() if "generate the same" in line or "equal each adapter" in line]
+    assert len(checks) == 3 and all(line.endswith(": True") for line in checks)
+    assert "| DoRA unmerged / LoRA unmerged, batch 1 |" in text and "bandwidth floor of" in text
+
+    import torch
+
+    model = decode.with_adapters(_load_benchmark().smollm2_architecture(1, "cpu", torch.float32), 16, 8)
+    named = dict(model.named_parameters())  # a tied embedding once
+    base = sum(p.nbytes for n, p in named.items() if ".adapters." not in n)
+    per = {a: sum(p.nbytes for n, p in named.items() if f".adapters.{a}." in n) for a in ("lora", "mix0", "mix7")}
+    assert decode.weight_bytes(model, ["lora"]) == base + per["lora"]
+    assert decode.weight_bytes(model, ["mix0", "mix7", "mix0"]) == base + per["mix0"] + per["mix7"]

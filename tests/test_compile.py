@@ -145,7 +145,7 @@ def test_cached_value_operator_names_one_live_owner():
 
 
 def test_compiled_eval_follows_clear_cache_and_settings(make_tiny_llama, perturb, input_ids):
-    """The graph's own copy of a cached norm follows the cache's rule: an edit through ``.data`` (invisible to
+    """The operator's copy of a cached norm follows the cache's rule: an edit through ``.data`` (invisible to
     the host-side facts) is seen after ``clear_cache``, and a new scaling (a graph constant) after recompiling."""
     model = _model(make_tiny_llama, perturb, "dora")
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")

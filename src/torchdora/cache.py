@@ -173,8 +173,8 @@ class CachedValue:
 
 
 # ---- under torch.compile ------------------------------------------------------------------------------------
-_owners: dict[int, tuple[weakref.WeakMethod, tuple]] = {}
-_copies: dict[int, CachedValue] = {}
+#: per handle: the owner's bound method (weakly), its arguments, and the operator's copy of what it returned
+_reads: dict[int, tuple[weakref.WeakMethod, tuple, CachedValue]] = {}
 _handles: dict[tuple[int, str, tuple, tuple], int] = {}
 _next_handle = itertools.count()
 
@@ -185,12 +185,11 @@ def _handle(owner: nn.Module, method: str, args: tuple, settings: tuple) -> int:
     while tracing (Dynamo guards the graph on ``owner``'s identity and on ``settings``)."""
     key = (id(owner), method, args, settings)
     handle = _handles.get(key)
-    bound = None if handle is None else _owners[handle][0]()
+    bound = None if handle is None else _reads[handle][0]()
     if bound is None or bound.__self__ is not owner:  # new, or a dead owner's id reused
         handle = next(_next_handle)
         _handles[key] = handle
-        _owners[handle] = (weakref.WeakMethod(getattr(owner, method)), args)
-        _copies[handle] = CachedValue()
+        _reads[handle] = (weakref.WeakMethod(getattr(owner, method)), args, CachedValue())
     return handle
 
 
@@ -201,7 +200,7 @@ _LIBRARY.define("cached_value(int handle, Tensor[] inputs, float[] numbers, int 
 
 
 def _read(handle: int) -> Tensor:
-    method, args = _owners[handle]
+    method, args, _ = _reads[handle]
     read = method()
     if read is None:
         raise RuntimeError("torchdora: the module this compiled graph reads a cached norm from no longer exists; "
@@ -215,13 +214,13 @@ def _cached_value(handle: int, inputs: list[Tensor], numbers: list[float], size:
 
     This runs once per adapted layer per compiled eval forward, between products that evict the interpreter's
     data from the CPU caches, so every Python step costs several times what it costs in a loop (about 50 µs per
-    call for the owner's own lookup, measured during decoding). The graph therefore keeps its own copy of the
-    value, checked against the operator's ``inputs`` (the tensors the value depends on) by the same host-side
+    call for the owner's own lookup, measured during decoding). The operator therefore keeps a copy of the value
+    per handle (per graph and layer), checked against the operator's ``inputs`` (the tensors the value depends on) by the same host-side
     facts, and against the settings the graph passes: ``numbers`` at run time (Dynamo may trace a scaling that
     changed as a variable), the others baked into the handle. The copy is also dropped at any
     :meth:`CachedValue.clear` (``clear_cache``) and any optimizer step (a fused one writes without bumping
     version counters, and the inputs arrive detached)."""
-    return _copies[handle].get(lambda: _read(handle), inputs, (_clears, _steps, *numbers)).clone()
+    return _reads[handle][2].get(lambda: _read(handle), inputs, (_clears, _steps, *numbers)).clone()
 
 
 _LIBRARY.impl("cached_value", _cached_value, "CompositeExplicitAutograd")
