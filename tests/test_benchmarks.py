@@ -9,8 +9,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("torchdora_benchmark_run", REPO / "benchmarks" / "run.py")
+def _load_benchmark(script: str = "run"):
+    """``benchmarks/<script>.py`` as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(f"torchdora_benchmark_{script}", REPO / "benchmarks" / f"{script}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
     spec.loader.exec_module(module)
@@ -54,10 +55,7 @@ def test_whole_model_rows_of_the_wide_shape_and_the_cli_recompute_choice(tmp_pat
 
 def test_gpu_benchmark_runs_at_tiny_sizes_on_cpu(tmp_path):
     """benchmarks/gpu.py (the device run's script) at tiny sizes: every row and target line is written."""
-    spec = importlib.util.spec_from_file_location("torchdora_benchmark_gpu", REPO / "benchmarks" / "gpu.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = _load_benchmark("gpu")
     out = tmp_path / "gpu.md"
     assert module.main(["--quick", "--device", "cpu", "--dtype", "float32", "--no-nf4", "--output", str(out)]) == 0
     text = out.read_text()
@@ -80,18 +78,10 @@ def test_ratio_summary_judges_from_the_interval():
     assert (median, low, high) == (8.0, 4.0, 12.0)  # n = 15: ranks 4 and 12 (P = 0.965 ≥ 0.95)
 
 
-def _load_decode():
-    spec = importlib.util.spec_from_file_location("torchdora_benchmark_decode", REPO / "benchmarks" / "decode.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_decode_benchmark_runs_and_checks_its_tokens(tmp_path):
     """One repeat of the eager decoding rows on a one-block random model: every token check holds, and the
     bandwidth floor is the bytes the parameters' names say a step reads (the base once, each adapter read)."""
-    decode = _load_decode()
+    decode = _load_benchmark("decode")
     out = tmp_path / "decode.md"
     assert decode.main(["--random-init", "1", "--repeats", "1", "--tokens", "2", "--output", str(out)]) == 0
     text = out.read_text()
