@@ -177,7 +177,16 @@ def wait_until(condition, what: str, limit_s: float = 120.0) -> None:
         time.sleep(0.001)
 
 
-def test_a_second_signal_stops_at_once_without_a_checkpoint(tiny, tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handler for the test, set rather than assumed: a job that a shell starts in the
+    background without job control inherits SIGINT ignored, and Python then leaves it ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_a_second_signal_stops_at_once_without_a_checkpoint(tiny, tmp_path, monkeypatch, capsys, python_sigint):
     """The second SIGINT is sent only once the handler has recorded the first (POSIX does not queue a second
     pending signal of the same kind, so two back-to-back kills sometimes arrive as one and the run saved step 3),
     and the step then waits for the handler's KeyboardInterrupt, so no step can end in between. The handler
